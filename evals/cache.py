@@ -1,0 +1,72 @@
+"""The reference cache: reference images, content-addressed, so a second run generates candidates only.
+
+The key hashes everything that can change a reference image: the model fingerprint, the reference
+dtype, the generation settings, the prompt and seed, the batch the sample was generated in (output
+moves slightly with batch composition), the torch and diffusers versions and the device kind.
+Each entry is `<key>.png` (the 8-bit image) plus `<key>.json` (detector findings made on the float
+image, which the PNG can no longer show, and the generation time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evals.rundir import load_png, save_png, write_json
+from evals.suite import Generation, Sample
+
+CACHE_ENV = "EVALS_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "sd35-fp8-gate" / "reference"
+
+
+def reference_key(
+    *, fingerprint: str, dtype: str, generation: Generation, sample: Sample, batch: list[Sample], environment: dict[str, Any]
+) -> str:
+    payload = {
+        "model": fingerprint,
+        "dtype": dtype,
+        "generation": asdict(generation),
+        "prompt": sample.case.prompt,
+        "seed": sample.seed,
+        "batch": [(s.case.prompt, s.seed) for s in batch],
+        "position": batch.index(sample),
+        "torch": environment["torch"],
+        "diffusers": environment["diffusers"],
+        "device": environment["device_kind"],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+class ReferenceCache:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def _paths(self, key: str) -> tuple[Path, Path]:
+        folder = self.root / key[:2]
+        return folder / f"{key}.png", folder / f"{key}.json"
+
+    def get(self, key: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        png, meta = self._paths(key)
+        if not (png.is_file() and meta.is_file()):
+            return None
+        try:
+            return load_png(png), json.loads(meta.read_text())
+        except (OSError, ValueError):
+            return None  # a damaged entry is regenerated, not trusted
+
+    def put(self, key: str, image_u8: np.ndarray, meta: dict[str, Any]) -> None:
+        png, meta_path = self._paths(key)
+        save_png(png, image_u8)
+        write_json(meta_path, meta)  # written last: an entry counts only once both files exist

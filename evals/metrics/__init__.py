@@ -1,0 +1,65 @@
+"""Metric registry: what each metric is (metadata, importable without torch) and a lazy loader.
+
+Each metric lives in its own module as a functional core plus a thin class (see `psnr.py`). The
+registry names them here so suites can be validated before anything heavy is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from evals.yamlspec import InputError, did_you_mean
+
+if TYPE_CHECKING:
+    from evals.metrics.base import ImageMetric
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    name: str
+    """The name suites use in `metrics:` and gates use in `metric:`."""
+    higher_is_better: bool
+    """Direction of "better", for reports and regression gates."""
+    needs_reference: bool
+    """Whether the metric compares a candidate image with its reference image."""
+    description: str
+    """One line for tables and `--help`."""
+    implementation: str
+    """`module:Class` of the implementation, imported only when the metric is used."""
+
+
+METRICS: dict[str, MetricInfo] = {
+    info.name: info
+    for info in (
+        MetricInfo(
+            name="psnr",
+            higher_is_better=True,
+            needs_reference=True,
+            description="peak signal-to-noise ratio in dB on 8-bit RGB, data range 1.0",
+            implementation="evals.metrics.psnr:PSNR",
+        ),
+        MetricInfo(
+            name="ssim",
+            higher_is_better=True,
+            needs_reference=True,
+            description="structural similarity on 8-bit RGB (Gaussian 11x11, sigma 1.5)",
+            implementation="evals.metrics.ssim:SSIM",
+        ),
+    )
+}
+
+
+def metric_info(name: str) -> MetricInfo:
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise InputError(f"unknown metric {name!r}" + did_you_mean(name, METRICS)) from None
+
+
+def load_metric(name: str) -> ImageMetric:
+    module_name, class_name = metric_info(name).implementation.split(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    metric: ImageMetric = cls()
+    return metric

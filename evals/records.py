@@ -1,0 +1,179 @@
+"""The records file is an interface: SampleRecord per line, versioned; RunSummary aggregates them.
+
+Imports no torch. Non-finite floats (PSNR of identical images is +inf; a broken image gives NaN)
+are kept as they are: JSON here is Python's, which writes them as Infinity/NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evals.suite import METRIC_STATS
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    policy: str
+    """Candidate policy name."""
+    sample_id: str
+    """`<case id>-s<seed>`; unique within a suite."""
+    case_id: str
+    """Case the sample comes from."""
+    prompt: str
+    """Prompt used."""
+    seed: int
+    """Generator seed."""
+    tags: tuple[str, ...]
+    """Case tags."""
+    metrics: dict[str, float]
+    """Metric name -> value (candidate against reference)."""
+    detectors: dict[str, dict[str, Any]]
+    """Detector name -> {flagged, score, reason} on the candidate image."""
+    reference_detectors: dict[str, dict[str, Any]]
+    """Detector name -> {flagged, score, reason} on the reference image."""
+    image: str
+    """Candidate image, relative to the run directory."""
+    reference_image: str
+    """Reference image, relative to the run directory."""
+    seconds_per_image: float
+    """Candidate generation time, batch time divided by batch size."""
+    schema_version: int = SCHEMA_VERSION
+    """Version of this schema."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SampleRecord:
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"records schema {data.get('schema_version')!r}, this version reads {SCHEMA_VERSION}")
+        data = dict(data, tags=tuple(data["tags"]))
+        return cls(**data)
+
+
+class RecordsWriter:
+    """Append-only records.jsonl: each record is flushed and synced as soon as it is written, so a
+    crash keeps every finished sample."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = path.open("a", encoding="utf-8")
+
+    def write(self, record: SampleRecord) -> None:
+        self._file.write(record.to_json() + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> RecordsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_records(path: Path) -> Iterator[SampleRecord]:
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield SampleRecord.from_dict(json.loads(line))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ValueError(f"{path}:{line_no}: bad record: {exc}") from exc
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (NumPy's default), safe with infinities."""
+    pos = (len(sorted_values) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    a, b = sorted_values[lo], sorted_values[hi]
+    if lo == hi or a == b:
+        return a
+    return a + (b - a) * (pos - lo)
+
+
+def metric_stats(values: list[float]) -> dict[str, float]:
+    """Every metric statistic a gate can use. Any NaN makes every statistic NaN: a broken sample
+    must not be averaged away."""
+    if not values or any(math.isnan(v) for v in values):
+        return {stat: math.nan for stat in METRIC_STATS}
+    s = sorted(values)
+    return {
+        "mean": sum(s) / len(s),
+        "median": percentile(s, 0.5),
+        "min": s[0],
+        "max": s[-1],
+        "p05": percentile(s, 0.05),
+        "p95": percentile(s, 0.95),
+    }
+
+
+def detector_stats(flags: list[bool]) -> dict[str, float]:
+    count = sum(flags)
+    return {"count": float(count), "rate": count / len(flags) if flags else math.nan}
+
+
+@dataclass
+class PolicySummary:
+    n: int
+    """Samples scored."""
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Metric -> stat -> value."""
+    detectors: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Detector -> count/rate on candidate images."""
+    reference_detectors: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Detector -> count/rate on reference images."""
+    seconds_per_image: float = math.nan
+    """Mean candidate generation time per image."""
+
+    def value(self, kind: str, subject: str, stat: str) -> float:
+        table = self.metrics if kind == "metric" else self.detectors
+        return table.get(subject, {}).get(stat, math.nan)
+
+    def flat(self) -> dict[str, float]:
+        """`psnr_mean`, `black_frame_count`, ...: the names logged to MLflow."""
+        out = {f"{m}_{s}": v for m, stats in self.metrics.items() for s, v in stats.items()}
+        out.update({f"{d}_{s}": v for d, stats in self.detectors.items() for s, v in stats.items()})
+        out.update({f"reference_{d}_{s}": v for d, stats in self.reference_detectors.items() for s, v in stats.items()})
+        out["seconds_per_image"] = self.seconds_per_image
+        out["samples"] = float(self.n)
+        return out
+
+
+def summarize(records: Iterable[SampleRecord]) -> dict[str, PolicySummary]:
+    """Aggregate records per policy (pure: the same records always give the same summary)."""
+    by_policy: dict[str, list[SampleRecord]] = {}
+    for record in records:
+        by_policy.setdefault(record.policy, []).append(record)
+    summaries: dict[str, PolicySummary] = {}
+    for policy, recs in by_policy.items():
+        metric_names = sorted({m for r in recs for m in r.metrics})
+        detector_names = sorted({d for r in recs for d in r.detectors})
+        summaries[policy] = PolicySummary(
+            n=len(recs),
+            metrics={m: metric_stats([r.metrics[m] for r in recs if m in r.metrics]) for m in metric_names},
+            detectors={d: detector_stats([bool(r.detectors[d]["flagged"]) for r in recs]) for d in detector_names},
+            reference_detectors={
+                d: detector_stats([bool(r.reference_detectors[d]["flagged"]) for r in recs]) for d in detector_names
+            },
+            seconds_per_image=sum(r.seconds_per_image for r in recs) / len(recs),
+        )
+    return summaries
+
+
+def summary_to_json(summaries: dict[str, PolicySummary]) -> str:
+    return json.dumps(
+        {"schema_version": SCHEMA_VERSION, "policies": {p: asdict(s) for p, s in summaries.items()}},
+        indent=2, sort_keys=True,
+    )

@@ -1,0 +1,283 @@
+"""The one loop: batches -> reference (cache) -> candidates -> scores -> records -> verdict.
+
+Reference and every candidate see the same batches with the same seeds. Each finished sample is
+appended to records.jsonl at once; MLflow gets a copy as the run goes.
+"""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from evals.cache import ReferenceCache, reference_key
+from evals.detectors import run_detectors
+from evals.gates import Verdict, evaluate_gates
+from evals.metrics import load_metric
+from evals.records import PolicySummary, RecordsWriter, SampleRecord, read_records, summarize, summary_to_json
+from evals.rundir import load_png, save_png, write_atomic, write_json
+from evals.suite import Generation, Sample, Suite
+from evals.tracking import Tracker
+from models.precision import LayerPlan, PrecisionPolicy, apply_policy, backend_summary
+from models.sources import LoadedModel
+
+
+@dataclass
+class Candidate:
+    name: str
+    """Policy name; names the candidate everywhere."""
+    pipeline: Any
+    """The candidate pipeline (shares unchanged components with the reference)."""
+    policy_sha256: str
+    """Hash of the policy file's content."""
+    plan: list[LayerPlan] = field(default_factory=list)
+    """The resolved per-layer plan."""
+
+    @property
+    def backends(self) -> str:
+        return backend_summary(self.plan)
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    summaries: dict[str, PolicySummary]
+    verdict: Verdict
+    reference_generated: int
+    """Reference images generated in this run (0 when all came from the cache)."""
+    candidate_generated: int
+
+
+def build_candidate(model: LoadedModel, policy: PrecisionPolicy) -> Candidate:
+    components, plan = apply_policy(policy, model.pipeline.components)
+    pipe = type(model.pipeline)(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return Candidate(policy.name, pipe, policy.sha256, plan)
+
+
+def environment(device: str) -> dict[str, Any]:
+    import diffusers
+    import transformers
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "device": device,
+        "threads": torch.get_num_threads(),
+    }
+    if device.startswith("cuda"):
+        index = torch.device(device).index or 0
+        env["device_name"] = torch.cuda.get_device_name(index)
+        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(index)))
+        env["device_kind"] = f"cuda:{env['device_name']}"
+    else:
+        env["device_kind"] = f"cpu:{platform.machine()}"
+    return env
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@torch.inference_mode()
+def generate(pipe: Any, batch: list[Sample], gen: Generation) -> torch.Tensor:
+    """Images of a batch as float NCHW on the 0..1 scale, *unclamped*: NaN/Inf stay visible.
+
+    Latents come from CPU generators, so the starting noise is the same on every device. The VAE
+    decode is done here rather than in the pipeline, whose post-processing clamps away Inf.
+    """
+    generators = [torch.Generator("cpu").manual_seed(s.seed) for s in batch]
+    latents = pipe(
+        prompt=[s.case.prompt for s in batch],
+        height=gen.height,
+        width=gen.width,
+        num_inference_steps=gen.steps,
+        guidance_scale=gen.guidance,
+        max_sequence_length=gen.max_sequence_length,
+        generator=generators,
+        output_type="latent",
+    ).images
+    vae = pipe.vae
+    latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return (decoded.float() / 2 + 0.5).cpu()
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """NCHW float -> NHWC uint8, as the PNG files hold them (NaN becomes 0: black)."""
+    clean = torch.nan_to_num(images, nan=0.0).clamp(0, 1)
+    return (clean * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def from_uint8(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+
+
+def _findings(raw: torch.Tensor, names: tuple[str, ...]) -> list[dict[str, dict[str, Any]]]:
+    hwc = raw.permute(0, 2, 3, 1).double().numpy()
+    return [{n: f.to_dict() for n, f in run_detectors(img, names).items()} for img in hwc]
+
+
+class SuiteRunner:
+    def __init__(
+        self,
+        suite: Suite,
+        model: LoadedModel,
+        candidates: list[Candidate],
+        run_dir: Path,
+        tracker: Tracker,
+        cache: ReferenceCache | None,
+        device: str,
+        reference_dtype: str,
+        progress: bool = True,
+    ):
+        self.suite = suite
+        self.model = model
+        self.candidates = candidates
+        self.run_dir = run_dir
+        self.tracker = tracker
+        self.cache = cache
+        self.device = device
+        self.reference_dtype = reference_dtype
+        self.progress = progress
+        self.env = environment(device)
+        self.metrics = {name: load_metric(name) for name in suite.metrics}
+        self.reference_generated = 0
+        self.candidate_generated = 0
+
+    def _write_run_json(self) -> None:
+        write_json(
+            self.run_dir / "run.json",
+            {
+                "suite": {"name": self.suite.name, "path": self.suite.path, "sha256": self.suite.sha256},
+                "model": {"source": self.model.source, "fingerprint": self.model.fingerprint},
+                "reference_dtype": self.reference_dtype,
+                "generation": asdict(self.suite.generation),
+                "policies": [
+                    {"name": c.name, "sha256": c.policy_sha256, "backends": c.backends} for c in self.candidates
+                ],
+                "environment": self.env,
+                "git_commit": git_commit(),
+                "samples": len(self.suite.samples()),
+            },
+        )
+        for c in self.candidates:
+            write_json(self.run_dir / "plans" / f"{c.name}.json", [layer.to_dict() for layer in c.plan])
+
+    def _reference_batch(self, batch: list[Sample]) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """Reference images (8-bit) and their detector findings, from the cache or generated."""
+        keys = [
+            reference_key(
+                fingerprint=self.model.fingerprint, dtype=self.reference_dtype, generation=self.suite.generation,
+                sample=s, batch=batch, environment=self.env,
+            )
+            for s in batch
+        ]
+        hits = [self.cache.get(k) for k in keys] if self.cache else [None] * len(batch)
+        if all(h is not None for h in hits):
+            return np.stack([h[0] for h in hits if h]), [h[1]["detectors"] for h in hits if h]
+        raw = generate(self.model.pipeline, batch, self.suite.generation)
+        self.reference_generated += len(batch)
+        images, findings = to_uint8(raw), _findings(raw, self.suite.detectors)
+        if self.cache:
+            for key, image, found in zip(keys, images, findings, strict=True):
+                self.cache.put(key, image, {"detectors": found})
+        return images, findings
+
+    def _score(self, cand: torch.Tensor, ref: torch.Tensor) -> dict[str, list[float]]:
+        return {name: metric(cand, ref).tolist() for name, metric in self.metrics.items()}
+
+    def run(self, tracker_params: dict[str, Any], tracker_tags: dict[str, str]) -> RunOutcome:
+        from tqdm import tqdm
+
+        self._write_run_json()
+        self.tracker.start_run(self.suite.name, self.run_dir.name, tracker_params, tracker_tags)
+        for c in self.candidates:
+            self.tracker.start_candidate(
+                c.name, {"policy": c.name, "policy_sha256": c.policy_sha256, "backend": c.backends, **tracker_params}
+            )
+        batches = self.suite.batches()
+        bar = tqdm(total=len(batches) * (1 + len(self.candidates)), unit="batch", disable=not self.progress,
+                   desc=f"{self.suite.name}")
+        records_path = self.run_dir / "records.jsonl"
+        with RecordsWriter(records_path) as writer:
+            for batch in batches:
+                bar.set_postfix_str("reference")
+                ref_u8, ref_findings = self._reference_batch(batch)
+                ref_paths = [self.run_dir / "images" / "ref" / f"{s.id}.png" for s in batch]
+                for path, image, sample in zip(ref_paths, ref_u8, batch, strict=True):
+                    save_png(path, image)
+                    self.tracker.log_reference_image(sample.id, path)
+                bar.update()
+                ref = from_uint8(ref_u8)
+                for cand in self.candidates:
+                    bar.set_postfix_str(cand.name)
+                    start = time.perf_counter()
+                    raw = generate(cand.pipeline, batch, self.suite.generation)
+                    seconds = (time.perf_counter() - start) / len(batch)
+                    self.candidate_generated += len(batch)
+                    cand_u8 = to_uint8(raw)
+                    scores = self._score(from_uint8(cand_u8), ref)
+                    findings = _findings(raw, self.suite.detectors)
+                    for i, sample in enumerate(batch):
+                        path = self.run_dir / "images" / cand.name / f"{sample.id}.png"
+                        save_png(path, cand_u8[i])
+                        writer.write(SampleRecord(
+                            policy=cand.name, sample_id=sample.id, case_id=sample.case.id, prompt=sample.case.prompt,
+                            seed=sample.seed, tags=sample.case.tags,
+                            metrics={m: v[i] for m, v in scores.items()},
+                            detectors=findings[i], reference_detectors=ref_findings[i],
+                            image=path.relative_to(self.run_dir).as_posix(),
+                            reference_image=ref_paths[i].relative_to(self.run_dir).as_posix(),
+                            seconds_per_image=seconds,
+                        ))
+                        self.tracker.log_candidate_image(cand.name, sample.id, path)
+                    bar.update()
+        bar.close()
+        return self._finish(records_path)
+
+    def _finish(self, records_path: Path) -> RunOutcome:
+        records = list(read_records(records_path))
+        summaries = summarize(records)
+        verdict = evaluate_gates(summaries, self.suite.gates, [c.name for c in self.candidates])
+        write_atomic(self.run_dir / "summary.json", summary_to_json(summaries) + "\n")
+        write_json(self.run_dir / "verdict.json", verdict.to_dict())
+        from reports.render import write_summary_markdown
+
+        write_summary_markdown(self.run_dir)
+        for cand in self.candidates:
+            mine = [r for r in records if r.policy == cand.name]
+            table = {
+                "sample_id": [r.sample_id for r in mine],
+                "case_id": [r.case_id for r in mine],
+                "seed": [r.seed for r in mine],
+                "prompt": [r.prompt for r in mine],
+                **{m: [r.metrics.get(m) for r in mine] for m in self.suite.metrics},
+                **{f"{d}_flagged": [bool(r.detectors[d]["flagged"]) for r in mine] for d in self.suite.detectors},
+                "image": [r.image for r in mine],
+                "reference_image": [r.reference_image for r in mine],
+            }
+            passed = all(r.passed for r in verdict.results if r.policy == cand.name)
+            summary = summaries.get(cand.name)
+            self.tracker.finish_candidate(
+                cand.name, summary.flat() if summary else {}, table,
+                [self.run_dir / "plans" / f"{cand.name}.json"], {"verdict": "pass" if passed else "fail"},
+            )
+        artifacts = [self.run_dir / n for n in ("run.json", "records.jsonl", "summary.json", "verdict.json", "summary.md")]
+        self.tracker.finish_run(artifacts, {"verdict": "pass" if verdict.passed else "fail"}, failed=False)
+        return RunOutcome(
+            self.run_dir, summaries, verdict, self.reference_generated, self.candidate_generated
+        )

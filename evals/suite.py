@@ -1,0 +1,265 @@
+"""Suites: YAML -> frozen dataclasses, validated completely before any work. Imports no torch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evals.detectors import DETECTORS
+from evals.metrics import METRICS
+from evals.yamlspec import YamlDoc, check_mapping, expect, expect_choice, load_yaml
+
+METRIC_STATS = ("mean", "median", "min", "max", "p05", "p95")
+DETECTOR_STATS = ("count", "rate")
+OPS = (">=", "<=", ">", "<", "==", "!=")
+REFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Image sides must divide into whole latent patches: SD3's VAE scale (8) times its patch size (2).
+SIDE_MULTIPLE = 16
+CASE_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")  # ids become file names: keep them tame
+
+
+@dataclass(frozen=True)
+class Generation:
+    height: int
+    """Image height in pixels (a multiple of 16)."""
+    width: int
+    """Image width in pixels (a multiple of 16)."""
+    steps: int
+    """Denoising steps."""
+    guidance: float
+    """Classifier-free guidance scale."""
+    batch_size: int
+    """Images per pipeline call; reference and candidates use the same batches."""
+    max_sequence_length: int = 256
+    """T5 token budget, passed to the pipeline."""
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    """Unique id; used in file names and MLflow image keys."""
+    prompt: str
+    """The text prompt."""
+    seeds: tuple[int, ...]
+    """One image per seed."""
+    tags: tuple[str, ...] = ()
+    """Free-form categories (people, text, dark...), for filtering and reports."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    case: Case
+    """The case this sample belongs to."""
+    seed: int
+    """The generator seed of this image."""
+
+    @property
+    def id(self) -> str:
+        return f"{self.case.id}-s{self.seed}"
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    stat: str
+    """Aggregate compared: mean/median/min/max/p05/p95 for metrics, count/rate for detectors."""
+    op: str
+    """Comparison operator, one of >=, <=, >, <, ==, !=."""
+    value: float
+    """Threshold."""
+    metric: str | None = None
+    """Metric gated on (exactly one of metric and detector)."""
+    detector: str | None = None
+    """Detector gated on."""
+
+    @property
+    def subject(self) -> str:
+        return self.metric or self.detector or "?"
+
+    def describe(self) -> str:
+        return f"{self.subject} {self.stat} {self.op} {self.value:g}"
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    """Suite name; the MLflow experiment name."""
+    path: str
+    """File the suite was loaded from."""
+    sha256: str
+    """Hash of the suite's parsed content, logged with every run."""
+    model: str
+    """Default model source (`tiny`, or a path); `--model` overrides."""
+    reference_dtype: str
+    """Reference precision: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16."""
+    generation: Generation
+    """Generation settings shared by every sample."""
+    cases: tuple[Case, ...]
+    """Prompts and seeds."""
+    metrics: tuple[str, ...]
+    """Metric names (see `evals.metrics.METRICS`)."""
+    detectors: tuple[str, ...]
+    """Failure detector names (see `evals.detectors.DETECTORS`)."""
+    gates: tuple[GateSpec, ...]
+    """Pass/fail thresholds, evaluated per candidate."""
+    policies: tuple[str, ...] = ()
+    """Default candidate policies (names or paths); `--policy` overrides."""
+    description: str = ""
+    """What the suite is for."""
+    tags: tuple[str, ...] = field(default=())
+    """Union of case tags, for reports."""
+
+    def samples(self) -> list[Sample]:
+        return [Sample(case, seed) for case in self.cases for seed in case.seeds]
+
+    def batches(self) -> list[list[Sample]]:
+        """Samples in fixed batches: reference and every candidate see exactly these batches."""
+        samples = self.samples()
+        size = self.generation.batch_size
+        return [samples[i : i + size] for i in range(0, len(samples), size)]
+
+
+def _int(doc: YamlDoc, value: Any, path: tuple[Any, ...], minimum: int) -> int:
+    expect(doc, value, path, int, "an integer")
+    if value < minimum:
+        raise doc.error(path, f"expected an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+def _str_list(doc: YamlDoc, value: Any, path: tuple[Any, ...], what: str) -> tuple[str, ...]:
+    expect(doc, value, path, list, f"a list of {what}")
+    for i, item in enumerate(value):
+        expect(doc, item, path + (i,), str, f"a {what[:-1]} name")
+    return tuple(value)
+
+
+def _parse_generation(doc: YamlDoc, raw: Any) -> Generation:
+    path = ("generation",)
+    g = check_mapping(
+        doc, raw, path, required=("height", "width", "steps", "guidance", "batch_size"),
+        optional=("max_sequence_length",),
+    )
+    for side in ("height", "width"):
+        value = _int(doc, g[side], path + (side,), SIDE_MULTIPLE)
+        if value % SIDE_MULTIPLE:
+            raise doc.error(path + (side,), f"expected a multiple of {SIDE_MULTIPLE}, got {value}")
+    guidance = expect(doc, g["guidance"], path + ("guidance",), (int, float), "a number")
+    if guidance < 0:
+        raise doc.error(path + ("guidance",), f"expected a number >= 0, got {guidance}")
+    return Generation(
+        height=g["height"],
+        width=g["width"],
+        steps=_int(doc, g["steps"], path + ("steps",), 1),
+        guidance=float(guidance),
+        batch_size=_int(doc, g["batch_size"], path + ("batch_size",), 1),
+        max_sequence_length=_int(doc, g.get("max_sequence_length", 256), path + ("max_sequence_length",), 1),
+    )
+
+
+def _parse_seeds(doc: YamlDoc, value: Any, path: tuple[Any, ...]) -> tuple[int, ...]:
+    expect(doc, value, path, list, "a list of integer seeds")
+    if not value:
+        raise doc.error(path, "expected at least one seed")
+    seeds = tuple(_int(doc, s, path + (i,), 0) for i, s in enumerate(value))
+    if len(set(seeds)) != len(seeds):
+        raise doc.error(path, f"duplicate seeds in {list(seeds)}")
+    return seeds
+
+
+def _parse_cases(doc: YamlDoc, raw: Any, default_seeds: tuple[int, ...] | None) -> tuple[Case, ...]:
+    expect(doc, raw, ("cases",), list, "a list of cases")
+    if not raw:
+        raise doc.error(("cases",), "expected at least one case")
+    cases: list[Case] = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw):
+        path = ("cases", i)
+        c = check_mapping(doc, item, path, required=("id", "prompt"), optional=("seeds", "tags"))
+        case_id = expect(doc, c["id"], path + ("id",), str, "a string id")
+        if not CASE_ID.match(case_id):
+            raise doc.error(path + ("id",), f"id {case_id!r} must match {CASE_ID.pattern} (it becomes a file name)")
+        if case_id in seen:
+            raise doc.error(path + ("id",), f"duplicate case id {case_id!r}")
+        seen.add(case_id)
+        prompt = expect(doc, c["prompt"], path + ("prompt",), str, "a string prompt")
+        if not prompt.strip():
+            raise doc.error(path + ("prompt",), "prompt is empty")
+        if "seeds" in c:
+            seeds = _parse_seeds(doc, c["seeds"], path + ("seeds",))
+        elif default_seeds is not None:
+            seeds = default_seeds
+        else:
+            raise doc.error(path, "missing required key 'seeds' (or set top-level 'seeds')")
+        tags = _str_list(doc, c.get("tags", []), path + ("tags",), "tags")
+        cases.append(Case(case_id, prompt, seeds, tags))
+    return tuple(cases)
+
+
+def _parse_gate(doc: YamlDoc, raw: Any, i: int, metrics: tuple[str, ...], detectors: tuple[str, ...]) -> GateSpec:
+    path = ("gates", i)
+    g = check_mapping(doc, raw, path, required=("stat", "op", "value"), optional=("metric", "detector"))
+    if ("metric" in g) == ("detector" in g):
+        raise doc.error(path, "a gate names exactly one of 'metric' or 'detector'")
+    if "metric" in g:
+        subject = expect_choice(doc, g["metric"], path + ("metric",), METRICS)
+        if subject not in metrics:
+            raise doc.error(path + ("metric",), f"metric {subject!r} is gated but not listed in 'metrics'")
+        stats = METRIC_STATS
+    else:
+        subject = expect_choice(doc, g["detector"], path + ("detector",), DETECTORS)
+        if subject not in detectors:
+            raise doc.error(path + ("detector",), f"detector {subject!r} is gated but not listed in 'detectors'")
+        stats = DETECTOR_STATS
+    stat = expect_choice(doc, g["stat"], path + ("stat",), stats)
+    op = expect_choice(doc, g["op"], path + ("op",), OPS)
+    value = expect(doc, g["value"], path + ("value",), (int, float), "a number")
+    return GateSpec(stat=stat, op=op, value=float(value), metric=g.get("metric"), detector=g.get("detector"))
+
+
+def _names(doc: YamlDoc, raw: Any, key: str, registry: Any) -> tuple[str, ...]:
+    names = _str_list(doc, raw, (key,), key)
+    for i, name in enumerate(names):
+        expect_choice(doc, name, (key, i), registry)
+    if len(set(names)) != len(names):
+        raise doc.error((key,), f"duplicate names in {list(names)}")
+    return names
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Parse and validate a suite file; any problem raises InputError naming file, line and key."""
+    doc = load_yaml(path, "suite")
+    d = check_mapping(
+        doc, doc.data, (),
+        required=("name", "generation", "cases", "metrics", "gates"),
+        optional=("description", "model", "reference", "policies", "seeds", "detectors"),
+    )
+    name = expect(doc, d["name"], ("name",), str, "a string")
+    if not CASE_ID.match(name):
+        raise doc.error(("name",), f"name {name!r} must match {CASE_ID.pattern} (it names run folders)")
+    reference = check_mapping(doc, d.get("reference", {}), ("reference",), optional=("dtype",))
+    reference_dtype = expect_choice(doc, reference.get("dtype", "auto"), ("reference", "dtype"), REFERENCE_DTYPES)
+    default_seeds = _parse_seeds(doc, d["seeds"], ("seeds",)) if "seeds" in d else None
+    metrics = _names(doc, d["metrics"], "metrics", METRICS)
+    detectors = _names(doc, d.get("detectors", []), "detectors", DETECTORS)
+    expect(doc, d["gates"], ("gates",), list, "a list of gates")
+    gates = tuple(_parse_gate(doc, g, i, metrics, detectors) for i, g in enumerate(d["gates"]))
+    cases = _parse_cases(doc, d["cases"], default_seeds)
+    canonical = json.dumps(doc.data, sort_keys=True, default=str).encode()
+    return Suite(
+        name=name,
+        path=str(path),
+        sha256=hashlib.sha256(canonical).hexdigest(),
+        model=expect(doc, d.get("model", "tiny"), ("model",), str, "a model source string"),
+        reference_dtype=reference_dtype,
+        generation=_parse_generation(doc, d["generation"]),
+        cases=cases,
+        metrics=metrics,
+        detectors=detectors,
+        gates=gates,
+        policies=_str_list(doc, d.get("policies", []), ("policies",), "policies"),
+        description=expect(doc, d.get("description", ""), ("description",), str, "a string"),
+        tags=tuple(sorted({t for c in cases for t in c.tags})),
+    )

@@ -1,0 +1,157 @@
+"""Experiment tracking: an MLflow tracker and a null one. The only module that imports mlflow.
+
+One experiment per suite; one parent run per `evals run` (reference images, verdict); one nested
+run per candidate policy (its metrics, per-sample table, images, plan). A tracker that fails
+mid-run is switched off with a warning: results stay in the run directory either way.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any, Protocol
+
+from evals.rundir import load_png
+
+
+class Tracker(Protocol):
+    def start_run(self, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None: ...
+    def start_candidate(self, policy: str, params: dict[str, Any]) -> None: ...
+    def log_reference_image(self, sample_id: str, path: Path) -> None: ...
+    def log_candidate_image(self, policy: str, sample_id: str, path: Path) -> None: ...
+    def finish_candidate(
+        self, policy: str, metrics: dict[str, float], table: dict[str, list[Any]], artifacts: list[Path], tags: dict[str, str]
+    ) -> None: ...
+    def finish_run(self, artifacts: list[Path], tags: dict[str, str], failed: bool) -> None: ...
+
+
+class NullTracker:
+    """Tracks nothing (`--no-mlflow`)."""
+
+    def start_run(self, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
+        pass
+
+    def start_candidate(self, policy: str, params: dict[str, Any]) -> None:
+        pass
+
+    def log_reference_image(self, sample_id: str, path: Path) -> None:
+        pass
+
+    def log_candidate_image(self, policy: str, sample_id: str, path: Path) -> None:
+        pass
+
+    def finish_candidate(
+        self, policy: str, metrics: dict[str, float], table: dict[str, list[Any]], artifacts: list[Path], tags: dict[str, str]
+    ) -> None:
+        pass
+
+    def finish_run(self, artifacts: list[Path], tags: dict[str, str], failed: bool) -> None:
+        pass
+
+
+def _finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    # MLflow stores NaN but refuses/rewrites infinities inconsistently across stores; +inf (PSNR of
+    # identical images) is logged as a large finite number the UI can plot, NaN is kept.
+    return {k: (v if math.isfinite(v) or math.isnan(v) else math.copysign(1e9, v)) for k, v in metrics.items()}
+
+
+class MlflowTracker:
+    """Logs through `MlflowClient` with explicit run ids: no global active-run state."""
+
+    def __init__(self, tracking_uri: str | None = None):
+        import mlflow
+        from mlflow import MlflowClient
+
+        self._mlflow = mlflow
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        self.parent_id: str | None = None
+        self.experiment_id: str | None = None
+        self.candidate_ids: dict[str, str] = {}
+
+    def start_run(self, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+        self.parent_id = run.info.run_id
+        self._log_params(self.parent_id, params)
+
+    def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        # MLflow caps a param value at 6000 characters.
+        self.client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+
+    def start_candidate(self, policy: str, params: dict[str, Any]) -> None:
+        assert self.experiment_id is not None and self.parent_id is not None
+        run = self.client.create_run(
+            self.experiment_id, run_name=policy, tags={"mlflow.parentRunId": self.parent_id, "policy": policy}
+        )
+        self.candidate_ids[policy] = run.info.run_id
+        self._log_params(run.info.run_id, params)
+
+    def log_reference_image(self, sample_id: str, path: Path) -> None:
+        assert self.parent_id is not None
+        self.client.log_image(self.parent_id, load_png(path), key=sample_id, step=0)
+
+    def log_candidate_image(self, policy: str, sample_id: str, path: Path) -> None:
+        self.client.log_image(self.candidate_ids[policy], load_png(path), key=sample_id, step=0)
+
+    def finish_candidate(
+        self, policy: str, metrics: dict[str, float], table: dict[str, list[Any]], artifacts: list[Path], tags: dict[str, str]
+    ) -> None:
+        from mlflow.entities import Metric, RunTag
+
+        run_id = self.candidate_ids[policy]
+        stamp = _now_ms()
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, stamp, 0) for k, v in _finite_metrics(metrics).items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
+        self.client.log_table(run_id, data=table, artifact_file="samples.json")
+        for path in artifacts:
+            self.client.log_artifact(run_id, str(path))
+        self.client.set_terminated(run_id, "FINISHED")
+
+    def finish_run(self, artifacts: list[Path], tags: dict[str, str], failed: bool) -> None:
+        assert self.parent_id is not None
+        for key, value in tags.items():
+            self.client.set_tag(self.parent_id, key, value)
+        for path in artifacts:
+            self.client.log_artifact(self.parent_id, str(path))
+        self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+class GuardedTracker:
+    """Wraps a tracker: the first error is reported once and tracking stops; the run goes on."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.failed: str | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.inner, name)
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if self.failed:
+                return None
+            try:
+                return method(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - any tracking failure must not lose the run
+                self.failed = f"{type(exc).__name__}: {exc}"
+                print(
+                    f"warning: MLflow logging failed and is off for the rest of this run ({self.failed}); "
+                    "results are complete in the run directory",
+                    file=sys.stderr,
+                )
+                return None
+
+        return guarded

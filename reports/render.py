@@ -1,0 +1,76 @@
+"""Render a run directory: the gate table (terminal) and summary.md. Reads files, loads no model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def gate_rows(verdict: dict[str, Any]) -> list[list[str]]:
+    return [
+        [r["policy"], r["subject"], r["stat"], f"{r['op']} {r['threshold']:g}", _fmt(r["actual"]),
+         "PASS" if r["passed"] else "FAIL"]
+        for r in verdict["results"]
+    ]
+
+
+HEADER = ["policy", "gate", "stat", "threshold", "actual", "result"]
+
+
+def text_table(rows: list[list[str]], header: list[str] = HEADER) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def markdown_table(rows: list[list[str]], header: list[str] = HEADER) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    read = lambda name: json.loads((run_dir / name).read_text())  # noqa: E731
+    return read("run.json"), read("summary.json"), read("verdict.json")
+
+
+def gate_table_text(run_dir: Path) -> str:
+    _, _, verdict = load_run(run_dir)
+    status = "PASSED" if verdict["passed"] else "FAILED"
+    return f"{text_table(gate_rows(verdict))}\n\nverdict: {status}  ({run_dir})"
+
+
+def write_summary_markdown(run_dir: Path) -> Path:
+    run, summary, verdict = load_run(run_dir)
+    status = "✅ passed" if verdict["passed"] else "❌ failed"
+    lines = [
+        f"# {run['suite']['name']}: {status}",
+        "",
+        f"Model `{run['model']['source']}`, reference {run['reference_dtype']}, "
+        f"{run['samples']} samples, device {run['environment']['device']}.",
+        "",
+        "## Gates",
+        "",
+        markdown_table(gate_rows(verdict)),
+        "",
+        "## Candidates",
+        "",
+    ]
+    for policy in run["policies"]:
+        s = summary["policies"].get(policy["name"], {})
+        metrics = ", ".join(f"{m} mean {_fmt(v['mean'])}" for m, v in s.get("metrics", {}).items())
+        flagged = ", ".join(f"{d} {int(v['count'])}" for d, v in s.get("detectors", {}).items())
+        lines.append(f"- **{policy['name']}** (backend {policy['backends']}): {metrics}; flagged: {flagged or 'none'}")
+    path = run_dir / "summary.md"
+    from evals.rundir import write_atomic
+
+    write_atomic(path, "\n".join(lines) + "\n")
+    return path
