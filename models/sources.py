@@ -60,7 +60,10 @@ def _folder_fingerprint(folder: Path) -> str:
     return f"folder:{digest.hexdigest()[:16]}"
 
 
-def _check_folder(folder: Path) -> None:
+OPTIONAL_COMPONENTS = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
+
+
+def _check_folder(folder: Path) -> dict[str, Any]:
     index = folder / "model_index.json"
     if not folder.is_dir():
         raise InputError(f"model folder not found: {folder}; {GET_WEIGHTS_HINT}")
@@ -78,6 +81,7 @@ def _check_folder(folder: Path) -> None:
             f"missing {folder / 'transformer'}/*.safetensors (the transformer weights); only safetensors "
             f"are loaded, never pickle files; {GET_WEIGHTS_HINT}"
         )
+    return components
 
 
 def load_source(source: str, dtype_name: str = "auto", device: str = "cpu") -> LoadedModel:
@@ -97,12 +101,14 @@ def load_source(source: str, dtype_name: str = "auto", device: str = "cpu") -> L
             pipe.to(dtype=dtype)
     else:
         folder = Path(source).expanduser()
-        _check_folder(folder)
+        index = _check_folder(folder)
         from diffusers import StableDiffusion3Pipeline
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder must never fall back to the Hub
+        # Components a folder leaves out (T5 in a T5-less save) must be passed as None explicitly.
+        absent = {name: None for name in OPTIONAL_COMPONENTS if index.get(name, [None])[0] is None}
         pipe = StableDiffusion3Pipeline.from_pretrained(
-            str(folder), torch_dtype=dtype, local_files_only=True, use_safetensors=True
+            str(folder), torch_dtype=dtype, local_files_only=True, use_safetensors=True, **absent
         )
         pipe.set_progress_bar_config(disable=True)
         fingerprint = _folder_fingerprint(folder)
