@@ -32,7 +32,13 @@ def default_cache_dir() -> Path:
 
 
 def reference_key(
-    *, fingerprint: str, dtype: str, generation: Generation, sample: Sample, batch: list[Sample], environment: dict[str, Any]
+    *,
+    fingerprint: str,
+    dtype: str,
+    generation: Generation,
+    sample: Sample,
+    batch: list[Sample],
+    environment: dict[str, Any],
 ) -> str:
     payload = {
         "model": fingerprint,

@@ -20,17 +20,27 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a suite: reference vs FP8 candidates, metrics, gates, MLflow")
     run.add_argument("suite", type=Path, help="suite YAML file, e.g. suites/smoke.yaml")
-    run.add_argument("--model", help="model source: `tiny`, or a local diffusers SD3/SD3.5 folder (default: the suite's)")
     run.add_argument(
-        "--policy", action="append", default=[], metavar="POLICY",
+        "--model", help="model source: `tiny`, or a local diffusers SD3/SD3.5 folder (default: the suite's)"
+    )
+    run.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="POLICY",
         help="candidate policy: a shipped name (fp8-e4m3-rowwise) or a YAML path; repeat for several "
         "(default: the suite's `policies`)",
     )
     run.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
-    run.add_argument("--reference-dtype", choices=("auto", "float32", "bfloat16", "float16"),
-                     help="reference precision (default: the suite's, else auto)")
+    run.add_argument(
+        "--reference-dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="reference precision (default: the suite's, else auto)",
+    )
     run.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run directories go (default: runs/)")
-    run.add_argument("--cache-dir", type=Path, help="reference cache (default: $EVALS_CACHE_DIR or ~/.cache/sd35-fp8-gate)")
+    run.add_argument(
+        "--cache-dir", type=Path, help="reference cache (default: $EVALS_CACHE_DIR or ~/.cache/sd35-fp8-gate)"
+    )
     run.add_argument("--no-cache", action="store_true", help="always generate reference images")
     run.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -88,16 +98,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     candidates = [build_candidate(model, policy) for policy in policies]  # rule typos surface here
 
     cache = None if args.no_cache else ReferenceCache(args.cache_dir or default_cache_dir())
-    tracker = NullTracker() if args.no_mlflow else GuardedTracker(MlflowTracker())
+    mlflow_tracker = None if args.no_mlflow else MlflowTracker()
+    tracker = NullTracker() if mlflow_tracker is None else GuardedTracker(mlflow_tracker)
     run_dir = new_run_dir(args.runs_dir, suite.name)
     print(f"run directory: {run_dir}", file=sys.stderr)
     runner = SuiteRunner(
         suite, model, candidates, run_dir, tracker, cache, device, reference_dtype, progress=not args.no_progress
     )
     params = {
-        "suite": suite.name, "suite_sha256": suite.sha256, "model": model.source,
-        "model_fingerprint": model.fingerprint, "reference_dtype": reference_dtype, "device": device,
-        "policies": ",".join(names), "samples": len(suite.samples()),
+        "suite": suite.name,
+        "suite_sha256": suite.sha256,
+        "model": model.source,
+        "model_fingerprint": model.fingerprint,
+        "reference_dtype": reference_dtype,
+        "device": device,
+        "policies": ",".join(names),
+        "samples": len(suite.samples()),
         **{k: runner.env[k] for k in ("torch", "diffusers", "transformers", "device_kind")},
     }
     tags = {"git_commit": git_commit(), "run_dir": str(run_dir), **_ci_tags()}
@@ -111,8 +127,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"reference images generated: {outcome.reference_generated} (the rest from the cache), "
         f"candidate images: {outcome.candidate_generated}"
     )
-    if not args.no_mlflow:
-        print(f"MLflow: experiment {suite.name!r} at {getattr(tracker.inner, 'tracking_uri', '?')}")
+    if mlflow_tracker is not None:
+        print(f"MLflow: experiment {suite.name!r} at {mlflow_tracker.tracking_uri} (`mlflow ui` to browse)")
     return outcome.verdict.exit_code
 
 
@@ -125,8 +141,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
         kind = "policy" if "components" in load_yaml(path, "suite or policy").data else "suite"
         if kind == "suite":
             suite = load_suite(path)
-            print(f"{path}: suite {suite.name!r} ok: {len(suite.cases)} cases, {len(suite.samples())} samples, "
-                  f"{len(suite.gates)} gates")
+            print(
+                f"{path}: suite {suite.name!r} ok: {len(suite.cases)} cases, {len(suite.samples())} samples, "
+                f"{len(suite.gates)} gates"
+            )
         else:
             policy = load_policy(str(path))
             print(f"{path}: policy {policy.name!r} ok: components {', '.join(policy.components)}")

@@ -84,8 +84,6 @@ def evaluate_gate(policy: str, summary: PolicySummary | None, gate: GateSpec) ->
     return GateResult(policy, gate, actual, passed, reason)
 
 
-def evaluate_gates(
-    summaries: Mapping[str, PolicySummary], gates: tuple[GateSpec, ...], policies: list[str]
-) -> Verdict:
+def evaluate_gates(summaries: Mapping[str, PolicySummary], gates: tuple[GateSpec, ...], policies: list[str]) -> Verdict:
     """Apply every gate to every candidate policy. A policy with no summary fails every gate."""
     return Verdict(tuple(evaluate_gate(p, summaries.get(p), g) for p in policies for g in gates))

@@ -175,5 +175,6 @@ def summarize(records: Iterable[SampleRecord]) -> dict[str, PolicySummary]:
 def summary_to_json(summaries: dict[str, PolicySummary]) -> str:
     return json.dumps(
         {"schema_version": SCHEMA_VERSION, "policies": {p: asdict(s) for p, s in summaries.items()}},
-        indent=2, sort_keys=True,
+        indent=2,
+        sort_keys=True,
     )

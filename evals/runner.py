@@ -21,7 +21,7 @@ from evals.detectors import run_detectors
 from evals.gates import Verdict, evaluate_gates
 from evals.metrics import load_metric
 from evals.records import PolicySummary, RecordsWriter, SampleRecord, read_records, summarize, summary_to_json
-from evals.rundir import load_png, save_png, write_atomic, write_json
+from evals.rundir import save_png, write_atomic, write_json
 from evals.suite import Generation, Sample, Suite
 from evals.tracking import Tracker
 from models.precision import LayerPlan, PrecisionPolicy, apply_policy, backend_summary
@@ -181,8 +181,12 @@ class SuiteRunner:
         """Reference images (8-bit) and their detector findings, from the cache or generated."""
         keys = [
             reference_key(
-                fingerprint=self.model.fingerprint, dtype=self.reference_dtype, generation=self.suite.generation,
-                sample=s, batch=batch, environment=self.env,
+                fingerprint=self.model.fingerprint,
+                dtype=self.reference_dtype,
+                generation=self.suite.generation,
+                sample=s,
+                batch=batch,
+                environment=self.env,
             )
             for s in batch
         ]
@@ -210,8 +214,12 @@ class SuiteRunner:
                 c.name, {"policy": c.name, "policy_sha256": c.policy_sha256, "backend": c.backends, **tracker_params}
             )
         batches = self.suite.batches()
-        bar = tqdm(total=len(batches) * (1 + len(self.candidates)), unit="batch", disable=not self.progress,
-                   desc=f"{self.suite.name}")
+        bar = tqdm(
+            total=len(batches) * (1 + len(self.candidates)),
+            unit="batch",
+            disable=not self.progress,
+            desc=f"{self.suite.name}",
+        )
         records_path = self.run_dir / "records.jsonl"
         with RecordsWriter(records_path) as writer:
             for batch in batches:
@@ -235,15 +243,22 @@ class SuiteRunner:
                     for i, sample in enumerate(batch):
                         path = self.run_dir / "images" / cand.name / f"{sample.id}.png"
                         save_png(path, cand_u8[i])
-                        writer.write(SampleRecord(
-                            policy=cand.name, sample_id=sample.id, case_id=sample.case.id, prompt=sample.case.prompt,
-                            seed=sample.seed, tags=sample.case.tags,
-                            metrics={m: v[i] for m, v in scores.items()},
-                            detectors=findings[i], reference_detectors=ref_findings[i],
-                            image=path.relative_to(self.run_dir).as_posix(),
-                            reference_image=ref_paths[i].relative_to(self.run_dir).as_posix(),
-                            seconds_per_image=seconds,
-                        ))
+                        writer.write(
+                            SampleRecord(
+                                policy=cand.name,
+                                sample_id=sample.id,
+                                case_id=sample.case.id,
+                                prompt=sample.case.prompt,
+                                seed=sample.seed,
+                                tags=sample.case.tags,
+                                metrics={m: v[i] for m, v in scores.items()},
+                                detectors=findings[i],
+                                reference_detectors=ref_findings[i],
+                                image=path.relative_to(self.run_dir).as_posix(),
+                                reference_image=ref_paths[i].relative_to(self.run_dir).as_posix(),
+                                seconds_per_image=seconds,
+                            )
+                        )
                         self.tracker.log_candidate_image(cand.name, sample.id, path)
                     bar.update()
         bar.close()
@@ -260,7 +275,7 @@ class SuiteRunner:
         write_summary_markdown(self.run_dir)
         for cand in self.candidates:
             mine = [r for r in records if r.policy == cand.name]
-            table = {
+            table: dict[str, list[Any]] = {
                 "sample_id": [r.sample_id for r in mine],
                 "case_id": [r.case_id for r in mine],
                 "seed": [r.seed for r in mine],
@@ -273,11 +288,14 @@ class SuiteRunner:
             passed = all(r.passed for r in verdict.results if r.policy == cand.name)
             summary = summaries.get(cand.name)
             self.tracker.finish_candidate(
-                cand.name, summary.flat() if summary else {}, table,
-                [self.run_dir / "plans" / f"{cand.name}.json"], {"verdict": "pass" if passed else "fail"},
+                cand.name,
+                summary.flat() if summary else {},
+                table,
+                [self.run_dir / "plans" / f"{cand.name}.json"],
+                {"verdict": "pass" if passed else "fail"},
             )
-        artifacts = [self.run_dir / n for n in ("run.json", "records.jsonl", "summary.json", "verdict.json", "summary.md")]
+        artifacts = [
+            self.run_dir / n for n in ("run.json", "records.jsonl", "summary.json", "verdict.json", "summary.md")
+        ]
         self.tracker.finish_run(artifacts, {"verdict": "pass" if verdict.passed else "fail"}, failed=False)
-        return RunOutcome(
-            self.run_dir, summaries, verdict, self.reference_generated, self.candidate_generated
-        )
+        return RunOutcome(self.run_dir, summaries, verdict, self.reference_generated, self.candidate_generated)

@@ -139,7 +139,10 @@ def _str_list(doc: YamlDoc, value: Any, path: tuple[Any, ...], what: str) -> tup
 def _parse_generation(doc: YamlDoc, raw: Any) -> Generation:
     path = ("generation",)
     g = check_mapping(
-        doc, raw, path, required=("height", "width", "steps", "guidance", "batch_size"),
+        doc,
+        raw,
+        path,
+        required=("height", "width", "steps", "guidance", "batch_size"),
         optional=("max_sequence_length",),
     )
     for side in ("height", "width"):
@@ -207,7 +210,7 @@ def _parse_gate(doc: YamlDoc, raw: Any, i: int, metrics: tuple[str, ...], detect
         subject = expect_choice(doc, g["metric"], path + ("metric",), METRICS)
         if subject not in metrics:
             raise doc.error(path + ("metric",), f"metric {subject!r} is gated but not listed in 'metrics'")
-        stats = METRIC_STATS
+        stats: tuple[str, ...] = METRIC_STATS
     else:
         subject = expect_choice(doc, g["detector"], path + ("detector",), DETECTORS)
         if subject not in detectors:
@@ -232,7 +235,9 @@ def load_suite(path: str | Path) -> Suite:
     """Parse and validate a suite file; any problem raises InputError naming file, line and key."""
     doc = load_yaml(path, "suite")
     d = check_mapping(
-        doc, doc.data, (),
+        doc,
+        doc.data,
+        (),
         required=("name", "generation", "cases", "metrics", "gates"),
         optional=("description", "model", "reference", "policies", "seeds", "detectors"),
     )

@@ -21,7 +21,12 @@ class Tracker(Protocol):
     def log_reference_image(self, sample_id: str, path: Path) -> None: ...
     def log_candidate_image(self, policy: str, sample_id: str, path: Path) -> None: ...
     def finish_candidate(
-        self, policy: str, metrics: dict[str, float], table: dict[str, list[Any]], artifacts: list[Path], tags: dict[str, str]
+        self,
+        policy: str,
+        metrics: dict[str, float],
+        table: dict[str, list[Any]],
+        artifacts: list[Path],
+        tags: dict[str, str],
     ) -> None: ...
     def finish_run(self, artifacts: list[Path], tags: dict[str, str], failed: bool) -> None: ...
 
@@ -42,7 +47,12 @@ class NullTracker:
         pass
 
     def finish_candidate(
-        self, policy: str, metrics: dict[str, float], table: dict[str, list[Any]], artifacts: list[Path], tags: dict[str, str]
+        self,
+        policy: str,
+        metrics: dict[str, float],
+        table: dict[str, list[Any]],
+        artifacts: list[Path],
+        tags: dict[str, str],
     ) -> None:
         pass
 
@@ -99,7 +109,12 @@ class MlflowTracker:
         self.client.log_image(self.candidate_ids[policy], load_png(path), key=sample_id, step=0)
 
     def finish_candidate(
-        self, policy: str, metrics: dict[str, float], table: dict[str, list[Any]], artifacts: list[Path], tags: dict[str, str]
+        self,
+        policy: str,
+        metrics: dict[str, float],
+        table: dict[str, list[Any]],
+        artifacts: list[Path],
+        tags: dict[str, str],
     ) -> None:
         from mlflow.entities import Metric, RunTag
 

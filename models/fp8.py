@@ -9,7 +9,7 @@ Backends:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +56,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
     return (q.float() * scale).to(dtype)
 
 
-@lru_cache(maxsize=None)
+@cache
 def scaled_mm_runs(device_type: str, device_index: int | None, fmt: str, out_dtype: torch.dtype) -> bool:
     """Whether torch._scaled_mm runs here with row-wise scales and this output dtype (a probe call,
     cached): capability tables go stale, a real call does not."""
@@ -65,7 +65,10 @@ def scaled_mm_runs(device_type: str, device_index: int | None, fmt: str, out_dty
         a = torch.ones(16, 16, device=device).to(FORMATS[fmt])
         b = torch.ones(16, 16, device=device).to(FORMATS[fmt])
         out = torch._scaled_mm(
-            a, b.t(), scale_a=torch.ones(16, 1, device=device), scale_b=torch.ones(1, 16, device=device),
+            a,
+            b.t(),
+            scale_a=torch.ones(16, 1, device=device),
+            scale_b=torch.ones(1, 16, device=device),
             out_dtype=out_dtype,
         )
         return bool(out[0, 0].item() == 16.0)
@@ -81,7 +84,9 @@ def resolve_backend(spec: Fp8Spec, weight: torch.Tensor) -> str:
         return spec.backend
     out_features, in_features = weight.shape
     shape_ok = in_features % 16 == 0 and out_features % 16 == 0  # the GEMM kernels need this
-    available = shape_ok and scaled_mm_runs(weight.device.type, weight.device.index, spec.format, _out_dtype(weight.dtype))
+    available = shape_ok and scaled_mm_runs(
+        weight.device.type, weight.device.index, spec.format, _out_dtype(weight.dtype)
+    )
     if spec.backend == "scaled_mm" and not available:
         raise RuntimeError(
             f"backend scaled_mm cannot run a {spec.format} GEMM of shape {tuple(weight.shape)} on {weight.device} "
@@ -133,7 +138,8 @@ class Fp8Linear(nn.Module):
         if self.backend == "scaled_mm":
             # Row-wise kernels want both scales row-wise: broadcast a per-tensor one to rows.
             out = torch._scaled_mm(
-                xq, self.weight_fp8.t(),
+                xq,
+                self.weight_fp8.t(),
                 scale_a=x_scale.expand(xq.shape[0], 1).contiguous(),
                 scale_b=self.weight_scale.expand(self.out_features, 1).reshape(1, -1).contiguous(),
                 out_dtype=_out_dtype(x.dtype),

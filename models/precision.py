@@ -89,10 +89,14 @@ def _parse_spec(doc: YamlDoc, raw: Any, path: tuple[Any, ...], base: Fp8Spec, ex
             if key in m:
                 raise doc.error(path + (key,), f"{key!r} makes no sense with precision: keep")
         return None
-    values = {key: expect_choice(doc, m[key], path + (key,), choices) for key, choices in SPEC_FIELDS.items() if key in m}
+    values = {
+        key: expect_choice(doc, m[key], path + (key,), choices) for key, choices in SPEC_FIELDS.items() if key in m
+    }
     spec = replace(base, **values)
     if spec.backend == "scaled_mm" and spec.activations == "none":
-        raise doc.error(path + ("backend",), "scaled_mm needs quantized activations; use weight_only for activations: none")
+        raise doc.error(
+            path + ("backend",), "scaled_mm needs quantized activations; use weight_only for activations: none"
+        )
     return spec
 
 
@@ -132,7 +136,9 @@ def load_policy(name_or_path: str) -> PrecisionPolicy:
     d = check_mapping(doc, doc.data, (), required=("name", "components"), optional=("description",))
     name = expect(doc, d["name"], ("name",), str, "a string")
     if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or name in ("ref", ".", ".."):
-        raise doc.error(("name",), f"name {name!r} must be letters, digits, '-', '_' or '.' (it names folders), not 'ref'")
+        raise doc.error(
+            ("name",), f"name {name!r} must be letters, digits, '-', '_' or '.' (it names folders), not 'ref'"
+        )
     comps = check_mapping(doc, d["components"], ("components",), optional=COMPONENTS)
     components = {c: _parse_component(doc, c, raw) for c, raw in comps.items()}
     canonical = json.dumps(doc.data, sort_keys=True, default=str).encode()
@@ -161,7 +167,9 @@ def resolve_plan(policy: PrecisionPolicy, components: dict[str, Any]) -> list[La
             continue
         module = components.get(comp_name)
         if module is None:
-            raise InputError(f"policy {policy.name!r} quantizes {comp_name!r}, which this model does not have", source=policy.path)
+            raise InputError(
+                f"policy {policy.name!r} quantizes {comp_name!r}, which this model does not have", source=policy.path
+            )
         # A rule may name any module (a conv embedding too), but only linear layers are quantized.
         names = [n for n, _ in module.named_modules() if n]
         for i, rule in enumerate(comp_policy.rules):
@@ -169,7 +177,8 @@ def resolve_plan(policy: PrecisionPolicy, components: dict[str, Any]) -> list[La
                 raise InputError(
                     f"components.{comp_name}.rules[{i}]: pattern {rule.match!r} matches no module of "
                     f"{comp_name} (module names look like {names[0]!r})",
-                    source=policy.path, line=rule.line,
+                    source=policy.path,
+                    line=rule.line,
                 )
         for layer_name, layer in _linear_layers(module):
             decided: tuple[str, Fp8Spec | None] = ("default", comp_policy.default)

@@ -65,9 +65,7 @@ VAE_CONFIG: dict[str, Any] = {
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table (the one CLIP's BPE uses)."""
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     chars = printable[:]
     extra = 0
@@ -117,7 +115,7 @@ def build_tiny_components(seed: int = TINY_SEED) -> dict[str, Any]:
     text_encoder_2 = CLIPTextModelWithProjection(clip_config)
     torch.manual_seed(seed + 3)
     vae = AutoencoderKL(**VAE_CONFIG)
-    components = {
+    components: dict[str, Any] = {
         "transformer": transformer,
         "text_encoder": text_encoder,
         "text_encoder_2": text_encoder_2,
@@ -138,7 +136,7 @@ def build_tiny_components(seed: int = TINY_SEED) -> dict[str, Any]:
 def build_tiny_pipeline(seed: int = TINY_SEED) -> Any:
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline(**build_tiny_components(seed))
+    pipe: Any = StableDiffusion3Pipeline(**build_tiny_components(seed))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

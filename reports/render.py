@@ -16,8 +16,14 @@ def _fmt(value: float) -> str:
 
 def gate_rows(verdict: dict[str, Any]) -> list[list[str]]:
     return [
-        [r["policy"], r["subject"], r["stat"], f"{r['op']} {r['threshold']:g}", _fmt(r["actual"]),
-         "PASS" if r["passed"] else "FAIL"]
+        [
+            r["policy"],
+            r["subject"],
+            r["stat"],
+            f"{r['op']} {r['threshold']:g}",
+            _fmt(r["actual"]),
+            "PASS" if r["passed"] else "FAIL",
+        ]
         for r in verdict["results"]
     ]
 

@@ -22,13 +22,22 @@ def only_run_dir(workdir: Path) -> Path:
     return run_dir
 
 
-def test_smoke_passes_logs_to_mlflow_and_reuses_the_reference(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_smoke_passes_logs_to_mlflow_and_reuses_the_reference(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["run", SMOKE, "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "verdict: PASSED" in out and "psnr" in out and "reference images generated: 16" in out
 
     run_dir = only_run_dir(workdir)
-    for name in ("run.json", "records.jsonl", "summary.json", "verdict.json", "summary.md", "plans/fp8-e4m3-rowwise.json"):
+    for name in (
+        "run.json",
+        "records.jsonl",
+        "summary.json",
+        "verdict.json",
+        "summary.md",
+        "plans/fp8-e4m3-rowwise.json",
+    ):
         assert (run_dir / name).is_file(), name
     records = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
     assert len(records) == 16 and {r["policy"] for r in records} == {"fp8-e4m3-rowwise"}
@@ -65,7 +74,9 @@ def test_smoke_passes_logs_to_mlflow_and_reuses_the_reference(workdir: Path, cap
     assert [r["metrics"] for r in again] == [r["metrics"] for r in records]
 
 
-def test_wrong_scales_fail_the_psnr_gate(workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_wrong_scales_fail_the_psnr_gate(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A deliberately broken candidate: every weight scale off by 30%."""
     original = models.precision.apply_policy
 
@@ -110,9 +121,13 @@ def test_nan_in_the_candidate_vae_is_caught_before_8_bit(workdir: Path, monkeypa
 
 
 def test_several_candidates_share_one_reference(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    e5m2 = write(workdir / "e5m2.yaml", (Path(models.precision.POLICY_DIR) / "fp8-e4m3-rowwise.yaml").read_text()
-                 .replace("name: fp8-e4m3-rowwise", "name: e5m2-tensor")
-                 .replace("format: e4m3fn, weights: per_channel", "format: e5m2, weights: per_tensor"))
+    e5m2 = write(
+        workdir / "e5m2.yaml",
+        (Path(models.precision.POLICY_DIR) / "fp8-e4m3-rowwise.yaml")
+        .read_text()
+        .replace("name: fp8-e4m3-rowwise", "name: e5m2-tensor")
+        .replace("format: e4m3fn, weights: per_channel", "format: e5m2, weights: per_tensor"),
+    )
     code = main(["run", SMOKE, *FAST, "--policy", "fp8-e4m3-rowwise", "--policy", str(e5m2)])
     out = capsys.readouterr().out
     assert "reference images generated: 16" in out and "candidate images: 32" in out
@@ -120,7 +135,9 @@ def test_several_candidates_share_one_reference(workdir: Path, capsys: pytest.Ca
     records = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
     by_policy = {p: [r for r in records if r["policy"] == p] for p in ("fp8-e4m3-rowwise", "e5m2-tensor")}
     assert all(len(v) == 16 for v in by_policy.values())
-    assert {r["reference_image"] for r in by_policy["e5m2-tensor"]} == {r["reference_image"] for r in by_policy["fp8-e4m3-rowwise"]}
+    assert {r["reference_image"] for r in by_policy["e5m2-tensor"]} == {
+        r["reference_image"] for r in by_policy["fp8-e4m3-rowwise"]
+    }
     mean = lambda p: sum(r["metrics"]["psnr"] for r in by_policy[p]) / 16  # noqa: E731
     assert mean("fp8-e4m3-rowwise") > mean("e5m2-tensor")  # 3 mantissa bits beat 2
     verdict = json.loads((run_dir / "verdict.json").read_text())

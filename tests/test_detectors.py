@@ -11,8 +11,14 @@ from evals.detectors import black_frame, nonfinite, run_detectors
 
 def clean_photos() -> dict[str, np.ndarray]:
     gray = np.stack([data.camera()] * 3, axis=-1)
-    photos = {"astronaut": data.astronaut(), "coffee": data.coffee(), "chelsea": data.chelsea(),
-              "camera": gray, "rocket": data.rocket(), "brick": np.stack([data.brick()] * 3, axis=-1)}
+    photos = {
+        "astronaut": data.astronaut(),
+        "coffee": data.coffee(),
+        "chelsea": data.chelsea(),
+        "camera": gray,
+        "rocket": data.rocket(),
+        "brick": np.stack([data.brick()] * 3, axis=-1),
+    }
     out = {k: v.astype(np.float64) / 255 for k, v in photos.items()}
     # A night scene: dark overall with some bright lights; it must not pass for a black frame.
     night = out["astronaut"] * 0.08

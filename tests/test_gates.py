@@ -54,8 +54,16 @@ def test_missing_policy_or_stat_fails() -> None:
 
 @pytest.mark.parametrize(
     ("op", "actual", "expected"),
-    [(">=", 30, True), (">=", 29.9, False), (">", 30, False), ("<=", 30, True), ("<", 30, False),
-     ("==", 30, True), ("!=", 30, False), ("!=", 31, True)],
+    [
+        (">=", 30, True),
+        (">=", 29.9, False),
+        (">", 30, False),
+        ("<=", 30, True),
+        ("<", 30, False),
+        ("==", 30, True),
+        ("!=", 30, False),
+        ("!=", 31, True),
+    ],
 )
 def test_operators(op: str, actual: float, expected: bool) -> None:
     gate = GateSpec(stat="mean", op=op, value=30.0, metric="psnr")

@@ -25,8 +25,13 @@ def distortions(img: np.ndarray) -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     u8 = lambda x: np.round(np.clip(x, 0, 1) * 255) / 255  # noqa: E731 - the metrics see 8-bit images
     shifted = np.roll(img, 1, axis=1)
-    return [u8(img + rng.normal(0, 0.02, img.shape)), u8(img + rng.normal(0, 0.1, img.shape)), u8(shifted),
-            u8(img * 0.7), u8(1 - img)]
+    return [
+        u8(img + rng.normal(0, 0.02, img.shape)),
+        u8(img + rng.normal(0, 0.1, img.shape)),
+        u8(shifted),
+        u8(img * 0.7),
+        u8(1 - img),
+    ]
 
 
 def nchw(images: list[np.ndarray]) -> torch.Tensor:

@@ -26,9 +26,17 @@ components:
 def test_shipped_policy_loads() -> None:
     policy = load_policy("fp8-e4m3-rowwise")
     spec = policy.components["transformer"].default
-    assert spec is not None and (spec.format, spec.weights, spec.activations) == ("e4m3fn", "per_channel", "dynamic_per_token")
+    assert spec is not None and (spec.format, spec.weights, spec.activations) == (
+        "e4m3fn",
+        "per_channel",
+        "dynamic_per_token",
+    )
     assert [r.match for r in policy.components["transformer"].rules] == [
-        "pos_embed*", "time_text_embed*", "context_embedder", "norm_out*", "proj_out"
+        "pos_embed*",
+        "time_text_embed*",
+        "context_embedder",
+        "norm_out*",
+        "proj_out",
     ]
     assert all(r.spec is None for r in policy.components["transformer"].rules)
 
@@ -73,14 +81,19 @@ BAD = [
     ("default: {format", "defualt: {format", "unknown key (did you mean 'default'?)", 4),
     ("format: e4m3fn", "format: e4m3", "unknown value 'e4m3' (did you mean 'e4m3fn'?)", 4),
     ("weights: per_channel", "weights: per_row", "unknown value 'per_row'", 4),
-    ("precision: keep}\n      - {match: \"trans", "precision: kept}\n      - {match: \"trans", "unknown value 'kept'", 6),
-    ('"proj_out", precision: keep', '"proj_out", precision: keep, format: e5m2', "makes no sense with precision: keep", 8),
+    ('precision: keep}\n      - {match: "trans', 'precision: kept}\n      - {match: "trans', "unknown value 'kept'", 6),
+    (
+        '"proj_out", precision: keep',
+        '"proj_out", precision: keep, format: e5m2',
+        "makes no sense with precision: keep",
+        8,
+    ),
     ("activations: dynamic_per_token}", "activations: none, backend: scaled_mm}", "scaled_mm needs quantized", 4),
     ("vae: {dtype: bfloat16}", "vae: {dtype: bf16}", "unknown value 'bf16' (did you mean 'bfloat16'?)", 9),
     ("vae: {dtype: bfloat16}", "vae: {dtype: bfloat16, rules: []}", "unknown key", 9),
     ("vae: {dtype: bfloat16}", "unet: {dtype: bfloat16}", "unknown key", 9),
     ("name: test-policy", "name: ../evil", "must be letters", 1),
-    ("- {match: \"proj_out\"", "- {match: 3", "expected an fnmatch pattern", 8),
+    ('- {match: "proj_out"', "- {match: 3", "expected an fnmatch pattern", 8),
 ]
 
 
@@ -95,5 +108,5 @@ def test_bad_policies(tmp_path: Path, old: str, new: str, message: str, line: in
 
 
 def test_unknown_policy_name_lists_shipped_ones() -> None:
-    with pytest.raises(InputError, match="shipped: .*fp8-e4m3-rowwise"):
+    with pytest.raises(InputError, match=r"shipped: .*fp8-e4m3-rowwise"):
         load_policy("fp8-e4m3-roww1se")

@@ -20,10 +20,18 @@ from evals.records import (
 def record(policy: str, sample: str, psnr: float, black: bool = False) -> SampleRecord:
     finding = {"flagged": black, "score": 0.0, "reason": ""}
     return SampleRecord(
-        policy=policy, sample_id=sample, case_id=sample.split("-s")[0], prompt="p", seed=0, tags=("t",),
-        metrics={"psnr": psnr}, detectors={"black_frame": finding},
+        policy=policy,
+        sample_id=sample,
+        case_id=sample.split("-s")[0],
+        prompt="p",
+        seed=0,
+        tags=("t",),
+        metrics={"psnr": psnr},
+        detectors={"black_frame": finding},
         reference_detectors={"black_frame": {"flagged": False, "score": 0.0, "reason": ""}},
-        image=f"images/{policy}/{sample}.png", reference_image=f"images/ref/{sample}.png", seconds_per_image=0.5,
+        image=f"images/{policy}/{sample}.png",
+        reference_image=f"images/ref/{sample}.png",
+        seconds_per_image=0.5,
     )
 
 

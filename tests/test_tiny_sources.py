@@ -56,7 +56,7 @@ def test_local_folder_round_trip(tmp_path: Path, tiny_model) -> None:
 
 
 def test_missing_or_broken_folders_name_the_file(tmp_path: Path, tiny_model) -> None:
-    with pytest.raises(InputError, match="model folder not found: .*huggingface-cli download"):
+    with pytest.raises(InputError, match=r"model folder not found: .*huggingface-cli download"):
         load_source(str(tmp_path / "nowhere"))
     empty = tmp_path / "empty"
     empty.mkdir()

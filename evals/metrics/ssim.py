@@ -25,8 +25,14 @@ def ssim_per_image(candidate: torch.Tensor, reference: torch.Tensor) -> torch.Te
     if min(candidate.shape[-2:]) <= 2 * BORDER:
         raise ValueError(f"SSIM needs images larger than {2 * BORDER}x{2 * BORDER}, got {tuple(candidate.shape[-2:])}")
     _, ssim_map = structural_similarity_index_measure(
-        candidate.double(), reference.double(), data_range=1.0, reduction="none", gaussian_kernel=True,
-        sigma=1.5, kernel_size=11, return_full_image=True,
+        candidate.double(),
+        reference.double(),
+        data_range=1.0,
+        reduction="none",
+        gaussian_kernel=True,
+        sigma=1.5,
+        kernel_size=11,
+        return_full_image=True,
     )
     inner = ssim_map[..., BORDER:-BORDER, BORDER:-BORDER]
     return inner.mean(dim=(1, 2, 3)).float()
