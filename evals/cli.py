@@ -90,10 +90,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from evals.rundir import new_run_dir
     from evals.runner import SuiteRunner, build_candidate, git_commit
     from evals.tracking import GuardedTracker, MlflowTracker, NullTracker
-    from models.sources import load_source
+    from models.sources import load_source, resolved_dtype_name
     from reports.render import gate_table_text
 
-    reference_dtype = args.reference_dtype or suite.reference_dtype
+    # Resolved (auto -> float32/bfloat16) so the cache key and run.json say what really ran.
+    reference_dtype = resolved_dtype_name(args.reference_dtype or suite.reference_dtype, device)
     model = load_source(args.model or suite.model, reference_dtype, device)
     candidates = [build_candidate(model, policy) for policy in policies]  # rule typos surface here
 

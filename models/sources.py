@@ -42,6 +42,10 @@ def resolve_dtype(name: str, device: str) -> Any:
     return getattr(torch, name)
 
 
+def resolved_dtype_name(name: str, device: str) -> str:
+    return str(resolve_dtype(name, device)).removeprefix("torch.")
+
+
 def _folder_fingerprint(folder: Path) -> str:
     """Hash of every config file's content and every weight file's name and size.
 

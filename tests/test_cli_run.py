@@ -45,6 +45,7 @@ def test_smoke_passes_logs_to_mlflow_and_reuses_the_reference(
     assert all(40 < r["metrics"]["psnr"] < 100 for r in records)  # quantized, so not identical, and close
     run = json.loads((run_dir / "run.json").read_text())
     assert run["policies"][0]["backends"].startswith("keep:7,scaled_mm:")
+    assert run["reference_dtype"] == "float32"  # "auto" resolved on the CPU
 
     # MLflow's default local store, in the working directory.
     from mlflow import MlflowClient
