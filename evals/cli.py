@@ -21,9 +21,6 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a suite: reference vs FP8 candidates, metrics, gates, MLflow")
     run.add_argument("suite", type=Path, help="suite YAML file, e.g. suites/smoke.yaml")
     run.add_argument(
-        "--model", help="model source: `tiny`, or a local diffusers SD3/SD3.5 folder (default: the suite's)"
-    )
-    run.add_argument(
         "--policy",
         action="append",
         default=[],
@@ -31,6 +28,16 @@ def _parser() -> argparse.ArgumentParser:
         help="candidate policy: a shipped name (fp8-e4m3-rowwise) or a YAML path; repeat for several "
         "(default: the suite's `policies`)",
     )
+    run.add_argument(
+        "--candidate-checkpoint",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="a quantized transformer (.safetensors written by `evals quantize`, or a ComfyUI scaled-FP8 file) "
+        "to evaluate as it is; repeatable, combinable with --policy",
+    )
+    _model_args(run)
     run.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
     run.add_argument(
         "--reference-dtype",
@@ -45,9 +52,45 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    policy = sub.add_parser("policy", help="precision policy tools").add_subparsers(
+        dest="policy_command", required=True
+    )
+    explain = policy.add_parser("explain", help="what a policy does to every linear layer, and the memory it saves")
+    explain.add_argument("policy", help="shipped policy name or YAML path")
+    _model_args(explain, default="tiny")
+    explain.add_argument(
+        "--dtype",
+        default="bfloat16",
+        choices=("float32", "bfloat16", "float16"),
+        help="reference dtype the sizes are counted in (default bfloat16)",
+    )
+    explain.add_argument("--device", default="auto", help="device whose FP8 kernels decide the backend")
+    explain.add_argument("--json", action="store_true", help="machine-readable output")
+
+    quantize = sub.add_parser("quantize", help="apply a policy and save the quantized transformer as safetensors")
+    quantize.add_argument("policy", help="shipped policy name or YAML path")
+    quantize.add_argument("--out", type=Path, required=True, help="output .safetensors file")
+    quantize.add_argument(
+        "--suite", type=Path, help="suite whose generation settings drive calibration (static policies)"
+    )
+    _model_args(quantize, default="tiny")
+    quantize.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
+    quantize.add_argument("--reference-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+
     validate = sub.add_parser("validate", help="check suites and policies without running anything")
     validate.add_argument("files", nargs="+", type=Path, help="suite or policy YAML files")
     return parser
+
+
+def _model_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    parser.add_argument(
+        "--model",
+        default=default,
+        help="model source: `tiny`, a local diffusers SD3/SD3.5 folder, a Hub repo id already in the HF cache, "
+        "or a single .safetensors transformer with --model-config" + ("" if default else " (default: the suite's)"),
+    )
+    parser.add_argument("--model-config", help="local diffusers SD3 folder for a single-file --model")
+    parser.add_argument("--no-t5", action="store_true", help="load the model without its T5 text encoder")
 
 
 def _resolve_device(name: str) -> str:
@@ -77,26 +120,34 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # Validate every input before any work or any file is written.
     suite = load_suite(args.suite)
-    policy_names = args.policy or list(suite.policies)
-    if not policy_names:
-        raise InputError(f"{args.suite}: no candidate policy; pass --policy or list `policies:` in the suite")
+    policy_names = args.policy or ([] if args.candidate_checkpoint else list(suite.policies))
+    if not policy_names and not args.candidate_checkpoint:
+        raise InputError(
+            f"{args.suite}: no candidate; pass --policy or --candidate-checkpoint, or list `policies:` in the suite"
+        )
     policies = [load_policy(name) for name in policy_names]
-    names = [p.name for p in policies]
-    if len(set(names)) != len(names):
-        raise InputError(f"two candidate policies share a name: {names}; policy names must be unique")
+    for path in args.candidate_checkpoint:
+        if path.suffix != ".safetensors" or not path.is_file():
+            raise InputError(f"--candidate-checkpoint {path}: expected an existing .safetensors file (never pickle)")
     device = _resolve_device(args.device)
 
     from evals.cache import ReferenceCache, default_cache_dir
     from evals.rundir import new_run_dir
-    from evals.runner import SuiteRunner, build_candidate, git_commit
+    from evals.runner import SuiteRunner, build_candidate, candidate_from_checkpoint, git_commit
     from evals.tracking import GuardedTracker, MlflowTracker, NullTracker
     from models.sources import load_source, resolved_dtype_name
     from reports.render import gate_table_text
 
     # Resolved (auto -> float32/bfloat16) so the cache key and run.json say what really ran.
     reference_dtype = resolved_dtype_name(args.reference_dtype or suite.reference_dtype, device)
-    model = load_source(args.model or suite.model, reference_dtype, device)
-    candidates = [build_candidate(model, policy) for policy in policies]  # rule typos surface here
+    model = load_source(
+        args.model or suite.model, reference_dtype, device, config=args.model_config, drop_t5=args.no_t5
+    )
+    candidates = [build_candidate(model, policy, suite.generation) for policy in policies]  # rule typos surface here
+    candidates += [candidate_from_checkpoint(model, path) for path in args.candidate_checkpoint]
+    names = [c.name for c in candidates]
+    if len(set(names)) != len(names):
+        raise InputError(f"two candidates share a name: {names}; policy and checkpoint names must be unique")
 
     cache = None if args.no_cache else ReferenceCache(args.cache_dir or default_cache_dir())
     mlflow_tracker = None if args.no_mlflow else MlflowTracker()
@@ -124,13 +175,117 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: the run broke; every finished sample is in {run_dir / 'records.jsonl'}", file=sys.stderr)
         raise
     print(gate_table_text(run_dir))
+    total = len(suite.samples())
     print(
-        f"reference images generated: {outcome.reference_generated} (the rest from the cache), "
-        f"candidate images: {outcome.candidate_generated}"
+        f"reference images generated: {outcome.reference_generated} "
+        f"({total - outcome.reference_generated} from the cache), candidate images: {outcome.candidate_generated}"
     )
     if mlflow_tracker is not None:
         print(f"MLflow: experiment {suite.name!r} at {mlflow_tracker.tracking_uri} (`mlflow ui` to browse)")
     return outcome.verdict.exit_code
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from models.precision import load_policy, plan_totals, resolve_plan
+    from models.sources import load_transformer_skeleton
+    from reports.render import text_table
+
+    policy = load_policy(args.policy)
+    device = _resolve_device(args.device)
+    transformer = load_transformer_skeleton(args.model, args.dtype, config=args.model_config)
+    plan = resolve_plan(policy, {"transformer": transformer}, device=torch.device(device))
+    module_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters())
+    totals = plan_totals(plan, module_bytes)
+    if args.json:
+        out = {
+            "policy": policy.name,
+            "policy_sha256": policy.sha256,
+            "model": args.model,
+            "dtype": args.dtype,
+            "device": device,
+            "layers": [layer.to_dict() for layer in plan],
+            "totals": totals,
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    rows = []
+    for layer in plan:
+        spec = layer.spec
+        weights = (
+            "-" if spec is None else spec.weights + (f"({spec.block_size})" if spec.weights == "per_block" else "")
+        )
+        rows.append(
+            [
+                layer.name,
+                f"{layer.shape[0]}x{layer.shape[1]}",
+                "keep" if spec is None else "fp8",
+                "-" if spec is None else spec.format,
+                weights,
+                "-" if spec is None else spec.activations,
+                layer.backend,
+                f"{layer.bytes_before:,}",
+                f"{layer.bytes_after:,}",
+            ]
+        )
+    header = [
+        "layer",
+        "shape",
+        "precision",
+        "format",
+        "weights",
+        "activations",
+        "backend",
+        "bytes before",
+        "bytes after",
+    ]
+    print(text_table(rows, header))
+    print(
+        f"\n{policy.name} on {args.model} ({args.dtype}, backends for {device}): "
+        f"{totals['fp8_layers']}/{totals['linear_layers']} linear layers in FP8, "
+        f"{totals['fp8_param_share']:.1%} of linear parameters; transformer "
+        f"{_human_bytes(totals['bytes_before'])} -> {_human_bytes(totals['bytes_after'])} "
+        f"(saves {totals['saved_share']:.1%})"
+    )
+    return 0
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from evals.runner import build_candidate
+    from evals.suite import Generation, load_suite
+    from models.checkpoints import save_quantized_transformer
+    from models.precision import load_policy
+    from models.sources import load_source, resolved_dtype_name
+
+    policy = load_policy(args.policy)
+    if args.out.suffix != ".safetensors":
+        raise InputError(f"--out {args.out}: expected a .safetensors file name")
+    if policy.needs_calibration and args.suite is None:
+        raise InputError(
+            f"{policy.path}: static activations are calibrated at a suite's generation settings; pass --suite"
+        )
+    # Without static layers the generation settings are never used.
+    generation = load_suite(args.suite).generation if args.suite else Generation(64, 64, 1, 0.0, 1)
+    device = _resolve_device(args.device)
+    dtype = resolved_dtype_name(args.reference_dtype, device)
+    model = load_source(args.model, dtype, device, config=args.model_config, drop_t5=args.no_t5)
+    candidate = build_candidate(model, policy, generation)
+    save_quantized_transformer(
+        candidate.pipeline.transformer, args.out, policy_name=policy.name, policy_sha256=policy.sha256
+    )
+    print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes; layers {candidate.backends})")
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -156,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     # Weights are local: no Hugging Face call may wait on a network that is not there.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = _parser().parse_args(argv)
-    handlers = {"run": cmd_run, "validate": cmd_validate}
+    handlers = {"run": cmd_run, "validate": cmd_validate, "quantize": cmd_quantize, "policy": cmd_policy_explain}
     try:
         return handlers[args.command](args)
     except InputError as exc:

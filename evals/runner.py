@@ -24,7 +24,7 @@ from evals.records import PolicySummary, RecordsWriter, SampleRecord, read_recor
 from evals.rundir import save_png, write_atomic, write_json
 from evals.suite import Generation, Sample, Suite
 from evals.tracking import Tracker
-from models.precision import LayerPlan, PrecisionPolicy, apply_policy, backend_summary
+from models.precision import LayerPlan, PrecisionPolicy, apply_policy, backend_summary, resolve_plan
 from models.sources import LoadedModel
 
 
@@ -38,6 +38,10 @@ class Candidate:
     """Hash of the policy file's content."""
     plan: list[LayerPlan] = field(default_factory=list)
     """The resolved per-layer plan."""
+    calibration: dict[str, float] | None = None
+    """Calibrated input amax per `component.layer`, for static activations."""
+    checkpoint: str | None = None
+    """The checkpoint file the candidate was loaded from, if any."""
 
     @property
     def backends(self) -> str:
@@ -54,11 +58,65 @@ class RunOutcome:
     candidate_generated: int
 
 
-def build_candidate(model: LoadedModel, policy: PrecisionPolicy) -> Candidate:
-    components, plan = apply_policy(policy, model.pipeline.components)
+def _pipeline_with(model: LoadedModel, components: dict[str, Any]) -> Any:
     pipe = type(model.pipeline)(**components)
     pipe.set_progress_bar_config(disable=True)
-    return Candidate(policy.name, pipe, policy.sha256, plan)
+    return pipe
+
+
+def calibrate(model: LoadedModel, policy: PrecisionPolicy, gen: Generation) -> dict[str, float]:
+    """Input amax of every static layer, from the reference on the policy's calibration prompts."""
+    from models.calibration import calibrate_input_amax
+
+    static: dict[str, list[str]] = {}
+    for layer in resolve_plan(policy, model.pipeline.components):
+        if layer.spec is not None and layer.spec.activations == "static":
+            static.setdefault(layer.component, []).append(layer.name)
+    cal = policy.calibration
+    return calibrate_input_amax(
+        model.pipeline,
+        static,
+        prompts=cal.prompts,
+        seed=cal.seed,
+        height=gen.height,
+        width=gen.width,
+        steps=gen.steps,
+        guidance=gen.guidance,
+        batch_size=gen.batch_size,
+    )
+
+
+def build_candidate(model: LoadedModel, policy: PrecisionPolicy, gen: Generation) -> Candidate:
+    amax = calibrate(model, policy, gen) if policy.needs_calibration else None
+    components, plan = apply_policy(policy, model.pipeline.components, amax)
+    return Candidate(policy.name, _pipeline_with(model, components), policy.sha256, plan, calibration=amax)
+
+
+def candidate_from_checkpoint(model: LoadedModel, path: Path) -> Candidate:
+    """A candidate whose transformer is a quantized checkpoint: ours, or a ComfyUI scaled-FP8 file."""
+    import hashlib
+
+    from models.checkpoints import import_comfy_scaled_fp8, is_comfy_scaled_fp8, load_quantized_transformer
+    from models.fp8 import Fp8Linear
+
+    reference = model.pipeline.transformer
+    device = next(reference.parameters()).device
+    if path.suffix == ".safetensors" and path.is_file() and is_comfy_scaled_fp8(path):
+        transformer, meta = import_comfy_scaled_fp8(path, reference, device)
+    else:
+        transformer, meta = load_quantized_transformer(path, reference, device)
+    plan = [
+        LayerPlan(
+            "transformer", name, (m.out_features, m.in_features), f"checkpoint {path.name}", m.spec, m.backend, 0, 0
+        )
+        for name, m in transformer.named_modules()
+        if isinstance(m, Fp8Linear)
+    ]
+    with path.open("rb") as f:
+        digest = meta.get("policy_sha256") or hashlib.sha256(f.read(1 << 24)).hexdigest()
+    components = dict(model.pipeline.components, transformer=transformer)
+    name = meta.get("policy", path.stem)
+    return Candidate(name, _pipeline_with(model, components), digest, plan, checkpoint=str(path))
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -167,7 +225,8 @@ class SuiteRunner:
                 "reference_dtype": self.reference_dtype,
                 "generation": asdict(self.suite.generation),
                 "policies": [
-                    {"name": c.name, "sha256": c.policy_sha256, "backends": c.backends} for c in self.candidates
+                    {"name": c.name, "sha256": c.policy_sha256, "backends": c.backends, "checkpoint": c.checkpoint}
+                    for c in self.candidates
                 ],
                 "environment": self.env,
                 "git_commit": git_commit(),
@@ -176,6 +235,8 @@ class SuiteRunner:
         )
         for c in self.candidates:
             write_json(self.run_dir / "plans" / f"{c.name}.json", [layer.to_dict() for layer in c.plan])
+            if c.calibration is not None:  # the static scales, beside the policy's output
+                write_json(self.run_dir / "calibration" / f"{c.name}.json", c.calibration)
 
     def _reference_batch(self, batch: list[Sample]) -> tuple[np.ndarray, list[dict[str, Any]]]:
         """Reference images (8-bit) and their detector findings, from the cache or generated."""

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 FORMATS: dict[str, torch.dtype] = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
-WEIGHT_SCALES = ("per_tensor", "per_channel")
-ACTIVATIONS = ("none", "dynamic_per_tensor", "dynamic_per_token")
+WEIGHT_SCALES = ("per_tensor", "per_channel", "per_block")
+ACTIVATIONS = ("none", "dynamic_per_tensor", "dynamic_per_token", "static")
 BACKENDS = ("auto", "scaled_mm", "emulated", "weight_only")
 MIN_SCALE = 1e-12  # an all-zero row would otherwise divide by zero
 
@@ -27,11 +27,14 @@ class Fp8Spec:
     format: str = "e4m3fn"
     """FP8 format: e4m3fn (max 448, more mantissa) or e5m2 (max 57344, more range)."""
     weights: str = "per_channel"
-    """Weight scale granularity: per_tensor or per_channel (one scale per output row)."""
+    """Weight scale granularity: per_tensor, per_channel (one scale per output row) or per_block."""
     activations: str = "dynamic_per_token"
-    """Activation quantization: none (weight-only), dynamic_per_tensor, dynamic_per_token."""
+    """Activation quantization: none (weight-only), dynamic_per_tensor, dynamic_per_token, or static
+    (one per-tensor scale per layer, calibrated ahead of time)."""
     backend: str = "auto"
     """auto, scaled_mm, emulated or weight_only; auto picks the fastest that runs here."""
+    block_size: int = 128
+    """Side of the square weight tiles that share a scale, for weights: per_block."""
 
 
 def fp8_max(fmt: str) -> float:
@@ -52,8 +55,41 @@ def quantize(x: torch.Tensor, fmt: str, per_row: bool) -> tuple[torch.Tensor, to
     return q, scale
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Cast with a given scale (static activations): values past the range saturate."""
+    limit = fp8_max(fmt)
+    return (x.float() / scale).clamp(-limit, limit).to(FORMATS[fmt])
+
+
+def quantize_blocks(w: torch.Tensor, fmt: str, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale per `block` x `block` tile (the last tiles may be partial): scales (ceil(N/b), ceil(K/b))."""
+    n, k = w.shape
+    nb, kb = -(-n // block), -(-k // block)
+    padded = torch.zeros(nb * block, kb * block, dtype=torch.float32, device=w.device)
+    padded[:n, :k] = w.float()
+    amax = padded.reshape(nb, block, kb, block).abs().amax(dim=(1, 3))
+    scale = amax.clamp(min=MIN_SCALE) / fp8_max(fmt)
+    q = quantize_with_scale(w, expand_block_scale(scale, block, n, k), fmt)
+    return q, scale
+
+
+def expand_block_scale(scale: torch.Tensor, block: int, rows: int, cols: int) -> torch.Tensor:
+    return scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[:rows, :cols]
+
+
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32, block: int | None = None
+) -> torch.Tensor:
+    """q * scale; `block` is the tile side when the scales are per block."""
+    if block is not None:
+        scale = expand_block_scale(scale, block, *q.shape)
     return (q.float() * scale).to(dtype)
+
+
+def quantize_weight(w: torch.Tensor, spec: Fp8Spec) -> tuple[torch.Tensor, torch.Tensor]:
+    if spec.weights == "per_block":
+        return quantize_blocks(w, spec.format, spec.block_size)
+    return quantize(w, spec.format, per_row=spec.weights == "per_channel")
 
 
 @cache
@@ -76,24 +112,27 @@ def scaled_mm_runs(device_type: str, device_index: int | None, fmt: str, out_dty
         return False
 
 
-def resolve_backend(spec: Fp8Spec, weight: torch.Tensor) -> str:
-    """The backend that will actually run this layer (recorded per layer in the resolved plan)."""
+def resolve_backend(spec: Fp8Spec, shape: tuple[int, int], device: torch.device, compute_dtype: torch.dtype) -> str:
+    """The backend that will actually run a layer of this (out, in) shape (recorded in the plan)."""
     if spec.activations == "none":
         return "weight_only"
     if spec.backend in ("emulated", "weight_only"):
         return spec.backend
-    out_features, in_features = weight.shape
-    shape_ok = in_features % 16 == 0 and out_features % 16 == 0  # the GEMM kernels need this
-    available = shape_ok and scaled_mm_runs(
-        weight.device.type, weight.device.index, spec.format, _out_dtype(weight.dtype)
-    )
-    if spec.backend == "scaled_mm" and not available:
-        raise RuntimeError(
-            f"backend scaled_mm cannot run a {spec.format} GEMM of shape {tuple(weight.shape)} on {weight.device} "
-            "(needs compute capability 8.9+ or the CPU kernel, and dimensions that are multiples of 16); "
-            "use backend: auto or emulated"
+    out_features, in_features = shape
+    why_not = ""
+    if spec.weights == "per_block":
+        why_not = "per_block weight scales have no FP8 GEMM kernel here"
+    elif in_features % 16 or out_features % 16:
+        why_not = f"the GEMM kernels need sides that are multiples of 16, got {shape}"
+    elif device.type == "meta":
+        why_not = "no device to probe"
+    elif not scaled_mm_runs(device.type, device.index, spec.format, _out_dtype(compute_dtype)):
+        why_not = (
+            f"torch._scaled_mm does not run {spec.format} on {device} (needs compute capability 8.9+ or the CPU kernel)"
         )
-    return "scaled_mm" if available else "emulated"
+    if spec.backend == "scaled_mm" and why_not:
+        raise RuntimeError(f"backend scaled_mm cannot run this layer: {why_not}; use backend: auto or emulated")
+    return "emulated" if why_not else "scaled_mm"
 
 
 def _out_dtype(compute_dtype: torch.dtype) -> torch.dtype:
@@ -102,36 +141,67 @@ def _out_dtype(compute_dtype: torch.dtype) -> torch.dtype:
 
 
 class Fp8Linear(nn.Module):
-    """A linear layer whose weight is stored in FP8 with float32 scales."""
+    """A linear layer whose weight is stored in FP8 with float32 scales.
+
+    Buffers: `weight_fp8` (out, in), `weight_scale` ((1, 1), (out, 1) or per-block tiles) and, for
+    static activations, `input_scale` (1, 1). These are what a checkpoint stores.
+    """
 
     weight_fp8: torch.Tensor
     weight_scale: torch.Tensor
+    input_scale: torch.Tensor | None
 
-    def __init__(self, linear: nn.Linear, spec: Fp8Spec, backend: str):
+    def __init__(
+        self,
+        weight_fp8: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        spec: Fp8Spec,
+        backend: str,
+        compute_dtype: torch.dtype,
+        input_scale: torch.Tensor | None = None,
+    ):
         super().__init__()
         if backend not in ("scaled_mm", "emulated", "weight_only"):
             raise ValueError(f"unresolved backend {backend!r}")
+        if spec.activations == "static" and input_scale is None:
+            raise ValueError("static activations need a calibrated input scale")
         self.spec = spec
         self.backend = backend
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        self.compute_dtype = linear.weight.dtype
-        q, scale = quantize(linear.weight.detach(), spec.format, per_row=spec.weights == "per_channel")
-        self.register_buffer("weight_fp8", q)
-        self.register_buffer("weight_scale", scale)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.out_features, self.in_features = weight_fp8.shape
+        self.compute_dtype = compute_dtype
+        self.register_buffer("weight_fp8", weight_fp8)
+        self.register_buffer("weight_scale", weight_scale.float())
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(1, 1))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: Fp8Spec, backend: str, input_amax: float | None = None) -> Fp8Linear:
+        q, scale = quantize_weight(linear.weight.detach(), spec)
+        input_scale = None
+        if spec.activations == "static":
+            if input_amax is None:
+                raise ValueError("static activations need a calibrated input amax")
+            input_scale = torch.tensor([[max(input_amax, MIN_SCALE) / fp8_max(spec.format)]])
+        return cls(q, scale, linear.bias, spec, backend, linear.weight.dtype, input_scale)
 
     def extra_repr(self) -> str:
         s = self.spec
         return f"{self.in_features}->{self.out_features}, {s.format}, w={s.weights}, a={s.activations}, {self.backend}"
 
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        block = self.spec.block_size if self.spec.weights == "per_block" else None
+        return dequantize(self.weight_fp8, self.weight_scale, dtype, block)
+
     def _quantize_input(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.input_scale is not None:
+            return quantize_with_scale(x2d, self.input_scale, self.spec.format), self.input_scale
         return quantize(x2d, self.spec.format, per_row=self.spec.activations == "dynamic_per_token")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "weight_only":
-            w = dequantize(self.weight_fp8, self.weight_scale, x.dtype)
-            return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.dequantized_weight(x.dtype), bias)
         lead = x.shape[:-1]
         x2d = x.reshape(-1, self.in_features)
         xq, x_scale = self._quantize_input(x2d)
@@ -145,7 +215,7 @@ class Fp8Linear(nn.Module):
                 out_dtype=_out_dtype(x.dtype),
             )
         else:
-            out = F.linear(dequantize(xq, x_scale), dequantize(self.weight_fp8, self.weight_scale))
+            out = F.linear(dequantize(xq, x_scale), self.dequantized_weight())
         out = out.to(x.dtype)
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)

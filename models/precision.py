@@ -2,8 +2,9 @@
 
 Rules are ordered and the first whose `fnmatch` pattern matches a linear layer's qualified name
 (inside its component) wins; unmatched layers take `default`. A rule field left out is inherited
-from `default`. `precision: keep` leaves a layer in the component's dtype. A rule that matches no
-layer is an error: it is almost always a typo.
+from `default`. `precision: keep` leaves a layer in the component's dtype. A rule must match at least
+one module of its component (a conv embedding counts): one that matches nothing is almost always a
+typo, and is an error.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from models.fp8 import ACTIVATIONS, BACKENDS, FORMATS, WEIGHT_SCALES, Fp8Spec
 POLICY_DIR = Path(__file__).parent / "policies"
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 QUANTIZABLE = ("transformer",)  # FP8 rules apply to the transformer; other components take a dtype
+DROPPABLE = ("text_encoder_3",)  # T5: SD3 runs without it (zeros stand in for its embeddings)
 DTYPES = ("float32", "bfloat16", "float16")
 SPEC_FIELDS = {"format": FORMATS, "weights": WEIGHT_SCALES, "activations": ACTIVATIONS, "backend": BACKENDS}
+SPEC_KEYS = ("precision", *SPEC_FIELDS, "block_size")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,16 @@ class ComponentPolicy:
     """Settings for layers no rule matches; None keeps them."""
     rules: tuple[Rule, ...] = ()
     """Ordered rules, first match wins."""
+    drop: bool = False
+    """Leave the component out of the candidate (T5 only)."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    prompts: int = 8
+    """Calibration prompts (the first N of `models.calibration.CALIBRATION_PROMPTS`)."""
+    seed: int = 0
+    """Generator seed of the calibration images."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,15 @@ class PrecisionPolicy:
     """Component name -> policy; components not listed stay as the reference has them."""
     description: str = ""
     """What the policy mirrors."""
+    calibration: Calibration = Calibration()
+    """How static activation scales are calibrated (used only when a layer is `static`)."""
+
+    @property
+    def needs_calibration(self) -> bool:
+        specs = [c.default for c in self.components.values()] + [
+            r.spec for c in self.components.values() for r in c.rules
+        ]
+        return any(s is not None and s.activations == "static" for s in specs)
 
 
 @dataclass(frozen=True)
@@ -75,47 +97,72 @@ class LayerPlan:
     """FP8 settings, or None when kept."""
     backend: str
     """Backend that runs it: scaled_mm, emulated, weight_only, or keep."""
+    bytes_before: int
+    """Weight and bias bytes in the component's dtype."""
+    bytes_after: int
+    """Bytes once quantized: FP8 weight, float32 scales, bias (== before when kept)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "spec": asdict(self.spec) if self.spec else None}
 
 
-def _parse_spec(doc: YamlDoc, raw: Any, path: tuple[Any, ...], base: Fp8Spec, extra: tuple[str, ...]) -> Fp8Spec | None:
-    """A `{precision: keep}` or `{format, weights, activations, backend}` mapping (plus `extra` keys)."""
-    m = check_mapping(doc, raw, path, optional=("precision", *SPEC_FIELDS, *extra))
+def _parse_spec(doc: YamlDoc, raw: Any, path: tuple[Any, ...], base: Fp8Spec) -> Fp8Spec | None:
+    """A `{precision: keep}` or `{format, weights, activations, backend, block_size}` mapping."""
+    m = check_mapping(doc, raw, path, optional=SPEC_KEYS)
     precision = expect_choice(doc, m.get("precision", "fp8"), path + ("precision",), ("fp8", "keep"))
     if precision == "keep":
-        for key in SPEC_FIELDS:
+        for key in SPEC_KEYS[1:]:
             if key in m:
                 raise doc.error(path + (key,), f"{key!r} makes no sense with precision: keep")
         return None
-    values = {
+    values: dict[str, Any] = {
         key: expect_choice(doc, m[key], path + (key,), choices) for key, choices in SPEC_FIELDS.items() if key in m
     }
+    if "block_size" in m:
+        block = expect(doc, m["block_size"], path + ("block_size",), int, "an integer")
+        if block < 1 or block & (block - 1):
+            raise doc.error(path + ("block_size",), f"expected a power of two, got {block}")
+        values["block_size"] = block
     spec = replace(base, **values)
     if spec.backend == "scaled_mm" and spec.activations == "none":
         raise doc.error(
             path + ("backend",), "scaled_mm needs quantized activations; use weight_only for activations: none"
         )
+    if spec.backend == "scaled_mm" and spec.weights == "per_block":
+        raise doc.error(path + ("backend",), "per_block weights have no scaled_mm kernel here; use auto or emulated")
     return spec
 
 
 def _parse_component(doc: YamlDoc, name: str, raw: Any) -> ComponentPolicy:
     path = ("components", name)
-    keys = ("dtype", "default", "rules") if name in QUANTIZABLE else ("dtype",)
+    keys = ("dtype", *(("default", "rules") if name in QUANTIZABLE else ()), *(("drop",) if name in DROPPABLE else ()))
     c = check_mapping(doc, raw, path, optional=keys)
+    drop = expect(doc, c.get("drop", False), path + ("drop",), bool, "true or false")
+    if drop and len(c) > 1:
+        raise doc.error(path, "a dropped component takes no other settings")
     dtype = expect_choice(doc, c["dtype"], path + ("dtype",), DTYPES) if "dtype" in c else None
-    default = _parse_spec(doc, c["default"], path + ("default",), Fp8Spec(), ()) if "default" in c else None
+    default = _parse_spec(doc, c["default"], path + ("default",), Fp8Spec()) if "default" in c else None
     base = default or Fp8Spec()
     rules_raw = expect(doc, c.get("rules", []), path + ("rules",), list, "a list of rules")
     rules = []
     for i, r in enumerate(rules_raw):
         rpath = path + ("rules", i)
-        check_mapping(doc, r, rpath, required=("match",), optional=("precision", *SPEC_FIELDS))
+        check_mapping(doc, r, rpath, required=("match",), optional=SPEC_KEYS)
         pattern = expect(doc, r["match"], rpath + ("match",), str, "an fnmatch pattern string")
-        spec = _parse_spec(doc, {k: v for k, v in r.items() if k != "match"}, rpath, base, ())
+        spec = _parse_spec(doc, {k: v for k, v in r.items() if k != "match"}, rpath, base)
         rules.append(Rule(pattern, spec, doc.line(rpath)))
-    return ComponentPolicy(dtype=dtype, default=default, rules=tuple(rules))
+    return ComponentPolicy(dtype=dtype, default=default, rules=tuple(rules), drop=drop)
+
+
+def _parse_calibration(doc: YamlDoc, raw: Any) -> Calibration:
+    from models.calibration import CALIBRATION_PROMPTS
+
+    c = check_mapping(doc, raw, ("calibration",), optional=("prompts", "seed"))
+    prompts = expect(doc, c.get("prompts", 8), ("calibration", "prompts"), int, "an integer")
+    if not 1 <= prompts <= len(CALIBRATION_PROMPTS):
+        raise doc.error(("calibration", "prompts"), f"expected 1..{len(CALIBRATION_PROMPTS)}, got {prompts}")
+    seed = expect(doc, c.get("seed", 0), ("calibration", "seed"), int, "an integer")
+    return Calibration(prompts=prompts, seed=seed)
 
 
 def policy_path(name_or_path: str) -> Path:
@@ -126,28 +173,33 @@ def policy_path(name_or_path: str) -> Path:
     shipped = POLICY_DIR / f"{name_or_path}.yaml"
     if shipped.is_file():
         return shipped
-    known = sorted(p.stem for p in POLICY_DIR.glob("*.yaml"))
-    raise InputError(f"policy {name_or_path!r} is neither a file nor a shipped policy; shipped: {', '.join(known)}")
+    raise InputError(
+        f"policy {name_or_path!r} is neither a file nor a shipped policy; shipped: {', '.join(shipped_policies())}"
+    )
+
+
+def shipped_policies() -> list[str]:
+    return sorted(p.stem for p in POLICY_DIR.glob("*.yaml"))
 
 
 def load_policy(name_or_path: str) -> PrecisionPolicy:
     """Parse and validate a policy; any problem raises InputError naming file, line and key."""
     doc = load_yaml(policy_path(name_or_path), "policy")
-    d = check_mapping(doc, doc.data, (), required=("name", "components"), optional=("description",))
+    d = check_mapping(doc, doc.data, (), required=("name", "components"), optional=("description", "calibration"))
     name = expect(doc, d["name"], ("name",), str, "a string")
     if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or name in ("ref", ".", ".."):
         raise doc.error(
             ("name",), f"name {name!r} must be letters, digits, '-', '_' or '.' (it names folders), not 'ref'"
         )
     comps = check_mapping(doc, d["components"], ("components",), optional=COMPONENTS)
-    components = {c: _parse_component(doc, c, raw) for c, raw in comps.items()}
     canonical = json.dumps(doc.data, sort_keys=True, default=str).encode()
     return PrecisionPolicy(
         name=name,
         path=str(doc.path),
         sha256=hashlib.sha256(canonical).hexdigest(),
-        components=components,
+        components={c: _parse_component(doc, c, raw) for c, raw in comps.items()},
         description=expect(doc, d.get("description", ""), ("description",), str, "a string"),
+        calibration=_parse_calibration(doc, d.get("calibration", {})),
     )
 
 
@@ -157,8 +209,25 @@ def _linear_layers(module: Any) -> list[tuple[str, Any]]:
     return [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
 
 
-def resolve_plan(policy: PrecisionPolicy, components: dict[str, Any]) -> list[LayerPlan]:
-    """Decide every linear layer of every quantizable component; backends are resolved here too."""
+def _layer_bytes(layer: Any, spec: Fp8Spec | None) -> tuple[int, int]:
+    weight, bias = layer.weight, layer.bias
+    bias_bytes = 0 if bias is None else bias.numel() * bias.element_size()
+    before = weight.numel() * weight.element_size() + bias_bytes
+    if spec is None:
+        return before, before
+    out_f, in_f = weight.shape
+    scales = {"per_tensor": 1, "per_channel": out_f}.get(spec.weights) or (
+        -(-out_f // spec.block_size) * -(-in_f // spec.block_size)
+    )
+    return before, weight.numel() + 4 * (scales + (spec.activations == "static")) + bias_bytes
+
+
+def resolve_plan(policy: PrecisionPolicy, components: dict[str, Any], device: Any = None) -> list[LayerPlan]:
+    """Decide every linear layer of every quantizable component, backends included.
+
+    `device` is where the layers will run (default: where their weights are); weights may be on the
+    meta device, so a plan can be made from configs alone.
+    """
     from models.fp8 import resolve_backend
 
     plan: list[LayerPlan] = []
@@ -170,27 +239,44 @@ def resolve_plan(policy: PrecisionPolicy, components: dict[str, Any]) -> list[La
             raise InputError(
                 f"policy {policy.name!r} quantizes {comp_name!r}, which this model does not have", source=policy.path
             )
-        # A rule may name any module (a conv embedding too), but only linear layers are quantized.
         names = [n for n, _ in module.named_modules() if n]
         for i, rule in enumerate(comp_policy.rules):
             if not any(fnmatchcase(n, rule.match) for n in names):
                 raise InputError(
                     f"components.{comp_name}.rules[{i}]: pattern {rule.match!r} matches no module of "
-                    f"{comp_name} (module names look like {names[0]!r})",
+                    f"{comp_name} (module names look like {names[0]!r}; `evals policy explain` lists the linear ones)",
                     source=policy.path,
                     line=rule.line,
                 )
         for layer_name, layer in _linear_layers(module):
-            decided: tuple[str, Fp8Spec | None] = ("default", comp_policy.default)
+            rule_desc, spec = "default", comp_policy.default
             for i, rule in enumerate(comp_policy.rules):
                 if fnmatchcase(layer_name, rule.match):
-                    decided = (f"rule {i} ({rule.match})", rule.spec)
+                    rule_desc, spec = f"rule {i} ({rule.match})", rule.spec
                     break
-            rule_desc, spec = decided
-            backend = "keep" if spec is None else resolve_backend(spec, layer.weight)
             shape = (layer.out_features, layer.in_features)
-            plan.append(LayerPlan(comp_name, layer_name, shape, rule_desc, spec, backend))
+            run_on = device if device is not None else layer.weight.device
+            backend = "keep" if spec is None else resolve_backend(spec, shape, run_on, layer.weight.dtype)
+            plan.append(LayerPlan(comp_name, layer_name, shape, rule_desc, spec, backend, *_layer_bytes(layer, spec)))
     return plan
+
+
+def plan_totals(plan: list[LayerPlan], module_bytes: int) -> dict[str, float]:
+    """Totals of a plan: share of linear parameters in FP8, and memory of the component before/after."""
+    params = sum(a * b for a, b in (layer.shape for layer in plan))
+    fp8_params = sum(a * b for (a, b), spec in ((layer.shape, layer.spec) for layer in plan) if spec is not None)
+    saved = sum(layer.bytes_before - layer.bytes_after for layer in plan)
+    return {
+        "linear_layers": len(plan),
+        "fp8_layers": sum(layer.spec is not None for layer in plan),
+        "linear_params": params,
+        "fp8_params": fp8_params,
+        "fp8_param_share": fp8_params / params if params else 0.0,
+        "bytes_before": module_bytes,
+        "bytes_after": module_bytes - saved,
+        "bytes_saved": saved,
+        "saved_share": saved / module_bytes if module_bytes else 0.0,
+    }
 
 
 def backend_summary(plan: list[LayerPlan]) -> str:
@@ -205,9 +291,14 @@ def _set_submodule(root: Any, qualified_name: str, new: Any) -> None:
     setattr(parent, child, new)
 
 
-def apply_policy(policy: PrecisionPolicy, components: dict[str, Any]) -> tuple[dict[str, Any], list[LayerPlan]]:
+def apply_policy(
+    policy: PrecisionPolicy, components: dict[str, Any], input_amax: dict[str, float] | None = None
+) -> tuple[dict[str, Any], list[LayerPlan]]:
     """Candidate components: a quantized copy of each component the policy changes; the reference's
-    own objects for the rest (shared, so unchanged text encoders and VAE are loaded once)."""
+    own objects for the rest (shared, so unchanged text encoders and VAE are loaded once).
+
+    `input_amax` maps `component.layer` to the calibrated largest input magnitude, for static layers.
+    """
     import torch
 
     from models.fp8 import Fp8Linear
@@ -215,6 +306,10 @@ def apply_policy(policy: PrecisionPolicy, components: dict[str, Any]) -> tuple[d
     plan = resolve_plan(policy, components)
     out = dict(components)
     for comp_name, comp_policy in policy.components.items():
+        if comp_policy.drop:
+            out[comp_name] = None
+            out[comp_name.replace("text_encoder", "tokenizer")] = None
+            continue
         module = components.get(comp_name)
         layers = [layer for layer in plan if layer.component == comp_name and layer.spec is not None]
         dtype = getattr(torch, comp_policy.dtype) if comp_policy.dtype else None
@@ -225,6 +320,13 @@ def apply_policy(policy: PrecisionPolicy, components: dict[str, Any]) -> tuple[d
             module.to(dtype)
         for layer in layers:
             assert layer.spec is not None
-            _set_submodule(module, layer.name, Fp8Linear(module.get_submodule(layer.name), layer.spec, layer.backend))
+            amax = None
+            if layer.spec.activations == "static":
+                key = f"{comp_name}.{layer.name}"
+                if input_amax is None or key not in input_amax:
+                    raise ValueError(f"{key}: static activations need calibration (no input amax recorded)")
+                amax = input_amax[key]
+            fp8 = Fp8Linear.from_linear(module.get_submodule(layer.name), layer.spec, layer.backend, amax)
+            _set_submodule(module, layer.name, fp8)
         out[comp_name] = module
     return out, plan

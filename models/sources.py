@@ -1,8 +1,6 @@
-"""Model sources: `tiny`, or a local diffusers folder of SD3/SD3.5. Never downloads anything.
+"""Model sources: `tiny`, a local diffusers folder, the offline HF cache, or a single file.
 
-A source is a string: `tiny` (the built-in model, see `models.tiny`), `tiny:SEED`, or a path to a
-folder laid out like the Hub's `stabilityai/stable-diffusion-3.5-*` repositories (model_index.json and
-one sub-folder per component).
+Never downloads anything. See `load_source` for the forms a source string takes.
 """
 
 from __future__ import annotations
@@ -67,7 +65,7 @@ def _folder_fingerprint(folder: Path) -> str:
 OPTIONAL_COMPONENTS = ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor")
 
 
-def _check_folder(folder: Path) -> dict[str, Any]:
+def _check_folder(folder: Path, need_transformer_weights: bool = True) -> dict[str, Any]:
     index = folder / "model_index.json"
     if not folder.is_dir():
         raise InputError(f"model folder not found: {folder}; {GET_WEIGHTS_HINT}")
@@ -80,7 +78,7 @@ def _check_folder(folder: Path) -> dict[str, Any]:
     if not isinstance(components, dict) or "transformer" not in components:
         raise InputError(f"{index} does not describe an SD3 pipeline (no 'transformer' entry)")
     weights = list((folder / "transformer").glob("*.safetensors"))
-    if not weights:
+    if need_transformer_weights and not weights:
         raise InputError(
             f"missing {folder / 'transformer'}/*.safetensors (the transformer weights); only safetensors "
             f"are loaded, never pickle files; {GET_WEIGHTS_HINT}"
@@ -88,8 +86,47 @@ def _check_folder(folder: Path) -> dict[str, Any]:
     return components
 
 
-def load_source(source: str, dtype_name: str = "auto", device: str = "cpu") -> LoadedModel:
-    """Load the reference pipeline; every missing file is an InputError naming it."""
+def _from_hf_cache(repo_id: str) -> Path:
+    """The snapshot folder of an already-downloaded Hub repository (never downloads)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError) as exc:
+        raise InputError(
+            f"model {repo_id!r} is neither a local folder nor in the Hugging Face cache ({HF_HUB_CACHE}); "
+            f"on a machine with network access run `huggingface-cli download {repo_id}` with the same "
+            "HF_HOME, or download it to a folder and pass that folder"
+        ) from exc
+
+
+def _single_file_transformer(path: Path, config: Path, dtype: Any) -> Any:
+    from diffusers import SD3Transformer2DModel
+
+    if path.suffix != ".safetensors":
+        raise InputError(f"{path}: only .safetensors checkpoints are loaded (pickle files can run code)")
+    if not (config / "transformer" / "config.json").is_file():
+        raise InputError(
+            f"missing {config / 'transformer' / 'config.json'}: --model-config must be a diffusers SD3 folder "
+            f"(its configs, text encoders and VAE); {GET_WEIGHTS_HINT}"
+        )
+    return SD3Transformer2DModel.from_single_file(
+        str(path), config=str(config), subfolder="transformer", local_files_only=True, torch_dtype=dtype
+    )
+
+
+def load_source(
+    source: str, dtype_name: str = "auto", device: str = "cpu", *, config: str | None = None, drop_t5: bool = False
+) -> LoadedModel:
+    """Load the reference pipeline; every missing file is an InputError naming it.
+
+    `source`: `tiny`, `tiny:SEED`, a local diffusers folder, a Hub repository id already in the
+    Hugging Face cache (read with HF_HUB_OFFLINE=1), or a single `.safetensors` transformer
+    checkpoint (original SD3 or diffusers key names) with `config` naming a local diffusers folder
+    for everything else. `drop_t5` loads the pipeline without T5 (zeros stand in for its embeddings).
+    """
     import torch
 
     dtype = resolve_dtype(dtype_name, device)
@@ -103,18 +140,68 @@ def load_source(source: str, dtype_name: str = "auto", device: str = "cpu") -> L
         fingerprint = tiny_fingerprint(int(seed_text))
         if dtype != torch.float32:  # built in float32; diffusers warns on a no-op cast
             pipe.to(dtype=dtype)
-    else:
-        folder = Path(source).expanduser()
-        index = _check_folder(folder)
-        from diffusers import StableDiffusion3Pipeline
+        pipe.to(device)
+        return LoadedModel(pipeline=pipe, source=source, fingerprint=fingerprint)
 
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder must never fall back to the Hub
-        # Components a folder leaves out (T5 in a T5-less save) must be passed as None explicitly.
-        absent = {name: None for name in OPTIONAL_COMPONENTS if index.get(name, [None])[0] is None}
-        pipe = StableDiffusion3Pipeline.from_pretrained(
-            str(folder), torch_dtype=dtype, local_files_only=True, use_safetensors=True, **absent
-        )
-        pipe.set_progress_bar_config(disable=True)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model must never fall back to the Hub
+    path = Path(source).expanduser()
+    overrides: dict[str, Any] = {}
+    if path.suffix == ".safetensors":
+        if config is None:
+            raise InputError(
+                f"{path}: a single-file checkpoint needs --model-config FOLDER (a local diffusers SD3 folder)"
+            )
+        if not path.is_file():
+            raise InputError(f"checkpoint not found: {path}; {GET_WEIGHTS_HINT}")
+        folder = Path(config).expanduser()
+        index = _check_folder(folder, need_transformer_weights=False)
+        overrides["transformer"] = _single_file_transformer(path, folder, dtype)
+        fingerprint = f"file:{path.name}:{path.stat().st_size}:{_folder_fingerprint(folder)}"
+    else:
+        if not path.exists() and source.count("/") == 1 and not source.startswith((".", "/", "~")):
+            path = _from_hf_cache(source)
+        index = _check_folder(path)
+        folder = path
         fingerprint = _folder_fingerprint(folder)
+    from diffusers import StableDiffusion3Pipeline
+
+    # Components a folder leaves out (T5 in a T5-less save) must be passed as None explicitly.
+    absent = {name: None for name in OPTIONAL_COMPONENTS if index.get(name, [None])[0] is None}
+    if drop_t5:
+        absent.update(text_encoder_3=None, tokenizer_3=None)
+        fingerprint += ":no-t5"
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        str(folder), torch_dtype=dtype, local_files_only=True, use_safetensors=True, **absent, **overrides
+    )
+    pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     return LoadedModel(pipeline=pipe, source=source, fingerprint=fingerprint)
+
+
+def load_transformer_skeleton(source: str, dtype_name: str, *, config: str | None = None) -> Any:
+    """The transformer's architecture without loading its weights (on the meta device), for plans
+    and `evals policy explain`; `tiny` is built for real since it costs nothing."""
+    import torch
+
+    dtype = resolve_dtype(dtype_name, "cuda")  # auto: what a GPU deployment uses
+    if source == "tiny" or source.startswith("tiny:"):
+        return load_source(source, dtype_name="float32").pipeline.transformer.to(dtype)
+    path = Path(source).expanduser()
+    if path.suffix == ".safetensors":
+        if config is None:
+            raise InputError(
+                f"{path}: a single-file checkpoint needs --model-config FOLDER (a local diffusers SD3 folder)"
+            )
+        folder = Path(config).expanduser()
+    elif not path.exists() and source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        folder = _from_hf_cache(source)
+    else:
+        folder = path
+    config_file = folder / "transformer" / "config.json"
+    if not config_file.is_file():
+        raise InputError(f"missing {config_file}: not a diffusers SD3 folder; {GET_WEIGHTS_HINT}")
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        model = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(str(folder / "transformer")))
+    return model.to(dtype)

@@ -81,8 +81,8 @@ def test_wrong_scales_fail_the_psnr_gate(
     """A deliberately broken candidate: every weight scale off by 30%."""
     original = models.precision.apply_policy
 
-    def broken_scales(policy, components):
-        out, plan = original(policy, components)
+    def broken_scales(policy, components, input_amax=None):
+        out, plan = original(policy, components, input_amax)
         for module in out["transformer"].modules():
             if hasattr(module, "weight_scale"):
                 module.weight_scale.mul_(1.3)
@@ -102,8 +102,8 @@ def test_wrong_scales_fail_the_psnr_gate(
 def test_nan_in_the_candidate_vae_is_caught_before_8_bit(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     original = models.precision.apply_policy
 
-    def nan_vae(policy, components):
-        out, plan = original(policy, components)
+    def nan_vae(policy, components, input_amax=None):
+        out, plan = original(policy, components, input_amax)
         vae = copy.deepcopy(out["vae"])
         with torch.no_grad():
             vae.decoder.conv_out.bias[0] = float("nan")

@@ -59,7 +59,7 @@ def test_scaled_mm_matches_emulated_on_cpu(activations: str, weights: str) -> No
     linear = torch.nn.Linear(64, 48)
     x = torch.randn(2, 7, 64)
     spec = Fp8Spec(weights=weights, activations=activations)
-    real, emulated = Fp8Linear(linear, spec, "scaled_mm"), Fp8Linear(linear, spec, "emulated")
+    real, emulated = Fp8Linear.from_linear(linear, spec, "scaled_mm"), Fp8Linear.from_linear(linear, spec, "emulated")
     out_real, out_emulated = real(x), emulated(x)
     assert out_real.shape == (2, 7, 48)
     torch.testing.assert_close(out_real, out_emulated, rtol=1e-4, atol=1e-4)
@@ -71,21 +71,22 @@ def test_scaled_mm_matches_emulated_on_cpu(activations: str, weights: str) -> No
 def test_weight_only_leaves_activations_alone() -> None:
     torch.manual_seed(0)
     linear = torch.nn.Linear(32, 16, bias=False)
-    layer = Fp8Linear(linear, Fp8Spec(activations="none"), "weight_only")
+    layer = Fp8Linear.from_linear(linear, Fp8Spec(activations="none"), "weight_only")
     x = torch.randn(3, 32)
     expected = x @ dequantize(layer.weight_fp8, layer.weight_scale).t()
     torch.testing.assert_close(layer(x), expected)
 
 
 def test_backend_resolution() -> None:
-    w = torch.nn.Linear(64, 64).weight
-    assert resolve_backend(Fp8Spec(backend="auto"), w) == "scaled_mm"  # the CPU kernel counts
-    assert resolve_backend(Fp8Spec(activations="none"), w) == "weight_only"
-    assert resolve_backend(Fp8Spec(backend="emulated"), w) == "emulated"
-    odd = torch.nn.Linear(20, 10).weight
-    assert resolve_backend(Fp8Spec(backend="auto"), odd) == "emulated"
-    with pytest.raises(RuntimeError, match="scaled_mm cannot run"):
-        resolve_backend(Fp8Spec(backend="scaled_mm"), odd)
+    cpu, f32 = torch.device("cpu"), torch.float32
+    assert resolve_backend(Fp8Spec(backend="auto"), (64, 64), cpu, f32) == "scaled_mm"  # the CPU kernel counts
+    assert resolve_backend(Fp8Spec(activations="none"), (64, 64), cpu, f32) == "weight_only"
+    assert resolve_backend(Fp8Spec(backend="emulated"), (64, 64), cpu, f32) == "emulated"
+    assert resolve_backend(Fp8Spec(backend="auto"), (10, 20), cpu, f32) == "emulated"
+    assert resolve_backend(Fp8Spec(weights="per_block"), (64, 64), cpu, f32) == "emulated"
+    assert resolve_backend(Fp8Spec(), (64, 64), torch.device("meta"), f32) == "emulated"
+    with pytest.raises(RuntimeError, match="scaled_mm cannot run this layer: the GEMM kernels need sides"):
+        resolve_backend(Fp8Spec(backend="scaled_mm"), (10, 20), cpu, f32)
 
 
 @pytest.mark.gpu
@@ -94,10 +95,11 @@ def test_scaled_mm_matches_emulated_on_gpu() -> None:
     linear = torch.nn.Linear(1024, 512).cuda().to(torch.bfloat16)
     x = torch.randn(4, 77, 1024, device="cuda", dtype=torch.bfloat16)
     spec = Fp8Spec()
-    backend = resolve_backend(spec, linear.weight)
+    backend = resolve_backend(spec, (512, 1024), linear.weight.device, torch.bfloat16)
     if backend != "scaled_mm":
         pytest.skip(f"no FP8 GEMM on {torch.cuda.get_device_name()}")
-    real, emulated = Fp8Linear(linear, spec, "scaled_mm")(x), Fp8Linear(linear, spec, "emulated")(x)
+    real = Fp8Linear.from_linear(linear, spec, "scaled_mm")(x)
+    emulated = Fp8Linear.from_linear(linear, spec, "emulated")(x)
     rel = ((real.float() - emulated.float()).norm() / emulated.float().norm()).item()
     print(f"scaled_mm vs emulated relative error on {torch.cuda.get_device_name()}: {rel:.2e}")
     assert rel < 1e-2
