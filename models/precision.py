@@ -329,4 +329,29 @@ def apply_policy(
             fp8 = Fp8Linear.from_linear(module.get_submodule(layer.name), layer.spec, layer.backend, amax)
             _set_submodule(module, layer.name, fp8)
         out[comp_name] = module
+    _cast_transformer_inputs_if_mixed(out, components)
     return out, plan
+
+
+def _cast_floating_inputs(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    import torch
+
+    def cast(value: Any) -> Any:
+        return value.to(module.dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+
+
+def _cast_transformer_inputs_if_mixed(out: dict[str, Any], reference: dict[str, Any]) -> None:
+    """diffusers pipelines assume one dtype throughout; once a policy changes a component's dtype the
+    candidate's transformer (a copy, never the reference's) casts its floating inputs to its own."""
+    changed = [
+        name
+        for name in COMPONENTS
+        if out.get(name) is not None and reference.get(name) is not None and out[name].dtype != reference[name].dtype
+    ]
+    if not changed or out.get("transformer") is None:
+        return
+    if out["transformer"] is reference["transformer"]:
+        out["transformer"] = copy.deepcopy(reference["transformer"])
+    out["transformer"].register_forward_pre_hook(_cast_floating_inputs, with_kwargs=True)
