@@ -108,7 +108,8 @@ def scaled_mm_runs(device_type: str, device_index: int | None, fmt: str, out_dty
             out_dtype=out_dtype,
         )
         return bool(out[0, 0].item() == 16.0)
-    except (RuntimeError, NotImplementedError, TypeError):
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        # e.g. CUDA's "Multiplication of two Float8_e5m2 matrices is not supported" (a ValueError)
         return False
 
 
@@ -182,7 +183,8 @@ class Fp8Linear(nn.Module):
         if spec.activations == "static":
             if input_amax is None:
                 raise ValueError("static activations need a calibrated input amax")
-            input_scale = torch.tensor([[max(input_amax, MIN_SCALE) / fp8_max(spec.format)]])
+            step = max(input_amax, MIN_SCALE) / fp8_max(spec.format)
+            input_scale = torch.tensor([[step]], device=linear.weight.device)
         return cls(q, scale, linear.bias, spec, backend, linear.weight.dtype, input_scale)
 
     def extra_repr(self) -> str:

@@ -56,6 +56,8 @@ def test_static_layer_uses_its_calibrated_scale() -> None:
     )
     with pytest.raises(ValueError, match="calibrated"):
         Fp8Linear.from_linear(linear, spec, "emulated")
+    on_meta = Fp8Linear.from_linear(torch.nn.Linear(64, 32, device="meta"), spec, "emulated", input_amax=4.0)
+    assert on_meta.input_scale is not None and on_meta.input_scale.device.type == "meta"  # follows the weight
 
 
 def test_calibration_is_stable(tiny_model, tmp_path: Path) -> None:
