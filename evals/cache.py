@@ -2,7 +2,8 @@
 
 The key hashes everything that can change a reference image: the model fingerprint, the reference
 dtype, the generation settings, the prompt and seed, the batch the sample was generated in (output
-moves slightly with batch composition), the torch and diffusers versions and the device kind.
+moves slightly with batch composition), the torch and diffusers versions, the device kind, and the
+detectors and thresholds whose findings the entry stores.
 Each entry is `<key>.png` (the 8-bit image) plus `<key>.json` (detector findings made on the float
 image, which the PNG can no longer show, and the generation time).
 """
@@ -39,6 +40,7 @@ def reference_key(
     sample: Sample,
     batch: list[Sample],
     environment: dict[str, Any],
+    detectors: dict[str, Any],
 ) -> str:
     payload = {
         "model": fingerprint,
@@ -51,6 +53,7 @@ def reference_key(
         "torch": environment["torch"],
         "diffusers": environment["diffusers"],
         "device": environment["device_kind"],
+        "detectors": detectors,  # the entry stores findings made with these
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 

@@ -7,6 +7,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 from evals.gates import EXIT_BAD_INPUT
 from evals.yamlspec import InputError
@@ -76,6 +77,15 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(quantize, default="tiny")
     quantize.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
     quantize.add_argument("--reference-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+
+    detect = sub.add_parser("detect", help="run every failure detector on image files")
+    detect.add_argument("images", nargs="+", type=Path, help="PNG/JPEG files")
+    detect.add_argument("--json", action="store_true", help="machine-readable output")
+
+    compare = sub.add_parser("compare-images", help="PSNR and SSIM of a candidate image against a reference")
+    compare.add_argument("reference", type=Path)
+    compare.add_argument("candidate", type=Path)
+    compare.add_argument("--json", action="store_true", help="machine-readable output")
 
     validate = sub.add_parser("validate", help="check suites and policies without running anything")
     validate.add_argument("files", nargs="+", type=Path, help="suite or policy YAML files")
@@ -288,6 +298,60 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_image(path: Path) -> Any:
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.float64) / 255
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InputError(f"{path}: not a readable image ({exc})") from exc
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    import json
+
+    from evals.detectors import DETECTORS, run_detectors
+
+    images = {path: _read_image(path) for path in args.images}  # every file is checked before any work
+    results = {
+        str(p): {n: f.to_dict() for n, f in run_detectors(img, list(DETECTORS)).items()} for p, img in images.items()
+    }
+    if args.json:
+        print(json.dumps(results, indent=2, default=bool))
+        return 0
+    for path, findings in results.items():
+        flagged = [n for n, f in findings.items() if f["flagged"]]
+        print(f"{path}: {'FLAGGED ' + ', '.join(flagged) if flagged else 'clean'}")
+        for name, finding in findings.items():
+            print(f"  {'!' if finding['flagged'] else ' '} {name:13} {finding['reason']}")
+    return 0
+
+
+def cmd_compare_images(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from evals.metrics import METRICS, load_metric
+
+    ref, cand = _read_image(args.reference), _read_image(args.candidate)
+    if ref.shape != cand.shape:
+        raise InputError(
+            f"{args.candidate}: size {cand.shape[1]}x{cand.shape[0]} differs from the reference's "
+            f"{ref.shape[1]}x{ref.shape[0]}"
+        )
+    as_batch = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float()  # noqa: E731
+    scores = {name: float(load_metric(name)(as_batch(cand), as_batch(ref))[0]) for name in METRICS}
+    if args.json:
+        print(json.dumps({"reference": str(args.reference), "candidate": str(args.candidate), **scores}))
+    else:
+        for name, value in scores.items():
+            print(f"{name:6} {value:.4f}   ({METRICS[name].description})")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from evals.suite import load_suite
     from evals.yamlspec import load_yaml
@@ -311,7 +375,14 @@ def main(argv: list[str] | None = None) -> int:
     # Weights are local: no Hugging Face call may wait on a network that is not there.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = _parser().parse_args(argv)
-    handlers = {"run": cmd_run, "validate": cmd_validate, "quantize": cmd_quantize, "policy": cmd_policy_explain}
+    handlers = {
+        "run": cmd_run,
+        "validate": cmd_validate,
+        "quantize": cmd_quantize,
+        "policy": cmd_policy_explain,
+        "detect": cmd_detect,
+        "compare-images": cmd_compare_images,
+    }
     try:
         return handlers[args.command](args)
     except InputError as exc:

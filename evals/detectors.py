@@ -1,13 +1,18 @@
-"""Failure detectors: pure functions over one image, returning a Finding. NumPy only, no torch.
+"""Failure detectors: pure functions over one image, returning a Finding. NumPy/SciPy only, no torch.
 
 Input is the float RGB image, HWC, on the 0..1 scale but *before* clamping or conversion to 8-bit:
 NaN and Inf must still be visible here, because the 8-bit conversion turns them into black.
+Thresholds are keyword arguments with defaults; a suite overrides them under `detector_thresholds`.
+False-positive and recall rates of the defaults, measured on labelled photographs, are in the README
+(reproduce with `python benchmarks/detector_rates.py`).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +37,10 @@ def _finite_clipped(image: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(image.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
 
 
+def _luma(image: np.ndarray) -> np.ndarray:
+    return _finite_clipped(image) @ LUMA
+
+
 def nonfinite(image: np.ndarray) -> Finding:
     """Any NaN or Inf value. Score: the share of non-finite values."""
     bad = ~np.isfinite(image)
@@ -43,29 +52,133 @@ def nonfinite(image: np.ndarray) -> Finding:
     return Finding(False, 0.0, "all values finite")
 
 
-BLACK_MEAN_LUMA = 0.03  # mean brightness below ~8/255 ...
-BLACK_P99_LUMA = 0.08  # ... and almost no pixel above ~20/255: a night scene has lights, a black frame has none
-
-
-def black_frame(image: np.ndarray) -> Finding:
-    """Black or near-black frame. Score: mean luma (0..1)."""
-    luma = _finite_clipped(image) @ LUMA
+def black_frame(image: np.ndarray, *, max_mean: float = 0.03, max_p99: float = 0.08) -> Finding:
+    """Black or near-black frame: mean luma below `max_mean` (~8/255) and 99th percentile below
+    `max_p99` (~20/255): a night scene has lights, a black frame has none. Score: mean luma."""
+    luma = _luma(image)
     mean = float(luma.mean())
     p99 = float(np.percentile(luma, 99))
-    if mean < BLACK_MEAN_LUMA and p99 < BLACK_P99_LUMA:
+    if mean < max_mean and p99 < max_p99:
         return Finding(True, mean, f"near-black frame: mean luma {mean:.4f}, 99th percentile {p99:.4f}")
     return Finding(False, mean, f"mean luma {mean:.4f}, 99th percentile {p99:.4f}")
 
 
-Detector = Callable[[np.ndarray], Finding]
+def saturation(image: np.ndarray, *, max_share: float = 0.35) -> Finding:
+    """Blown-out image: share of pixels with every channel clipped (at or past 0 or 1, i.e. 0 or
+    255 in 8-bit) above `max_share`. Score: that share."""
+    finite = np.nan_to_num(image.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+    clipped = ((finite <= 0.5 / 255) | (finite >= 254.5 / 255)).all(axis=2)
+    share = float(clipped.mean())
+    high = float((finite >= 254.5 / 255).all(axis=2).mean())
+    detail = f"{share:.1%} of pixels clipped ({high:.1%} white, {share - high:.1%} black)"
+    return Finding(share > max_share, share, ("saturated: " if share > max_share else "") + detail)
+
+
+def flat(image: np.ndarray, *, min_range: float = 0.06) -> Finding:
+    """Washed-out or near-constant image: the luma range between the 1st and 99th percentile below
+    `min_range` (~15/255). Score: that range."""
+    luma = _luma(image)
+    low, high = np.percentile(luma, [1, 99])
+    spread = float(high - low)
+    if spread < min_range:
+        return Finding(True, spread, f"flat image: luma spans only {spread * 255:.1f}/255 (1st-99th percentile)")
+    return Finding(False, spread, f"luma spans {spread * 255:.1f}/255 (1st-99th percentile)")
+
+
+# Each band of periods is tested after removing structure coarser than it (Gaussian sigma ~ p/2).
+STRIPE_BANDS = ((2, 3, 1.0), (4, 7, 2.0), (8, 15, 4.0), (16, 31, 8.0), (32, 63, 16.0), (64, 128, 32.0))
+STRIPE_GROUPS = 64
+
+
+def _stripe_along(luma: np.ndarray, max_period: int) -> tuple[float, float, int]:
+    """(amplitude, z, period) of the strongest periodic row pattern of `luma` (rows along axis 0).
+
+    Banding adds the same offset to every pixel of a row; natural content differs from column to
+    column. So the columns are split into groups, each group's row profile (median across its
+    columns of the high-passed image) is folded modulo the period, and the pattern common to all
+    groups is compared with how much the groups disagree (z, a t-statistic).
+    """
+    from scipy.ndimage import gaussian_filter1d
+
+    rows, cols = luma.shape
+    groups = np.array_split(np.arange(cols), min(STRIPE_GROUPS, cols))
+    best = (0.0, 0.0, 0)
+    for low, high, sigma in STRIPE_BANDS:
+        top = min(high, max_period, rows // 4)
+        if low > top:
+            break
+        residual = luma - gaussian_filter1d(luma, sigma, axis=0, mode="reflect")
+        profiles = np.stack([np.median(residual[:, g], axis=1) for g in groups])
+        for period in range(low, top + 1):
+            usable = (rows // period) * period
+            folded = profiles[:, :usable].reshape(len(groups), -1, period).mean(axis=1)
+            folded -= folded.mean(axis=1, keepdims=True)
+            pattern = folded.mean(axis=0)
+            amplitude = float(pattern.std())
+            spread = float((folded - pattern).std()) + 1e-12
+            z = amplitude / (spread / np.sqrt(len(groups)))
+            if z > best[1]:
+                best = (amplitude, z, period)
+    return best
+
+
+def stripe_noise(
+    image: np.ndarray, *, min_amplitude: float = 2 / 255, min_z: float = 6.5, max_period: int = 32
+) -> Finding:
+    """Periodic row or column banding of any period from 2 to `max_period` pixels: flagged when the
+    banding pattern's amplitude (its standard deviation, 0..1 scale) is at least `min_amplitude` and
+    it is consistent across the image (z >= `min_z`). Score: the amplitude."""
+    luma = _luma(image)
+    found = []
+    for name, plane in (("row", luma), ("column", luma.T)):
+        amplitude, z, period = _stripe_along(plane, max_period)
+        found.append((amplitude if z >= min_z else 0.0, amplitude, z, period, name))
+    _, amplitude, z, period, name = max(found)
+    detail = f"{name} pattern of period {period}: amplitude {amplitude * 255:.2f}/255, z {z:.1f}"
+    flagged = amplitude >= min_amplitude and z >= min_z
+    return Finding(flagged, amplitude, ("stripes: " if flagged else "strongest ") + detail)
+
+
+def checkerboard(image: np.ndarray, *, min_amplitude: float = 1.5 / 255, min_z: float = 6.5) -> Finding:
+    """2-pixel checkerboard (the (-1)^(x+y) pattern of upsampling artifacts): its amplitude per
+    16x16 block, consistent in sign across blocks (z >= `min_z`) and at least `min_amplitude`.
+    Score: the mean amplitude."""
+    luma = _luma(image)
+    rows, cols = (s - s % 16 for s in luma.shape)
+    if rows < 16 or cols < 16:
+        return Finding(False, 0.0, "image smaller than one 16x16 block")
+    sign = np.where((np.add.outer(np.arange(rows), np.arange(cols)) % 2) == 0, 1.0, -1.0)
+    # Neighbour differences cancel smooth content; what survives in the (-1)^(x+y) direction is the pattern.
+    block = (luma[:rows, :cols] * sign).reshape(rows // 16, 16, cols // 16, 16).mean(axis=(1, 3)).ravel()
+    amplitude = float(block.mean())
+    z = abs(amplitude) / (float(block.std()) / np.sqrt(block.size) + 1e-12)
+    flagged = abs(amplitude) >= min_amplitude and z >= min_z
+    detail = f"amplitude {abs(amplitude) * 255:.2f}/255, z {z:.1f}"
+    return Finding(flagged, abs(amplitude), ("checkerboard: " if flagged else "") + detail)
+
+
+Detector = Callable[..., Finding]
 
 DETECTORS: dict[str, Detector] = {
     "black_frame": black_frame,
     "nonfinite": nonfinite,
+    "saturation": saturation,
+    "flat": flat,
+    "stripe_noise": stripe_noise,
+    "checkerboard": checkerboard,
 }
 
 
-def run_detectors(image: np.ndarray, names: tuple[str, ...] | list[str]) -> dict[str, Finding]:
+def detector_params(name: str) -> dict[str, Any]:
+    """The tunable thresholds of a detector and their defaults."""
+    signature = inspect.signature(DETECTORS[name])
+    return {p.name: p.default for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY}
+
+
+def run_detectors(
+    image: np.ndarray, names: tuple[str, ...] | list[str], thresholds: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Finding]:
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an HWC RGB image, got shape {image.shape}")
-    return {name: DETECTORS[name](image) for name in names}
+    thresholds = thresholds or {}
+    return {name: DETECTORS[name](image, **thresholds.get(name, {})) for name in names}

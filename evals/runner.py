@@ -184,9 +184,10 @@ def from_uint8(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
 
 
-def _findings(raw: torch.Tensor, names: tuple[str, ...]) -> list[dict[str, dict[str, Any]]]:
+def _findings(raw: torch.Tensor, suite: Suite) -> list[dict[str, dict[str, Any]]]:
     hwc = raw.permute(0, 2, 3, 1).double().numpy()
-    return [{n: f.to_dict() for n, f in run_detectors(img, names).items()} for img in hwc]
+    found = [run_detectors(img, suite.detectors, suite.detector_thresholds) for img in hwc]
+    return [{n: {**f.to_dict(), "flagged": bool(f.flagged)} for n, f in item.items()} for item in found]
 
 
 class SuiteRunner:
@@ -248,6 +249,7 @@ class SuiteRunner:
                 sample=s,
                 batch=batch,
                 environment=self.env,
+                detectors={"names": self.suite.detectors, "thresholds": self.suite.detector_thresholds},
             )
             for s in batch
         ]
@@ -256,7 +258,7 @@ class SuiteRunner:
             return np.stack([h[0] for h in hits if h]), [h[1]["detectors"] for h in hits if h]
         raw = generate(self.model.pipeline, batch, self.suite.generation)
         self.reference_generated += len(batch)
-        images, findings = to_uint8(raw), _findings(raw, self.suite.detectors)
+        images, findings = to_uint8(raw), _findings(raw, self.suite)
         if self.cache:
             for key, image, found in zip(keys, images, findings, strict=True):
                 self.cache.put(key, image, {"detectors": found})
@@ -300,7 +302,7 @@ class SuiteRunner:
                     self.candidate_generated += len(batch)
                     cand_u8 = to_uint8(raw)
                     scores = self._score(from_uint8(cand_u8), ref)
-                    findings = _findings(raw, self.suite.detectors)
+                    findings = _findings(raw, self.suite)
                     for i, sample in enumerate(batch):
                         path = self.run_dir / "images" / cand.name / f"{sample.id}.png"
                         save_png(path, cand_u8[i])

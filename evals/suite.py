@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evals.detectors import DETECTORS
+from evals.detectors import DETECTORS, detector_params
 from evals.metrics import METRICS
 from evals.yamlspec import YamlDoc, check_mapping, expect, expect_choice, load_yaml
 
@@ -107,6 +107,8 @@ class Suite:
     """Pass/fail thresholds, evaluated per candidate."""
     policies: tuple[str, ...] = ()
     """Default candidate policies (names or paths); `--policy` overrides."""
+    detector_thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Detector name -> threshold overrides (see each detector's keyword arguments)."""
     description: str = ""
     """What the suite is for."""
     tags: tuple[str, ...] = field(default=())
@@ -222,6 +224,22 @@ def _parse_gate(doc: YamlDoc, raw: Any, i: int, metrics: tuple[str, ...], detect
     return GateSpec(stat=stat, op=op, value=float(value), metric=g.get("metric"), detector=g.get("detector"))
 
 
+def _parse_thresholds(doc: YamlDoc, raw: Any, detectors: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    path = ("detector_thresholds",)
+    mapping = check_mapping(doc, raw, path, optional=detectors)
+    out: dict[str, dict[str, float]] = {}
+    for name, values in mapping.items():
+        params = detector_params(name)
+        if not params:
+            raise doc.error(path + (name,), f"detector {name!r} has no thresholds")
+        checked = check_mapping(doc, values, path + (name,), optional=params)
+        out[name] = {}
+        for key, value in checked.items():
+            expect(doc, value, path + (name, key), (int, float), "a number")
+            out[name][key] = type(params[key])(value)
+    return out
+
+
 def _names(doc: YamlDoc, raw: Any, key: str, registry: Any) -> tuple[str, ...]:
     names = _str_list(doc, raw, (key,), key)
     for i, name in enumerate(names):
@@ -239,7 +257,7 @@ def load_suite(path: str | Path) -> Suite:
         doc.data,
         (),
         required=("name", "generation", "cases", "metrics", "gates"),
-        optional=("description", "model", "reference", "policies", "seeds", "detectors"),
+        optional=("description", "model", "reference", "policies", "seeds", "detectors", "detector_thresholds"),
     )
     name = expect(doc, d["name"], ("name",), str, "a string")
     if not CASE_ID.match(name):
@@ -265,6 +283,7 @@ def load_suite(path: str | Path) -> Suite:
         detectors=detectors,
         gates=gates,
         policies=_str_list(doc, d.get("policies", []), ("policies",), "policies"),
+        detector_thresholds=_parse_thresholds(doc, d.get("detector_thresholds", {}), detectors),
         description=expect(doc, d.get("description", ""), ("description",), str, "a string"),
         tags=tuple(sorted({t for c in cases for t in c.tags})),
     )
