@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="always generate reference images")
     run.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _weights_arg(run)
 
     policy = sub.add_parser("policy", help="precision policy tools").add_subparsers(
         dest="policy_command", required=True
@@ -85,11 +86,32 @@ def _parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare-images", help="PSNR and SSIM of a candidate image against a reference")
     compare.add_argument("reference", type=Path)
     compare.add_argument("candidate", type=Path)
+    compare.add_argument("--prompt", help="the prompt, for CLIP score")
+    _weights_arg(compare)
     compare.add_argument("--json", action="store_true", help="machine-readable output")
 
     validate = sub.add_parser("validate", help="check suites and policies without running anything")
     validate.add_argument("files", nargs="+", type=Path, help="suite or policy YAML files")
     return parser
+
+
+def _weights_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--weights",
+        action="append",
+        default=[],
+        type=_name_path,
+        metavar="METRIC=FILE",
+        help="weights file of a metric (lpips: a torchvision trunk .pth/.safetensors; clip_score: "
+        "open_clip .safetensors); repeatable",
+    )
+
+
+def _name_path(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or name not in ("lpips", "clip_score") or not path:
+        raise argparse.ArgumentTypeError(f"expected lpips=FILE or clip_score=FILE, got {text!r}")
+    return name, path
 
 
 def _model_args(parser: argparse.ArgumentParser, default: str | None = None) -> None:
@@ -139,6 +161,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     for path in args.candidate_checkpoint:
         if path.suffix != ".safetensors" or not path.is_file():
             raise InputError(f"--candidate-checkpoint {path}: expected an existing .safetensors file (never pickle)")
+    for name, path in args.weights:
+        if not Path(path).is_file():
+            raise InputError(f"--weights {name}={path}: no such file")
     device = _resolve_device(args.device)
 
     from evals.cache import ReferenceCache, default_cache_dir
@@ -165,7 +190,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = new_run_dir(args.runs_dir, suite.name)
     print(f"run directory: {run_dir}", file=sys.stderr)
     runner = SuiteRunner(
-        suite, model, candidates, run_dir, tracker, cache, device, reference_dtype, progress=not args.no_progress
+        suite,
+        model,
+        candidates,
+        run_dir,
+        tracker,
+        cache,
+        device,
+        reference_dtype,
+        progress=not args.no_progress,
+        weights=dict(args.weights),
     )
     params = {
         "suite": suite.name,
@@ -335,6 +369,7 @@ def cmd_compare_images(args: argparse.Namespace) -> int:
     import torch
 
     from evals.metrics import METRICS, load_metric
+    from evals.weights import MissingWeights
 
     ref, cand = _read_image(args.reference), _read_image(args.candidate)
     if ref.shape != cand.shape:
@@ -343,12 +378,19 @@ def cmd_compare_images(args: argparse.Namespace) -> int:
             f"{ref.shape[1]}x{ref.shape[0]}"
         )
     as_batch = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float()  # noqa: E731
-    scores = {name: float(load_metric(name)(as_batch(cand), as_batch(ref))[0]) for name in METRICS}
+    scores: dict[str, Any] = {}
+    for name in METRICS:
+        try:
+            values = load_metric(name, weights=dict(args.weights))(as_batch(cand), as_batch(ref), [args.prompt or ""])
+        except MissingWeights as exc:
+            scores[name] = f"unavailable: {exc}"
+            continue
+        scores.update({k: float(v[0]) for k, v in values.items() if args.prompt or not k.startswith("clip")})
     if args.json:
         print(json.dumps({"reference": str(args.reference), "candidate": str(args.candidate), **scores}))
     else:
         for name, value in scores.items():
-            print(f"{name:6} {value:.4f}   ({METRICS[name].description})")
+            print(f"{name:16} {value:.4f}" if isinstance(value, float) else f"{name:16} {value}")
     return 0
 
 

@@ -7,6 +7,7 @@ import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from evals.metrics import OUTPUTS
 from evals.records import PolicySummary
 from evals.suite import GateSpec
 
@@ -33,9 +34,15 @@ class GateResult:
     actual: float
     """The candidate's value of the gated statistic (NaN when missing or broken)."""
     passed: bool
-    """Whether the gate held."""
+    """Whether the gate held (an optional gate that could not be evaluated counts as held)."""
     reason: str
-    """Why it failed, or empty."""
+    """Why it failed or was not evaluated, or empty."""
+    evaluated: bool = True
+    """False for an optional gate whose metric could not be computed here."""
+
+    @property
+    def status(self) -> str:
+        return "not evaluated" if not self.evaluated else ("pass" if self.passed else "fail")
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -47,6 +54,8 @@ class GateResult:
             "threshold": self.gate.value,
             "actual": self.actual,
             "passed": self.passed,
+            "status": self.status,
+            "optional": self.gate.optional,
             "reason": self.reason,
         }
 
@@ -72,7 +81,14 @@ class Verdict:
         return {"passed": self.passed, "results": [r.to_dict() for r in self.results]}
 
 
-def evaluate_gate(policy: str, summary: PolicySummary | None, gate: GateSpec) -> GateResult:
+def evaluate_gate(
+    policy: str, summary: PolicySummary | None, gate: GateSpec, unavailable: Mapping[str, str] | None = None
+) -> GateResult:
+    missing = (unavailable or {}).get(OUTPUTS.get(gate.metric or "", ""), "") if gate.metric else ""
+    if missing:
+        if gate.optional:
+            return GateResult(policy, gate, math.nan, True, f"not evaluated: {missing}", evaluated=False)
+        return GateResult(policy, gate, math.nan, False, f"unavailable: {missing}")
     if summary is None:
         return GateResult(policy, gate, math.nan, False, "no samples were scored")
     kind = "metric" if gate.metric else "detector"
@@ -84,6 +100,12 @@ def evaluate_gate(policy: str, summary: PolicySummary | None, gate: GateSpec) ->
     return GateResult(policy, gate, actual, passed, reason)
 
 
-def evaluate_gates(summaries: Mapping[str, PolicySummary], gates: tuple[GateSpec, ...], policies: list[str]) -> Verdict:
-    """Apply every gate to every candidate policy. A policy with no summary fails every gate."""
-    return Verdict(tuple(evaluate_gate(p, summaries.get(p), g) for p in policies for g in gates))
+def evaluate_gates(
+    summaries: Mapping[str, PolicySummary],
+    gates: tuple[GateSpec, ...],
+    policies: list[str],
+    unavailable: Mapping[str, str] | None = None,
+) -> Verdict:
+    """Apply every gate to every candidate policy. A policy with no summary fails every gate; a gate
+    on a metric listed in `unavailable` (name -> why) fails, or is not evaluated when optional."""
+    return Verdict(tuple(evaluate_gate(p, summaries.get(p), g, unavailable) for p in policies for g in gates))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from evals.records import PolicySummary, RecordsWriter, SampleRecord, read_recor
 from evals.rundir import save_png, write_atomic, write_json
 from evals.suite import Generation, Sample, Suite
 from evals.tracking import Tracker
+from evals.weights import MissingWeights
 from models.precision import LayerPlan, PrecisionPolicy, apply_policy, backend_summary, resolve_plan
 from models.sources import LoadedModel
 
@@ -202,6 +204,7 @@ class SuiteRunner:
         device: str,
         reference_dtype: str,
         progress: bool = True,
+        weights: dict[str, str] | None = None,
     ):
         self.suite = suite
         self.model = model
@@ -213,7 +216,16 @@ class SuiteRunner:
         self.reference_dtype = reference_dtype
         self.progress = progress
         self.env = environment(device)
-        self.metrics = {name: load_metric(name) for name in suite.metrics}
+        self.metrics: dict[str, Any] = {}
+        self.unavailable: dict[str, str] = {}  # metric -> why (weights absent): gates on it fail unless optional
+        for name in suite.metrics:
+            try:
+                self.metrics[name] = load_metric(
+                    name, device, {**suite.weights, **(weights or {})}, suite.metric_options.get(name)
+                )
+            except MissingWeights as exc:
+                self.unavailable[name] = str(exc)
+                print(f"warning: metric {name} unavailable: {exc}", file=sys.stderr)
         self.reference_generated = 0
         self.candidate_generated = 0
 
@@ -232,6 +244,7 @@ class SuiteRunner:
                 "environment": self.env,
                 "git_commit": git_commit(),
                 "samples": len(self.suite.samples()),
+                "unavailable_metrics": self.unavailable,
             },
         )
         for c in self.candidates:
@@ -264,8 +277,11 @@ class SuiteRunner:
                 self.cache.put(key, image, {"detectors": found})
         return images, findings
 
-    def _score(self, cand: torch.Tensor, ref: torch.Tensor) -> dict[str, list[float]]:
-        return {name: metric(cand, ref).tolist() for name, metric in self.metrics.items()}
+    def _score(self, cand: torch.Tensor, ref: torch.Tensor, prompts: list[str]) -> dict[str, list[float]]:
+        scores: dict[str, list[float]] = {}
+        for metric in self.metrics.values():
+            scores.update({name: values.tolist() for name, values in metric(cand, ref, prompts).items()})
+        return scores
 
     def run(self, tracker_params: dict[str, Any], tracker_tags: dict[str, str]) -> RunOutcome:
         from tqdm import tqdm
@@ -301,7 +317,7 @@ class SuiteRunner:
                     seconds = (time.perf_counter() - start) / len(batch)
                     self.candidate_generated += len(batch)
                     cand_u8 = to_uint8(raw)
-                    scores = self._score(from_uint8(cand_u8), ref)
+                    scores = self._score(from_uint8(cand_u8), ref, [s.case.prompt for s in batch])
                     findings = _findings(raw, self.suite)
                     for i, sample in enumerate(batch):
                         path = self.run_dir / "images" / cand.name / f"{sample.id}.png"
@@ -330,7 +346,7 @@ class SuiteRunner:
     def _finish(self, records_path: Path) -> RunOutcome:
         records = list(read_records(records_path))
         summaries = summarize(records)
-        verdict = evaluate_gates(summaries, self.suite.gates, [c.name for c in self.candidates])
+        verdict = evaluate_gates(summaries, self.suite.gates, [c.name for c in self.candidates], self.unavailable)
         write_atomic(self.run_dir / "summary.json", summary_to_json(summaries) + "\n")
         write_json(self.run_dir / "verdict.json", verdict.to_dict())
         from reports.render import write_summary_markdown
@@ -343,7 +359,7 @@ class SuiteRunner:
                 "case_id": [r.case_id for r in mine],
                 "seed": [r.seed for r in mine],
                 "prompt": [r.prompt for r in mine],
-                **{m: [r.metrics.get(m) for r in mine] for m in self.suite.metrics},
+                **{m: [r.metrics.get(m) for r in mine] for m in sorted({k for r in mine for k in r.metrics})},
                 **{f"{d}_flagged": [bool(r.detectors[d]["flagged"]) for r in mine] for d in self.suite.detectors},
                 "image": [r.image for r in mine],
                 "reference_image": [r.reference_image for r in mine],

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from evals.detectors import DETECTORS, detector_params
-from evals.metrics import METRICS
+from evals.metrics import METRICS, OUTPUTS
 from evals.yamlspec import YamlDoc, check_mapping, expect, expect_choice, load_yaml
 
 METRIC_STATS = ("mean", "median", "min", "max", "p05", "p95")
@@ -74,6 +74,9 @@ class GateSpec:
     """Metric gated on (exactly one of metric and detector)."""
     detector: str | None = None
     """Detector gated on."""
+    optional: bool = False
+    """When the metric cannot be computed here (weights absent), show the gate as not evaluated
+    instead of failing it."""
 
     @property
     def subject(self) -> str:
@@ -109,6 +112,10 @@ class Suite:
     """Default candidate policies (names or paths); `--policy` overrides."""
     detector_thresholds: dict[str, dict[str, float]] = field(default_factory=dict)
     """Detector name -> threshold overrides (see each detector's keyword arguments)."""
+    weights: dict[str, str] = field(default_factory=dict)
+    """Metric name -> weights file (relative paths are relative to the suite file)."""
+    metric_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Metric name -> options, e.g. `{lpips: {net: vgg}}`."""
     description: str = ""
     """What the suite is for."""
     tags: tuple[str, ...] = field(default=())
@@ -205,13 +212,13 @@ def _parse_cases(doc: YamlDoc, raw: Any, default_seeds: tuple[int, ...] | None) 
 
 def _parse_gate(doc: YamlDoc, raw: Any, i: int, metrics: tuple[str, ...], detectors: tuple[str, ...]) -> GateSpec:
     path = ("gates", i)
-    g = check_mapping(doc, raw, path, required=("stat", "op", "value"), optional=("metric", "detector"))
+    g = check_mapping(doc, raw, path, required=("stat", "op", "value"), optional=("metric", "detector", "optional"))
     if ("metric" in g) == ("detector" in g):
         raise doc.error(path, "a gate names exactly one of 'metric' or 'detector'")
     if "metric" in g:
-        subject = expect_choice(doc, g["metric"], path + ("metric",), METRICS)
-        if subject not in metrics:
-            raise doc.error(path + ("metric",), f"metric {subject!r} is gated but not listed in 'metrics'")
+        subject = expect_choice(doc, g["metric"], path + ("metric",), OUTPUTS)
+        if OUTPUTS[subject] not in metrics:
+            raise doc.error(path + ("metric",), f"metric {OUTPUTS[subject]!r} is gated but not listed in 'metrics'")
         stats: tuple[str, ...] = METRIC_STATS
     else:
         subject = expect_choice(doc, g["detector"], path + ("detector",), DETECTORS)
@@ -221,7 +228,10 @@ def _parse_gate(doc: YamlDoc, raw: Any, i: int, metrics: tuple[str, ...], detect
     stat = expect_choice(doc, g["stat"], path + ("stat",), stats)
     op = expect_choice(doc, g["op"], path + ("op",), OPS)
     value = expect(doc, g["value"], path + ("value",), (int, float), "a number")
-    return GateSpec(stat=stat, op=op, value=float(value), metric=g.get("metric"), detector=g.get("detector"))
+    optional = expect(doc, g.get("optional", False), path + ("optional",), bool, "true or false")
+    return GateSpec(
+        stat=stat, op=op, value=float(value), metric=g.get("metric"), detector=g.get("detector"), optional=optional
+    )
 
 
 def _parse_thresholds(doc: YamlDoc, raw: Any, detectors: tuple[str, ...]) -> dict[str, dict[str, float]]:
@@ -237,6 +247,29 @@ def _parse_thresholds(doc: YamlDoc, raw: Any, detectors: tuple[str, ...]) -> dic
         for key, value in checked.items():
             expect(doc, value, path + (name, key), (int, float), "a number")
             out[name][key] = type(params[key])(value)
+    return out
+
+
+def _parse_weights(doc: YamlDoc, raw: Any, metrics: tuple[str, ...]) -> dict[str, str]:
+    mapping = check_mapping(doc, raw, ("weights",), optional=[m for m in metrics if m in ("lpips", "clip_score")])
+    out = {}
+    for name, value in mapping.items():
+        text = expect(doc, value, ("weights", name), str, "a file path")
+        out[name] = str((doc.path.parent / text).expanduser()) if not Path(text).is_absolute() else text
+    return out
+
+
+METRIC_OPTIONS = {"lpips": {"net": ("alex", "vgg", "squeeze")}}
+
+
+def _parse_metric_options(doc: YamlDoc, raw: Any, metrics: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    mapping = check_mapping(doc, raw, ("metric_options",), optional=[m for m in metrics if m in METRIC_OPTIONS])
+    out: dict[str, dict[str, Any]] = {}
+    for name, values in mapping.items():
+        checked = check_mapping(doc, values, ("metric_options", name), optional=METRIC_OPTIONS[name])
+        out[name] = {
+            k: expect_choice(doc, v, ("metric_options", name, k), METRIC_OPTIONS[name][k]) for k, v in checked.items()
+        }
     return out
 
 
@@ -257,7 +290,17 @@ def load_suite(path: str | Path) -> Suite:
         doc.data,
         (),
         required=("name", "generation", "cases", "metrics", "gates"),
-        optional=("description", "model", "reference", "policies", "seeds", "detectors", "detector_thresholds"),
+        optional=(
+            "description",
+            "model",
+            "reference",
+            "policies",
+            "seeds",
+            "detectors",
+            "detector_thresholds",
+            "weights",
+            "metric_options",
+        ),
     )
     name = expect(doc, d["name"], ("name",), str, "a string")
     if not CASE_ID.match(name):
@@ -284,6 +327,8 @@ def load_suite(path: str | Path) -> Suite:
         gates=gates,
         policies=_str_list(doc, d.get("policies", []), ("policies",), "policies"),
         detector_thresholds=_parse_thresholds(doc, d.get("detector_thresholds", {}), detectors),
+        weights=_parse_weights(doc, d.get("weights", {}), metrics),
+        metric_options=_parse_metric_options(doc, d.get("metric_options", {}), metrics),
         description=expect(doc, d.get("description", ""), ("description",), str, "a string"),
         tags=tuple(sorted({t for c in cases for t in c.tags})),
     )

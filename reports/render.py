@@ -22,7 +22,7 @@ def gate_rows(verdict: dict[str, Any]) -> list[list[str]]:
             r["stat"],
             f"{r['op']} {r['threshold']:g}",
             _fmt(r["actual"]),
-            "PASS" if r["passed"] else "FAIL",
+            {"pass": "PASS", "fail": "FAIL", "not evaluated": "SKIP"}[r["status"]],
         ]
         for r in verdict["results"]
     ]

@@ -28,6 +28,14 @@ class MetricInfo:
     """One line for tables and `--help`."""
     implementation: str
     """`module:Class` of the implementation, imported only when the metric is used."""
+    outputs: tuple[str, ...] = ()
+    """Per-image values it produces (gates name these); empty means just `name`."""
+    display_name: str = ""
+    """Name for tables and reports, with the convention where one matters."""
+
+    @property
+    def produces(self) -> tuple[str, ...]:
+        return self.outputs or (self.name,)
 
 
 METRICS: dict[str, MetricInfo] = {
@@ -39,6 +47,24 @@ METRICS: dict[str, MetricInfo] = {
             needs_reference=True,
             description="peak signal-to-noise ratio in dB on 8-bit RGB, data range 1.0",
             implementation="evals.metrics.psnr:PSNR",
+        ),
+        MetricInfo(
+            name="lpips",
+            higher_is_better=False,
+            needs_reference=True,
+            description="LPIPS v0.1 perceptual distance (AlexNet trunk by default; VGG or SqueezeNet selectable)",
+            implementation="evals.metrics.lpips:LPIPS",
+            display_name="LPIPS",
+        ),
+        MetricInfo(
+            name="clip_score",
+            higher_is_better=True,
+            needs_reference=False,
+            description="CLIP score 100*cos(image, prompt), torchmetrics' convention, per image and not "
+            "clamped, OpenAI ViT-L/14; also for the reference, and the candidate's difference",
+            implementation="evals.metrics.clip_score:CLIPScore",
+            outputs=("clip_score", "clip_score_ref", "clip_score_delta"),
+            display_name="CLIP score (100*cos, ViT-L/14 OpenAI)",
         ),
         MetricInfo(
             name="ssim",
@@ -58,8 +84,15 @@ def metric_info(name: str) -> MetricInfo:
         raise InputError(f"unknown metric {name!r}" + did_you_mean(name, METRICS)) from None
 
 
-def load_metric(name: str) -> ImageMetric:
+# Output name -> the metric that produces it (`clip_score_delta` -> `clip_score`).
+OUTPUTS: dict[str, str] = {output: info.name for info in METRICS.values() for output in info.produces}
+
+
+def load_metric(
+    name: str, device: str = "cpu", weights: dict[str, str] | None = None, options: dict[str, object] | None = None
+) -> ImageMetric:
+    """Instantiate a metric (its network loaded once, on `device`); raises `MissingWeights`."""
     module_name, class_name = metric_info(name).implementation.split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
-    metric: ImageMetric = cls()
+    metric: ImageMetric = cls(device=device, weights=weights or {}, **(options or {}))
     return metric

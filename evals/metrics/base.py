@@ -12,6 +12,7 @@ from evals.metrics import MetricInfo
 class ImageMetric(Protocol):
     info: ClassVar[MetricInfo]
 
-    def __call__(self, candidate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        """Score a batch: images are float NCHW in [0, 1]; returns one value per image (N,)."""
+    def __call__(self, candidate: torch.Tensor, reference: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Score a batch: images are float NCHW in [0, 1]; returns one value per image (N,) for each
+        of `info.outputs`."""
         ...

@@ -23,5 +23,8 @@ def psnr_per_image(candidate: torch.Tensor, reference: torch.Tensor) -> torch.Te
 class PSNR:
     info: ClassVar[MetricInfo] = METRICS["psnr"]
 
-    def __call__(self, candidate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        return psnr_per_image(candidate, reference)
+    def __init__(self, device: str = "cpu", **_: object):
+        self.device = device  # cheap enough on the CPU; kept for the common constructor
+
+    def __call__(self, candidate: torch.Tensor, reference: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return {"psnr": psnr_per_image(candidate, reference)}

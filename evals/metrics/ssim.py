@@ -41,5 +41,8 @@ def ssim_per_image(candidate: torch.Tensor, reference: torch.Tensor) -> torch.Te
 class SSIM:
     info: ClassVar[MetricInfo] = METRICS["ssim"]
 
-    def __call__(self, candidate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-        return ssim_per_image(candidate, reference)
+    def __init__(self, device: str = "cpu", **_: object):
+        self.device = device  # cheap enough on the CPU; kept for the common constructor
+
+    def __call__(self, candidate: torch.Tensor, reference: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        return {"ssim": ssim_per_image(candidate, reference)}
