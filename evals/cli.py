@@ -90,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
     _weights_arg(compare)
     compare.add_argument("--json", action="store_true", help="machine-readable output")
 
+    doctor = sub.add_parser("doctor", help="device, FP8 capability, metric weights present, MLflow store")
+    _weights_arg(doctor)
+    doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    sub.add_parser(
+        "fetch-weights", help="download LPIPS trunks and CLIP weights into the standard caches (needs network)"
+    )
+
     validate = sub.add_parser("validate", help="check suites and policies without running anything")
     validate.add_argument("files", nargs="+", type=Path, help="suite or policy YAML files")
     return parser
@@ -394,6 +401,68 @@ def cmd_compare_images(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from evals.weights import LPIPS_TRUNKS, MissingWeights, clip_weights, lpips_trunk
+    from models.fp8 import FORMATS, scaled_mm_runs
+
+    report: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        report["gpu"] = f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor})"
+        devices.append("cuda")
+    report["fp8_gemm"] = {
+        f"{device}:{fmt}": scaled_mm_runs(device, 0 if device == "cuda" else None, fmt, torch.bfloat16)
+        for device in devices
+        for fmt in FORMATS
+    }
+    weights: dict[str, str] = {}
+    overrides = dict(args.weights)
+    for net in LPIPS_TRUNKS:
+        try:
+            weights[f"lpips ({net})"] = f"present: {lpips_trunk(net, overrides)}"
+        except MissingWeights as exc:
+            weights[f"lpips ({net})"] = f"missing: {exc}"
+    try:
+        weights["clip_score"] = f"present: {clip_weights(overrides)}"
+    except MissingWeights as exc:
+        weights["clip_score"] = f"missing: {exc}"
+    report["weights"] = weights
+    import mlflow
+
+    report["mlflow_tracking_uri"] = mlflow.get_tracking_uri()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"torch {report['torch']}; GPU: {report.get('gpu', 'none')}")
+    for key, runs in report["fp8_gemm"].items():
+        print(f"  FP8 GEMM (torch._scaled_mm) {key}: {'yes' if runs else 'no (emulated instead)'}")
+    for name, state in weights.items():
+        print(f"  {name}: {state}")
+    print(f"MLflow store: {report['mlflow_tracking_uri']}")
+    return 0
+
+
+def cmd_fetch_weights(args: argparse.Namespace) -> int:
+    from evals.weights import fetch_all
+
+    try:
+        for path in fetch_all():
+            print(f"fetched {path}")
+    except OSError as exc:
+        print(
+            f"error: download failed ({exc}); this needs network access to download.pytorch.org and the Hub",
+            file=sys.stderr,
+        )
+        return EXIT_CRASHED
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from evals.suite import load_suite
     from evals.yamlspec import load_yaml
@@ -423,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         "quantize": cmd_quantize,
         "policy": cmd_policy_explain,
         "detect": cmd_detect,
+        "doctor": cmd_doctor,
+        "fetch-weights": cmd_fetch_weights,
         "compare-images": cmd_compare_images,
     }
     try:

@@ -119,9 +119,12 @@ def metric_stats(values: list[float]) -> dict[str, float]:
     }
 
 
-def detector_stats(flags: list[bool]) -> dict[str, float]:
+def detector_stats(flags: list[bool], reference_flags: list[bool] | None = None) -> dict[str, float]:
     count = sum(flags)
-    return {"count": float(count), "rate": count / len(flags) if flags else math.nan}
+    stats = {"count": float(count), "rate": count / len(flags) if flags else math.nan}
+    if reference_flags is not None:  # failures the candidate brought, not ones the prompt gives anyway
+        stats["new_count"] = float(sum(f and not r for f, r in zip(flags, reference_flags, strict=True)))
+    return stats
 
 
 @dataclass
@@ -163,7 +166,13 @@ def summarize(records: Iterable[SampleRecord]) -> dict[str, PolicySummary]:
         summaries[policy] = PolicySummary(
             n=len(recs),
             metrics={m: metric_stats([r.metrics[m] for r in recs if m in r.metrics]) for m in metric_names},
-            detectors={d: detector_stats([bool(r.detectors[d]["flagged"]) for r in recs]) for d in detector_names},
+            detectors={
+                d: detector_stats(
+                    [bool(r.detectors[d]["flagged"]) for r in recs],
+                    [bool(r.reference_detectors[d]["flagged"]) for r in recs],
+                )
+                for d in detector_names
+            },
             reference_detectors={
                 d: detector_stats([bool(r.reference_detectors[d]["flagged"]) for r in recs]) for d in detector_names
             },

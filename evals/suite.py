@@ -14,7 +14,7 @@ from evals.metrics import METRICS, OUTPUTS
 from evals.yamlspec import YamlDoc, check_mapping, expect, expect_choice, load_yaml
 
 METRIC_STATS = ("mean", "median", "min", "max", "p05", "p95")
-DETECTOR_STATS = ("count", "rate")
+DETECTOR_STATS = ("count", "rate", "new_count")  # new_count: flagged where the reference is not
 OPS = (">=", "<=", ">", "<", "==", "!=")
 REFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Image sides must divide into whole latent patches: SD3's VAE scale (8) times its patch size (2).
@@ -65,7 +65,8 @@ class Sample:
 @dataclass(frozen=True)
 class GateSpec:
     stat: str
-    """Aggregate compared: mean/median/min/max/p05/p95 for metrics, count/rate for detectors."""
+    """Aggregate compared: mean/median/min/max/p05/p95 for metrics; count, rate or new_count (flagged
+    where the reference image is not) for detectors."""
     op: str
     """Comparison operator, one of >=, <=, >, <, ==, !=."""
     value: float

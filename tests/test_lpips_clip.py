@@ -192,3 +192,14 @@ def test_real_clip_score_prefers_the_right_prompt() -> None:
     right = metric(cat, cat, ["a photo of a cat"])["clip_score"].item()
     wrong = metric(cat, cat, ["a photo of a rocket launch"])["clip_score"].item()
     assert right > wrong + 5
+
+
+def test_doctor_reports_device_fp8_and_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert main(["doctor", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fp8_gemm"]["cpu:e4m3fn"] is True  # the CPU kernel runs here
+    assert (
+        report["weights"]["lpips (alex)"].startswith("missing: ") and str(tmp_path) in report["weights"]["lpips (alex)"]
+    )
+    assert report["mlflow_tracking_uri"]

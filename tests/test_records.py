@@ -55,9 +55,19 @@ def test_summarize_per_policy() -> None:
     recs = [record("a", "x-s0", 30), record("a", "y-s0", 40, black=True), record("b", "x-s0", 20)]
     s = summarize(recs)
     assert s["a"].n == 2 and s["a"].metrics["psnr"]["mean"] == 35
-    assert s["a"].detectors["black_frame"] == {"count": 1.0, "rate": 0.5}
+    assert s["a"].detectors["black_frame"] == {"count": 1.0, "rate": 0.5, "new_count": 1.0}
     assert s["b"].metrics["psnr"]["min"] == 20
     assert s["a"].flat()["psnr_mean"] == 35 and s["a"].flat()["black_frame_count"] == 1
+
+
+def test_new_count_ignores_failures_the_reference_shares() -> None:
+    both = record("a", "x-s0", 30, black=True)
+    both = SampleRecord(
+        **{**both.__dict__, "reference_detectors": {"black_frame": {"flagged": True, "score": 0.0, "reason": ""}}}
+    )
+    only_candidate = record("a", "y-s0", 30, black=True)
+    stats = summarize([both, only_candidate])["a"].detectors["black_frame"]
+    assert stats["count"] == 2 and stats["new_count"] == 1
 
 
 def test_records_round_trip_and_append(tmp_path: Path) -> None:
