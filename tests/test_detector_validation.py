@@ -78,14 +78,12 @@ def test_thresholds_are_tunable() -> None:
 
 
 def test_suite_detector_thresholds(tmp_path: Path) -> None:
-    text = (
-        (SUITES / "smoke.yaml")
-        .read_text()
-        .replace(
-            "detectors: [black_frame, nonfinite]",
-            "detectors: [black_frame, nonfinite, stripe_noise]\n"
-            "detector_thresholds: {stripe_noise: {min_amplitude: 0.01}}",
-        )
+    line = "detectors: [black_frame, nonfinite, saturation, flat, stripe_noise, checkerboard]"
+    original = (SUITES / "smoke.yaml").read_text()
+    assert line in original
+    text = original.replace(
+        line,
+        "detectors: [black_frame, nonfinite, stripe_noise]\ndetector_thresholds: {stripe_noise: {min_amplitude: 0.01}}",
     )
     suite = load_suite(write(tmp_path / "s.yaml", text))
     assert suite.detector_thresholds == {"stripe_noise": {"min_amplitude": 0.01}}
