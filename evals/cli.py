@@ -133,107 +133,42 @@ def _model_args(parser: argparse.ArgumentParser, default: str | None = None) -> 
 
 
 def _resolve_device(name: str) -> str:
-    import torch
+    from evals.api import resolve_device
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: no CUDA device is available here")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise InputError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
-    return name
-
-
-def _ci_tags() -> dict[str, str]:
-    tags = {}
-    for var in ("GITHUB_RUN_ID", "GITHUB_JOB", "CI_JOB_ID", "BUILD_ID"):
-        if os.environ.get(var):
-            tags["ci_job"] = f"{var}={os.environ[var]}"
-            break
-    return tags
+    return resolve_device(name)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from evals.suite import load_suite
-    from models.precision import load_policy
-
-    # Validate every input before any work or any file is written.
-    suite = load_suite(args.suite)
-    policy_names = args.policy or ([] if args.candidate_checkpoint else list(suite.policies))
-    if not policy_names and not args.candidate_checkpoint:
-        raise InputError(
-            f"{args.suite}: no candidate; pass --policy or --candidate-checkpoint, or list `policies:` in the suite"
-        )
-    policies = [load_policy(name) for name in policy_names]
-    for path in args.candidate_checkpoint:
-        if path.suffix != ".safetensors" or not path.is_file():
-            raise InputError(f"--candidate-checkpoint {path}: expected an existing .safetensors file (never pickle)")
-    for name, path in args.weights:
-        if not Path(path).is_file():
-            raise InputError(f"--weights {name}={path}: no such file")
-    device = _resolve_device(args.device)
-
-    from evals.cache import ReferenceCache, default_cache_dir
-    from evals.rundir import new_run_dir
-    from evals.runner import SuiteRunner, build_candidate, candidate_from_checkpoint, git_commit
-    from evals.tracking import GuardedTracker, MlflowTracker, NullTracker
-    from models.sources import load_source, resolved_dtype_name
+    from evals.api import RunRequest, run_suite_file
     from reports.render import gate_table_text
 
-    # Resolved (auto -> float32/bfloat16) so the cache key and run.json say what really ran.
-    reference_dtype = resolved_dtype_name(args.reference_dtype or suite.reference_dtype, device)
-    model = load_source(
-        args.model or suite.model, reference_dtype, device, config=args.model_config, drop_t5=args.no_t5
-    )
-    candidates = [build_candidate(model, policy, suite.generation) for policy in policies]  # rule typos surface here
-    candidates += [candidate_from_checkpoint(model, path) for path in args.candidate_checkpoint]
-    names = [c.name for c in candidates]
-    if len(set(names)) != len(names):
-        raise InputError(f"two candidates share a name: {names}; policy and checkpoint names must be unique")
-
-    cache = None if args.no_cache else ReferenceCache(args.cache_dir or default_cache_dir())
-    mlflow_tracker = None if args.no_mlflow else MlflowTracker()
-    tracker = NullTracker() if mlflow_tracker is None else GuardedTracker(mlflow_tracker)
-    run_dir = new_run_dir(args.runs_dir, suite.name)
-    print(f"run directory: {run_dir}", file=sys.stderr)
-    runner = SuiteRunner(
-        suite,
-        model,
-        candidates,
-        run_dir,
-        tracker,
-        cache,
-        device,
-        reference_dtype,
+    request = RunRequest(
+        suite=args.suite,
+        model=args.model,
+        model_config=args.model_config,
+        no_t5=args.no_t5,
+        policies=args.policy,
+        candidate_checkpoints=args.candidate_checkpoint,
+        device=args.device,
+        reference_dtype=args.reference_dtype,
+        runs_dir=args.runs_dir,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+        mlflow=not args.no_mlflow,
         progress=not args.no_progress,
         weights=dict(args.weights),
     )
-    params = {
-        "suite": suite.name,
-        "suite_sha256": suite.sha256,
-        "model": model.source,
-        "model_fingerprint": model.fingerprint,
-        "reference_dtype": reference_dtype,
-        "device": device,
-        "policies": ",".join(names),
-        "samples": len(suite.samples()),
-        **{k: runner.env[k] for k in ("torch", "diffusers", "transformers", "device_kind")},
-    }
-    tags = {"git_commit": git_commit(), "run_dir": str(run_dir), **_ci_tags()}
-    try:
-        outcome = runner.run(params, tags)
-    except BaseException:
-        print(f"error: the run broke; every finished sample is in {run_dir / 'records.jsonl'}", file=sys.stderr)
-        raise
-    print(gate_table_text(run_dir))
+    outcome, suite, tracking_uri = run_suite_file(request)
+    print(gate_table_text(outcome.run_dir))
     total = len(suite.samples())
     print(
         f"reference images generated: {outcome.reference_generated} "
         f"({total - outcome.reference_generated} from the cache), candidate images: {outcome.candidate_generated}"
     )
-    if mlflow_tracker is not None:
-        print(f"MLflow: experiment {suite.name!r} at {mlflow_tracker.tracking_uri} (`mlflow ui` to browse)")
-    return outcome.verdict.exit_code
+    if tracking_uri is not None:
+        print(f"MLflow: experiment {suite.name!r} at {tracking_uri} (`mlflow ui` to browse)")
+    exit_code: int = outcome.verdict.exit_code
+    return exit_code
 
 
 def cmd_policy_explain(args: argparse.Namespace) -> int:

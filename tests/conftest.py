@@ -1,4 +1,5 @@
-"""Shared fixtures. Hub access is switched off before any Hugging Face library is imported."""
+"""Shared fixtures. Hub access is switched off before any Hugging Face library is imported.
+GPU tests are skipped on CPU-only machines by the evals pytest plugin (evals/pytest_plugin.py)."""
 
 from __future__ import annotations
 
@@ -13,17 +14,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = REPO / "suites"
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,139 @@
+"""One call that runs a suite file end to end: what `evals run` and the pytest plugin share."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evals.yamlspec import InputError
+
+
+@dataclass
+class RunRequest:
+    suite: Path
+    """Suite YAML file."""
+    model: str | None = None
+    """Model source; None takes the suite's."""
+    model_config: str | None = None
+    """Local diffusers folder for a single-file model."""
+    no_t5: bool = False
+    """Load the model without T5."""
+    policies: list[str] = field(default_factory=list)
+    """Candidate policies; empty takes the suite's (unless checkpoints are given)."""
+    candidate_checkpoints: list[Path] = field(default_factory=list)
+    """Quantized transformer files evaluated as they are."""
+    device: str = "auto"
+    """auto, cpu, cuda, cuda:N."""
+    reference_dtype: str | None = None
+    """None takes the suite's."""
+    runs_dir: Path = Path("runs")
+    """Where the run directory goes."""
+    cache_dir: Path | None = None
+    """Reference cache; None is the default location."""
+    use_cache: bool = True
+    """Reuse cached reference images."""
+    mlflow: bool = True
+    """Log to MLflow."""
+    progress: bool = True
+    """Show a progress bar."""
+    weights: dict[str, str] = field(default_factory=dict)
+    """Metric weights files."""
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device is available here")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise InputError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    return name
+
+
+def ci_tags() -> dict[str, str]:
+    for var in ("GITHUB_RUN_ID", "GITHUB_JOB", "CI_JOB_ID", "BUILD_ID"):
+        if os.environ.get(var):
+            return {"ci_job": f"{var}={os.environ[var]}"}
+    return {}
+
+
+def run_suite_file(request: RunRequest) -> tuple[Any, Any, str | None]:
+    """Validate everything, then run; returns (RunOutcome, Suite, MLflow tracking URI or None).
+
+    Every input is checked before any work or any file is written: an InputError leaves nothing.
+    """
+    from evals.suite import load_suite
+    from models.precision import load_policy
+
+    suite = load_suite(request.suite)
+    policy_names = request.policies or ([] if request.candidate_checkpoints else list(suite.policies))
+    if not policy_names and not request.candidate_checkpoints:
+        raise InputError(
+            f"{request.suite}: no candidate; pass --policy or --candidate-checkpoint, or list `policies:` in the suite"
+        )
+    policies = [load_policy(name) for name in policy_names]
+    for path in request.candidate_checkpoints:
+        if path.suffix != ".safetensors" or not path.is_file():
+            raise InputError(f"--candidate-checkpoint {path}: expected an existing .safetensors file (never pickle)")
+    for name, weights_file in request.weights.items():
+        if not Path(weights_file).is_file():
+            raise InputError(f"--weights {name}={weights_file}: no such file")
+    device = resolve_device(request.device)
+
+    from evals.cache import ReferenceCache, default_cache_dir
+    from evals.rundir import new_run_dir
+    from evals.runner import SuiteRunner, build_candidate, candidate_from_checkpoint, git_commit
+    from evals.tracking import GuardedTracker, MlflowTracker, NullTracker
+    from models.sources import load_source, resolved_dtype_name
+
+    # Resolved (auto -> float32/bfloat16) so the cache key and run.json say what really ran.
+    reference_dtype = resolved_dtype_name(request.reference_dtype or suite.reference_dtype, device)
+    model = load_source(
+        request.model or suite.model, reference_dtype, device, config=request.model_config, drop_t5=request.no_t5
+    )
+    candidates = [build_candidate(model, policy, suite.generation) for policy in policies]  # rule typos surface here
+    candidates += [candidate_from_checkpoint(model, path) for path in request.candidate_checkpoints]
+    names = [c.name for c in candidates]
+    if len(set(names)) != len(names):
+        raise InputError(f"two candidates share a name: {names}; policy and checkpoint names must be unique")
+
+    cache = ReferenceCache(request.cache_dir or default_cache_dir()) if request.use_cache else None
+    mlflow_tracker = MlflowTracker() if request.mlflow else None
+    tracker = NullTracker() if mlflow_tracker is None else GuardedTracker(mlflow_tracker)
+    run_dir = new_run_dir(request.runs_dir, suite.name)
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    runner = SuiteRunner(
+        suite,
+        model,
+        candidates,
+        run_dir,
+        tracker,
+        cache,
+        device,
+        reference_dtype,
+        progress=request.progress,
+        weights=request.weights,
+    )
+    params = {
+        "suite": suite.name,
+        "suite_sha256": suite.sha256,
+        "model": model.source,
+        "model_fingerprint": model.fingerprint,
+        "reference_dtype": reference_dtype,
+        "device": device,
+        "policies": ",".join(names),
+        "samples": len(suite.samples()),
+        **{k: runner.env[k] for k in ("torch", "diffusers", "transformers", "device_kind")},
+    }
+    tags = {"git_commit": git_commit(), "run_dir": str(run_dir), **ci_tags()}
+    try:
+        outcome = runner.run(params, tags)
+    except BaseException:
+        print(f"error: the run broke; every finished sample is in {run_dir / 'records.jsonl'}", file=sys.stderr)
+        raise
+    return outcome, suite, mlflow_tracker.tracking_uri if mlflow_tracker else None
