@@ -62,21 +62,23 @@ def ci_tags() -> dict[str, str]:
     return {}
 
 
-def run_suite_file(request: RunRequest) -> tuple[Any, Any, str | None]:
-    """Validate everything, then run; returns (RunOutcome, Suite, MLflow tracking URI or None).
+@dataclass
+class Prepared:
+    suite: Any
+    """The loaded suite."""
+    model: Any
+    """The reference model (`LoadedModel`)."""
+    device: str
+    """Resolved device."""
+    reference_dtype: str
+    """Resolved reference dtype name."""
 
-    Every input is checked before any work or any file is written: an InputError leaves nothing.
-    """
+
+def prepare(request: RunRequest) -> Prepared:
+    """Validate the suite, options and files, then load the reference model."""
     from evals.suite import load_suite
-    from models.precision import load_policy
 
     suite = load_suite(request.suite)
-    policy_names = request.policies or ([] if request.candidate_checkpoints else list(suite.policies))
-    if not policy_names and not request.candidate_checkpoints:
-        raise InputError(
-            f"{request.suite}: no candidate; pass --policy or --candidate-checkpoint, or list `policies:` in the suite"
-        )
-    policies = [load_policy(name) for name in policy_names]
     for path in request.candidate_checkpoints:
         if path.suffix != ".safetensors" or not path.is_file():
             raise InputError(f"--candidate-checkpoint {path}: expected an existing .safetensors file (never pickle)")
@@ -84,11 +86,6 @@ def run_suite_file(request: RunRequest) -> tuple[Any, Any, str | None]:
         if not Path(weights_file).is_file():
             raise InputError(f"--weights {name}={weights_file}: no such file")
     device = resolve_device(request.device)
-
-    from evals.cache import ReferenceCache, default_cache_dir
-    from evals.rundir import new_run_dir
-    from evals.runner import SuiteRunner, build_candidate, candidate_from_checkpoint, git_commit
-    from evals.tracking import GuardedTracker, MlflowTracker, NullTracker
     from models.sources import load_source, resolved_dtype_name
 
     # Resolved (auto -> float32/bfloat16) so the cache key and run.json say what really ran.
@@ -96,16 +93,24 @@ def run_suite_file(request: RunRequest) -> tuple[Any, Any, str | None]:
     model = load_source(
         request.model or suite.model, reference_dtype, device, config=request.model_config, drop_t5=request.no_t5
     )
-    candidates = [build_candidate(model, policy, suite.generation) for policy in policies]  # rule typos surface here
-    candidates += [candidate_from_checkpoint(model, path) for path in request.candidate_checkpoints]
+    return Prepared(suite, model, device, reference_dtype)
+
+
+def execute(prepared: Prepared, candidates: list[Any], request: RunRequest, runs_dir: Path | None = None) -> Any:
+    """Run candidates against the reference into a new run directory; returns (RunOutcome, tracker)."""
+    from evals.cache import ReferenceCache, default_cache_dir
+    from evals.rundir import new_run_dir
+    from evals.runner import SuiteRunner, git_commit
+    from evals.tracking import GuardedTracker, MlflowTracker, NullTracker
+
     names = [c.name for c in candidates]
     if len(set(names)) != len(names):
         raise InputError(f"two candidates share a name: {names}; policy and checkpoint names must be unique")
-
+    suite, model = prepared.suite, prepared.model
     cache = ReferenceCache(request.cache_dir or default_cache_dir()) if request.use_cache else None
     mlflow_tracker = MlflowTracker() if request.mlflow else None
     tracker = NullTracker() if mlflow_tracker is None else GuardedTracker(mlflow_tracker)
-    run_dir = new_run_dir(request.runs_dir, suite.name)
+    run_dir = new_run_dir(runs_dir or request.runs_dir, suite.name)
     print(f"run directory: {run_dir}", file=sys.stderr)
     runner = SuiteRunner(
         suite,
@@ -114,8 +119,8 @@ def run_suite_file(request: RunRequest) -> tuple[Any, Any, str | None]:
         run_dir,
         tracker,
         cache,
-        device,
-        reference_dtype,
+        prepared.device,
+        prepared.reference_dtype,
         progress=request.progress,
         weights=request.weights,
     )
@@ -124,8 +129,8 @@ def run_suite_file(request: RunRequest) -> tuple[Any, Any, str | None]:
         "suite_sha256": suite.sha256,
         "model": model.source,
         "model_fingerprint": model.fingerprint,
-        "reference_dtype": reference_dtype,
-        "device": device,
+        "reference_dtype": prepared.reference_dtype,
+        "device": prepared.device,
         "policies": ",".join(names),
         "samples": len(suite.samples()),
         **{k: runner.env[k] for k in ("torch", "diffusers", "transformers", "device_kind")},
@@ -136,4 +141,28 @@ def run_suite_file(request: RunRequest) -> tuple[Any, Any, str | None]:
     except BaseException:
         print(f"error: the run broke; every finished sample is in {run_dir / 'records.jsonl'}", file=sys.stderr)
         raise
-    return outcome, suite, mlflow_tracker.tracking_uri if mlflow_tracker else None
+    return outcome, mlflow_tracker
+
+
+def run_suite_file(request: RunRequest) -> tuple[Any, Any, str | None]:
+    """Validate everything, then run; returns (RunOutcome, Suite, MLflow tracking URI or None).
+
+    Every input is checked before any work or any file is written: an InputError leaves nothing.
+    """
+    from evals.runner import build_candidate, candidate_from_checkpoint
+    from evals.suite import load_suite
+    from models.precision import load_policy
+
+    suite = load_suite(request.suite)
+    policy_names = request.policies or ([] if request.candidate_checkpoints else list(suite.policies))
+    if not policy_names and not request.candidate_checkpoints:
+        raise InputError(
+            f"{request.suite}: no candidate; pass --policy or --candidate-checkpoint, or list `policies:` in the suite"
+        )
+    policies = [load_policy(name) for name in policy_names]
+    prepared = prepare(request)
+    model = prepared.model
+    candidates = [build_candidate(model, p, prepared.suite.generation) for p in policies]  # rule typos surface here
+    candidates += [candidate_from_checkpoint(model, path) for path in request.candidate_checkpoints]
+    outcome, tracker = execute(prepared, candidates, request)
+    return outcome, prepared.suite, tracker.tracking_uri if tracker else None

@@ -69,6 +69,19 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--device", default="auto", help="device whose FP8 kernels decide the backend")
     explain.add_argument("--json", action="store_true", help="machine-readable output")
 
+    search = policy.add_parser("search", help="find the policy with the most FP8 layers that passes a suite's gates")
+    search.add_argument("suite", type=Path, help="suite YAML whose gates the policy must pass")
+    search.add_argument("--start", default="fp8-all-linears", help="policy to start from (default fp8-all-linears)")
+    search.add_argument("--out", type=Path, required=True, help="where to write the found policy YAML")
+    _sweep_args(search)
+
+    sens = sub.add_parser("sensitivity", help="metric change per group of layers, quantized alone and kept alone")
+    sens.add_argument("suite", type=Path, help="suite YAML")
+    sens.add_argument(
+        "--policy", default="fp8-all-linears", help="policy whose layers are swept (default fp8-all-linears)"
+    )
+    _sweep_args(sens)
+
     quantize = sub.add_parser("quantize", help="apply a policy and save the quantized transformer as safetensors")
     quantize.add_argument("policy", help="shipped policy name or YAML path")
     quantize.add_argument("--out", type=Path, required=True, help="output .safetensors file")
@@ -100,6 +113,52 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check suites and policies without running anything")
     validate.add_argument("files", nargs="+", type=Path, help="suite or policy YAML files")
     return parser
+
+
+def _sweep_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--groups",
+        default="block",
+        choices=("block", "type", "module"),
+        help="group layers by transformer block, by layer type across blocks, or one by one",
+    )
+    parser.add_argument("--metric", default="psnr", help="metric output ranked on (default psnr)")
+    _model_args(parser)
+    parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run directories go")
+    parser.add_argument("--cache-dir", type=Path, help="reference cache")
+    parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _sweep_request(args: argparse.Namespace) -> Any:
+    from evals.api import RunRequest
+
+    return RunRequest(
+        suite=args.suite,
+        model=args.model,
+        model_config=args.model_config,
+        no_t5=args.no_t5,
+        device=args.device,
+        runs_dir=args.runs_dir,
+        cache_dir=args.cache_dir,
+        mlflow=not args.no_mlflow,
+        progress=not args.no_progress,
+    )
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from evals.policy_search import run_sensitivity
+
+    return run_sensitivity(_sweep_request(args), args.policy, args.groups, args.metric)
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    if args.policy_command == "search":
+        from evals.policy_search import run_search
+
+        return run_search(_sweep_request(args), args.start, args.groups, args.metric, args.out)
+    return cmd_policy_explain(args)
 
 
 def _weights_arg(parser: argparse.ArgumentParser) -> None:
@@ -425,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         "run": cmd_run,
         "validate": cmd_validate,
         "quantize": cmd_quantize,
-        "policy": cmd_policy_explain,
+        "policy": cmd_policy,
+        "sensitivity": cmd_sensitivity,
         "detect": cmd_detect,
         "doctor": cmd_doctor,
         "fetch-weights": cmd_fetch_weights,

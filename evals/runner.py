@@ -10,6 +10,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ class Candidate:
     """Calibrated input amax per `component.layer`, for static activations."""
     checkpoint: str | None = None
     """The checkpoint file the candidate was loaded from, if any."""
+    activate: Callable[[], None] | None = None
+    """Called before each of its batches: variants of a sensitivity sweep share one pipeline."""
 
     @property
     def backends(self) -> str:
@@ -312,6 +315,8 @@ class SuiteRunner:
                 ref = from_uint8(ref_u8)
                 for cand in self.candidates:
                     bar.set_postfix_str(cand.name)
+                    if cand.activate is not None:
+                        cand.activate()
                     start = time.perf_counter()
                     raw = generate(cand.pipeline, batch, self.suite.generation)
                     seconds = (time.perf_counter() - start) / len(batch)

@@ -1,0 +1,137 @@
+"""Sensitivity sweep and policy search on a tiny model with one planted badly-quantizing layer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from evals.cli import main
+from evals.runner import build_candidate, generate
+from evals.sensitivity import SwitchableCandidate, group_key, linear_groups
+from evals.suite import Case, Generation, Sample
+from models.precision import load_policy
+from models.sources import load_source
+from tests.conftest import write
+
+PLANTED = "transformer_blocks.0.attn.to_out.0"
+
+MINI = """\
+name: mini
+model: tiny
+generation: {height: 64, width: 64, steps: 4, guidance: 4.5, batch_size: 4}
+seeds: [0]
+cases:
+  - {id: red-cube, prompt: "a red cube on a wooden table"}
+  - {id: old-man, prompt: "a portrait photo of an old man with a grey beard"}
+  - {id: alpine-lake, prompt: "a calm alpine lake at sunrise, mountains behind"}
+  - {id: night-street, prompt: "a rainy street at night lit by a single lamp"}
+metrics: [psnr, ssim]
+detectors: [black_frame, nonfinite]
+gates:
+  - {metric: psnr, stat: mean, op: ">=", value: 45}
+  - {detector: nonfinite, stat: count, op: "==", value: 0}
+"""
+
+
+@pytest.fixture(scope="module")
+def outlier_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny, saved to a folder, with outlier input columns in one layer: 16 of the 64 value channels
+    of block 0 are scaled down by 1e8 and the matching columns of its output projection up by 1e8.
+    The model stays sane in float32, but in FP8 each row of that projection gets a scale set by the
+    outlier columns and the other 48 channels' weights round to zero."""
+    model = load_source("tiny", "float32", "cpu")
+    attn = model.pipeline.transformer.transformer_blocks[0].attn
+    k, channels = 1e8, list(range(0, 64, 4))
+    with torch.no_grad():
+        for layer in (attn.to_v, attn.add_v_proj):
+            layer.weight[channels] /= k
+            layer.bias[channels] /= k
+        attn.to_out[0].weight[:, channels] *= k
+    folder = tmp_path_factory.mktemp("outlier-model")
+    model.pipeline.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def test_groups() -> None:
+    shapes = {
+        "transformer_blocks.0.attn.to_q": (64, 64),
+        "transformer_blocks.1.attn.to_q": (64, 64),
+        "proj_out": (16, 64),
+    }
+    assert {g.name: g.modules for g in linear_groups(shapes, "type")}["attn.to_q"] == (
+        "transformer_blocks.0.attn.to_q",
+        "transformer_blocks.1.attn.to_q",
+    )
+    assert [g.name for g in linear_groups(shapes, "block")] == [
+        "transformer_blocks.0",
+        "transformer_blocks.1",
+        "proj_out",
+    ]
+    assert group_key("transformer_blocks.3.ff.net.2", "module") == "transformer_blocks.3.ff.net.2"
+    assert linear_groups(shapes, "block")[2].params == 1024
+
+
+def test_switched_variants_compute_what_real_candidates_compute(tiny_model) -> None:
+    policy = load_policy("fp8-e4m3-rowwise")
+    gen = Generation(height=64, width=64, steps=2, guidance=4.5, batch_size=2)
+    batch = [Sample(Case("a", "a red cube", (0,)), 0), Sample(Case("b", "a forest", (1,)), 1)]
+    switch = SwitchableCandidate(tiny_model, policy)
+    everything = switch.variant("all", set(switch.shapes))
+    nothing = switch.variant("none", set())
+    everything.activate()
+    assert torch.equal(
+        generate(everything.pipeline, batch, gen),
+        generate(build_candidate(tiny_model, policy, gen).pipeline, batch, gen),
+    )
+    nothing.activate()
+    assert torch.equal(generate(nothing.pipeline, batch, gen), generate(tiny_model.pipeline, batch, gen))
+
+
+def test_sweep_ranks_the_planted_layer_first_and_search_keeps_it(
+    workdir: Path, outlier_model: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    suite = write(workdir / "mini.yaml", MINI)
+    common = ["--model", str(outlier_model), "--groups", "module", "--no-mlflow", "--no-progress"]
+    out = workdir / "found.yaml"
+    assert main(["policy", "search", str(suite), "--start", "fp8-all-linears", "--out", str(out), *common]) == 0
+    printed = capsys.readouterr().out
+    assert f"1     {PLANTED}" in printed  # ranked first
+    (search_dir,) = (workdir / "runs").glob("*-mini-search")
+    sweep = json.loads(next(search_dir.glob("*-mini/sensitivity.json")).read_text())
+    assert sweep["groups"][0]["group"] == PLANTED
+    assert sweep["groups"][0]["only_quantized"] < sweep["groups"][1]["only_quantized"] < 40
+    assert next(search_dir.glob("*-mini/sensitivity.png")).stat().st_size > 10_000
+    log = json.loads((search_dir / "search.json").read_text())
+    assert not log[0]["passed"] and any(step["passed"] for step in log)
+
+    found = load_policy(str(out))
+    kept = [r.match for r in found.components["transformer"].rules if r.spec is None]
+    assert PLANTED in kept and len(kept) <= 2  # the planted layer, and at most tiny's sensitive proj_out
+    assert "KEPT transformer_blocks.0.attn.to_out.0: only it in FP8 ->" in out.read_text()
+
+    args = ["run", str(suite), "--model", str(outlier_model), "--no-mlflow", "--no-progress"]
+    assert main([*args, "--policy", str(out)]) == 0
+    assert main([*args, "--policy", "fp8-all-linears"]) == 1
+
+
+def test_sweep_from_the_rowwise_policy_by_block(workdir: Path, outlier_model: Path, capsys) -> None:
+    suite = write(workdir / "mini.yaml", MINI)
+    args = [
+        "sensitivity",
+        str(suite),
+        "--model",
+        str(outlier_model),
+        "--policy",
+        "fp8-e4m3-rowwise",
+        "--no-mlflow",
+        "--no-progress",
+    ]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    assert "1     transformer_blocks.0 " in table and "proj_out" not in table  # the policy keeps proj_out
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--groups", "layers"])
+    assert info.value.code == 2
