@@ -14,6 +14,7 @@ from evals.suite import GateSpec
 EXIT_PASS = 0
 EXIT_GATE_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_CRASHED = 3  # the run broke; finished samples are in records.jsonl
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,

@@ -1,0 +1,240 @@
+"""The tool subcommands of `evals`: policy explain, quantize, detect, compare-images, doctor,
+fetch-weights. Parsing and dispatch live in `evals.cli`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from evals.api import resolve_device as _resolve_device
+from evals.gates import EXIT_CRASHED
+from evals.yamlspec import InputError
+
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from models.precision import load_policy, plan_totals, resolve_plan
+    from models.sources import load_transformer_skeleton
+    from reports.render import text_table
+
+    policy = load_policy(args.policy)
+    device = _resolve_device(args.device)
+    transformer = load_transformer_skeleton(args.model, args.dtype, config=args.model_config)
+    plan = resolve_plan(policy, {"transformer": transformer}, device=torch.device(device))
+    module_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters())
+    totals = plan_totals(plan, module_bytes)
+    if args.json:
+        out = {
+            "policy": policy.name,
+            "policy_sha256": policy.sha256,
+            "model": args.model,
+            "dtype": args.dtype,
+            "device": device,
+            "layers": [layer.to_dict() for layer in plan],
+            "totals": totals,
+        }
+        print(json.dumps(out, indent=2))
+        return 0
+    rows = []
+    for layer in plan:
+        spec = layer.spec
+        weights = (
+            "-" if spec is None else spec.weights + (f"({spec.block_size})" if spec.weights == "per_block" else "")
+        )
+        rows.append(
+            [
+                layer.name,
+                f"{layer.shape[0]}x{layer.shape[1]}",
+                "keep" if spec is None else "fp8",
+                "-" if spec is None else spec.format,
+                weights,
+                "-" if spec is None else spec.activations,
+                layer.backend,
+                f"{layer.bytes_before:,}",
+                f"{layer.bytes_after:,}",
+            ]
+        )
+    header = [
+        "layer",
+        "shape",
+        "precision",
+        "format",
+        "weights",
+        "activations",
+        "backend",
+        "bytes before",
+        "bytes after",
+    ]
+    print(text_table(rows, header))
+    print(
+        f"\n{policy.name} on {args.model} ({args.dtype}, backends for {device}): "
+        f"{totals['fp8_layers']}/{totals['linear_layers']} linear layers in FP8, "
+        f"{totals['fp8_param_share']:.1%} of linear parameters; transformer "
+        f"{_human_bytes(totals['bytes_before'])} -> {_human_bytes(totals['bytes_after'])} "
+        f"(saves {totals['saved_share']:.1%})"
+    )
+    return 0
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from evals.runner import build_candidate
+    from evals.suite import Generation, load_suite
+    from models.checkpoints import save_quantized_transformer
+    from models.precision import load_policy
+    from models.sources import load_source, resolved_dtype_name
+
+    policy = load_policy(args.policy)
+    if args.out.suffix != ".safetensors":
+        raise InputError(f"--out {args.out}: expected a .safetensors file name")
+    if policy.needs_calibration and args.suite is None:
+        raise InputError(
+            f"{policy.path}: static activations are calibrated at a suite's generation settings; pass --suite"
+        )
+    # Without static layers the generation settings are never used.
+    generation = load_suite(args.suite).generation if args.suite else Generation(64, 64, 1, 0.0, 1)
+    device = _resolve_device(args.device)
+    dtype = resolved_dtype_name(args.reference_dtype, device)
+    model = load_source(args.model, dtype, device, config=args.model_config, drop_t5=args.no_t5)
+    candidate = build_candidate(model, policy, generation)
+    save_quantized_transformer(
+        candidate.pipeline.transformer, args.out, policy_name=policy.name, policy_sha256=policy.sha256
+    )
+    print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes; layers {candidate.backends})")
+    return 0
+
+
+def _read_image(path: Path) -> Any:
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.float64) / 255
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InputError(f"{path}: not a readable image ({exc})") from exc
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    import json
+
+    from evals.detectors import DETECTORS, run_detectors
+
+    images = {path: _read_image(path) for path in args.images}  # every file is checked before any work
+    results = {
+        str(p): {n: f.to_dict() for n, f in run_detectors(img, list(DETECTORS)).items()} for p, img in images.items()
+    }
+    if args.json:
+        print(json.dumps(results, indent=2, default=bool))
+        return 0
+    for path, findings in results.items():
+        flagged = [n for n, f in findings.items() if f["flagged"]]
+        print(f"{path}: {'FLAGGED ' + ', '.join(flagged) if flagged else 'clean'}")
+        for name, finding in findings.items():
+            print(f"  {'!' if finding['flagged'] else ' '} {name:13} {finding['reason']}")
+    return 0
+
+
+def cmd_compare_images(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from evals.metrics import METRICS, load_metric
+    from evals.weights import MissingWeights
+
+    ref, cand = _read_image(args.reference), _read_image(args.candidate)
+    if ref.shape != cand.shape:
+        raise InputError(
+            f"{args.candidate}: size {cand.shape[1]}x{cand.shape[0]} differs from the reference's "
+            f"{ref.shape[1]}x{ref.shape[0]}"
+        )
+    as_batch = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float()  # noqa: E731
+    scores: dict[str, Any] = {}
+    for name in METRICS:
+        try:
+            values = load_metric(name, weights=dict(args.weights))(as_batch(cand), as_batch(ref), [args.prompt or ""])
+        except MissingWeights as exc:
+            scores[name] = f"unavailable: {exc}"
+            continue
+        scores.update({k: float(v[0]) for k, v in values.items() if args.prompt or not k.startswith("clip")})
+    if args.json:
+        print(json.dumps({"reference": str(args.reference), "candidate": str(args.candidate), **scores}))
+    else:
+        for name, value in scores.items():
+            print(f"{name:16} {value:.4f}" if isinstance(value, float) else f"{name:16} {value}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from evals.weights import LPIPS_TRUNKS, MissingWeights, clip_weights, lpips_trunk
+    from models.fp8 import FORMATS, scaled_mm_runs
+
+    report: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        index = torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        report["gpu"] = f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor})"
+        devices.append("cuda")
+    report["fp8_gemm"] = {
+        f"{device}:{fmt}": scaled_mm_runs(device, 0 if device == "cuda" else None, fmt, torch.bfloat16)
+        for device in devices
+        for fmt in FORMATS
+    }
+    weights: dict[str, str] = {}
+    overrides = dict(args.weights)
+    for net in LPIPS_TRUNKS:
+        try:
+            weights[f"lpips ({net})"] = f"present: {lpips_trunk(net, overrides)}"
+        except MissingWeights as exc:
+            weights[f"lpips ({net})"] = f"missing: {exc}"
+    try:
+        weights["clip_score"] = f"present: {clip_weights(overrides)}"
+    except MissingWeights as exc:
+        weights["clip_score"] = f"missing: {exc}"
+    report["weights"] = weights
+    import mlflow
+
+    report["mlflow_tracking_uri"] = mlflow.get_tracking_uri()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"torch {report['torch']}; GPU: {report.get('gpu', 'none')}")
+    for key, runs in report["fp8_gemm"].items():
+        print(f"  FP8 GEMM (torch._scaled_mm) {key}: {'yes' if runs else 'no (emulated instead)'}")
+    for name, state in weights.items():
+        print(f"  {name}: {state}")
+    print(f"MLflow store: {report['mlflow_tracking_uri']}")
+    return 0
+
+
+def cmd_fetch_weights(args: argparse.Namespace) -> int:
+    from evals.weights import fetch_all
+
+    try:
+        for path in fetch_all():
+            print(f"fetched {path}")
+    except OSError as exc:
+        print(
+            f"error: download failed ({exc}); this needs network access to download.pytorch.org and the Hub",
+            file=sys.stderr,
+        )
+        return EXIT_CRASHED
+    return 0
