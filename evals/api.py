@@ -74,11 +74,11 @@ class Prepared:
     """Resolved reference dtype name."""
 
 
-def prepare(request: RunRequest) -> Prepared:
-    """Validate the suite, options and files, then load the reference model."""
+def prepare(request: RunRequest, suite: Any = None) -> Prepared:
+    """Validate the suite (unless already loaded), options and files, then load the reference model."""
     from evals.suite import load_suite
 
-    suite = load_suite(request.suite)
+    suite = suite or load_suite(request.suite)
     for path in request.candidate_checkpoints:
         if path.suffix != ".safetensors" or not path.is_file():
             raise InputError(f"--candidate-checkpoint {path}: expected an existing .safetensors file (never pickle)")
@@ -160,7 +160,7 @@ def run_suite_file(request: RunRequest) -> tuple[Any, Any, str | None]:
             f"{request.suite}: no candidate; pass --policy or --candidate-checkpoint, or list `policies:` in the suite"
         )
     policies = [load_policy(name) for name in policy_names]
-    prepared = prepare(request)
+    prepared = prepare(request, suite)
     model = prepared.model
     candidates = [build_candidate(model, p, prepared.suite.generation) for p in policies]  # rule typos surface here
     candidates += [candidate_from_checkpoint(model, path) for path in request.candidate_checkpoints]

@@ -117,6 +117,20 @@ def _single_file_transformer(path: Path, config: Path, dtype: Any) -> Any:
     )
 
 
+def _locate(source: str, config: str | None) -> tuple[Path, Path | None]:
+    """The diffusers folder a source reads from, and its single transformer file if it is one."""
+    path = Path(source).expanduser()
+    if path.suffix == ".safetensors":
+        if config is None:
+            raise InputError(
+                f"{path}: a single-file checkpoint needs --model-config FOLDER (a local diffusers SD3 folder)"
+            )
+        return Path(config).expanduser(), path
+    if not path.exists() and source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        return _from_hf_cache(source), None  # a Hub repo id, read from the cache
+    return path, None
+
+
 def load_source(
     source: str, dtype_name: str = "auto", device: str = "cpu", *, config: str | None = None, drop_t5: bool = False
 ) -> LoadedModel:
@@ -144,24 +158,16 @@ def load_source(
         return LoadedModel(pipeline=pipe, source=source, fingerprint=fingerprint)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model must never fall back to the Hub
-    path = Path(source).expanduser()
+    folder, single_file = _locate(source, config)
     overrides: dict[str, Any] = {}
-    if path.suffix == ".safetensors":
-        if config is None:
-            raise InputError(
-                f"{path}: a single-file checkpoint needs --model-config FOLDER (a local diffusers SD3 folder)"
-            )
-        if not path.is_file():
-            raise InputError(f"checkpoint not found: {path}; {GET_WEIGHTS_HINT}")
-        folder = Path(config).expanduser()
+    if single_file is not None:
+        if not single_file.is_file():
+            raise InputError(f"checkpoint not found: {single_file}; {GET_WEIGHTS_HINT}")
         index = _check_folder(folder, need_transformer_weights=False)
-        overrides["transformer"] = _single_file_transformer(path, folder, dtype)
-        fingerprint = f"file:{path.name}:{path.stat().st_size}:{_folder_fingerprint(folder)}"
+        overrides["transformer"] = _single_file_transformer(single_file, folder, dtype)
+        fingerprint = f"file:{single_file.name}:{single_file.stat().st_size}:{_folder_fingerprint(folder)}"
     else:
-        if not path.exists() and source.count("/") == 1 and not source.startswith((".", "/", "~")):
-            path = _from_hf_cache(source)
-        index = _check_folder(path)
-        folder = path
+        index = _check_folder(folder)
         fingerprint = _folder_fingerprint(folder)
     from diffusers import StableDiffusion3Pipeline
 
@@ -186,17 +192,7 @@ def load_transformer_skeleton(source: str, dtype_name: str, *, config: str | Non
     dtype = resolve_dtype(dtype_name, "cuda")  # auto: what a GPU deployment uses
     if source == "tiny" or source.startswith("tiny:"):
         return load_source(source, dtype_name="float32").pipeline.transformer.to(dtype)
-    path = Path(source).expanduser()
-    if path.suffix == ".safetensors":
-        if config is None:
-            raise InputError(
-                f"{path}: a single-file checkpoint needs --model-config FOLDER (a local diffusers SD3 folder)"
-            )
-        folder = Path(config).expanduser()
-    elif not path.exists() and source.count("/") == 1 and not source.startswith((".", "/", "~")):
-        folder = _from_hf_cache(source)
-    else:
-        folder = path
+    folder, _ = _locate(source, config)
     config_file = folder / "transformer" / "config.json"
     if not config_file.is_file():
         raise InputError(f"missing {config_file}: not a diffusers SD3 folder; {GET_WEIGHTS_HINT}")
