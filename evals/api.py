@@ -96,8 +96,15 @@ def prepare(request: RunRequest, suite: Any = None) -> Prepared:
     return Prepared(suite, model, device, reference_dtype)
 
 
-def execute(prepared: Prepared, candidates: list[Any], request: RunRequest, runs_dir: Path | None = None) -> Any:
-    """Run candidates against the reference into a new run directory; returns (RunOutcome, tracker)."""
+def execute(
+    prepared: Prepared,
+    candidates: list[Any],
+    request: RunRequest,
+    runs_dir: Path | None = None,
+    resume: tuple[Path, set[tuple[str, str]]] | None = None,
+) -> Any:
+    """Run candidates against the reference into a new run directory (or finish the one in `resume`,
+    skipping its finished samples); returns (RunOutcome, tracker)."""
     from evals.cache import ReferenceCache, default_cache_dir
     from evals.rundir import new_run_dir
     from evals.runner import SuiteRunner, git_commit
@@ -110,8 +117,8 @@ def execute(prepared: Prepared, candidates: list[Any], request: RunRequest, runs
     cache = ReferenceCache(request.cache_dir or default_cache_dir()) if request.use_cache else None
     mlflow_tracker = MlflowTracker() if request.mlflow else None
     tracker = NullTracker() if mlflow_tracker is None else GuardedTracker(mlflow_tracker)
-    run_dir = new_run_dir(runs_dir or request.runs_dir, suite.name)
-    print(f"run directory: {run_dir}", file=sys.stderr)
+    run_dir = resume[0] if resume else new_run_dir(runs_dir or request.runs_dir, suite.name)
+    print(f"run directory: {run_dir}{' (resumed)' if resume else ''}", file=sys.stderr)
     runner = SuiteRunner(
         suite,
         model,
@@ -123,6 +130,7 @@ def execute(prepared: Prepared, candidates: list[Any], request: RunRequest, runs
         prepared.reference_dtype,
         progress=request.progress,
         weights=request.weights,
+        done=resume[1] if resume else None,
     )
     params = {
         "suite": suite.name,
@@ -166,3 +174,48 @@ def run_suite_file(request: RunRequest) -> tuple[Any, Any, str | None]:
     candidates += [candidate_from_checkpoint(model, path) for path in request.candidate_checkpoints]
     outcome, tracker = execute(prepared, candidates, request)
     return outcome, prepared.suite, tracker.tracking_uri if tracker else None
+
+
+def resume_run(run_dir: Path, request: RunRequest) -> tuple[Any, Any, str | None]:
+    """Finish an interrupted run: same suite, model and candidates as its run.json says; every sample
+    already in records.jsonl is kept and skipped."""
+    import json
+
+    from evals.records import drop_torn_tail, read_records
+    from evals.runner import build_candidate, candidate_from_checkpoint
+    from evals.suite import load_suite
+    from models.precision import load_policy
+
+    try:
+        run = json.loads((run_dir / "run.json").read_text())
+        suite_info, policies_info = run["suite"], run["policies"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"--resume {run_dir}: not a run directory ({exc})") from exc
+    suite = load_suite(suite_info["path"])
+    if suite.sha256 != suite_info["sha256"]:
+        raise InputError(f"--resume {run_dir}: {suite_info['path']} changed since the run started; start a new run")
+    if any(not p.get("policy_path") and not p.get("checkpoint") for p in policies_info):
+        raise InputError(f"--resume {run_dir}: run.json does not say where its candidates came from")
+    request = RunRequest(
+        **{
+            **request.__dict__,
+            "suite": Path(suite_info["path"]),
+            "model": run["model"]["source"],
+            "reference_dtype": run["reference_dtype"],
+            "policies": [p["policy_path"] for p in policies_info if p.get("policy_path")],
+            "candidate_checkpoints": [Path(p["checkpoint"]) for p in policies_info if p.get("checkpoint")],
+        }
+    )
+    prepared = prepare(request, suite)
+    if prepared.model.fingerprint != run["model"]["fingerprint"]:
+        raise InputError(f"--resume {run_dir}: the model's files changed since the run started")
+    candidates = [build_candidate(prepared.model, load_policy(p), suite.generation) for p in request.policies]
+    candidates += [candidate_from_checkpoint(prepared.model, p) for p in request.candidate_checkpoints]
+    if sorted(c.policy_sha256 for c in candidates) != sorted(p["sha256"] for p in policies_info):
+        raise InputError(f"--resume {run_dir}: a candidate's policy or checkpoint changed since the run started")
+    records_path = run_dir / "records.jsonl"
+    if drop_torn_tail(records_path):
+        print("warning: dropped a half-written last record (the run was killed mid-write)", file=sys.stderr)
+    done = {(r.policy, r.sample_id) for r in read_records(records_path)} if records_path.is_file() else set()
+    outcome, tracker = execute(prepared, candidates, request, resume=(run_dir, done))
+    return outcome, suite, tracker.tracking_uri if tracker else None

@@ -18,7 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a suite: reference vs FP8 candidates, metrics, gates, MLflow")
-    run.add_argument("suite", type=Path, help="suite YAML file, e.g. suites/smoke.yaml")
+    run.add_argument("suite", type=Path, nargs="?", help="suite YAML file, e.g. suites/smoke.yaml")
+    run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="finish an interrupted run, keeping its samples")
     run.add_argument(
         "--policy",
         action="append",
@@ -195,6 +196,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from evals.api import RunRequest, run_suite_file
     from reports.render import gate_table_text
 
+    if (args.suite is None) == (args.resume is None):
+        raise InputError("evals run: give a SUITE, or --resume RUN_DIR (not both)")
+
     request = RunRequest(
         suite=args.suite,
         model=args.model,
@@ -211,7 +215,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         weights=dict(args.weights),
     )
-    outcome, suite, tracking_uri = run_suite_file(request)
+    if args.resume is not None:
+        from evals.api import resume_run
+
+        outcome, suite, tracking_uri = resume_run(args.resume, request)
+    else:
+        outcome, suite, tracking_uri = run_suite_file(request)
     print(gate_table_text(outcome.run_dir))
     total = len(suite.samples())
     print(

@@ -82,6 +82,16 @@ class RecordsWriter:
         self.close()
 
 
+def drop_torn_tail(path: Path) -> bool:
+    """Cut a last line that a killed process left half-written; True if one was cut."""
+    data = path.read_bytes() if path.is_file() else b""
+    if not data or data.endswith(b"\n"):
+        return False
+    with path.open("r+b") as f:
+        f.truncate(data.rfind(b"\n") + 1)
+    return True
+
+
 def read_records(path: Path) -> Iterator[SampleRecord]:
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):

@@ -47,6 +47,8 @@ class Candidate:
     """The checkpoint file the candidate was loaded from, if any."""
     activate: Callable[[], None] | None = None
     """Called before each of its batches: variants of a sensitivity sweep share one pipeline."""
+    policy_path: str | None = None
+    """The policy file it was built from (recorded so that `--resume` can rebuild it)."""
 
     @property
     def backends(self) -> str:
@@ -94,7 +96,9 @@ def calibrate(model: LoadedModel, policy: PrecisionPolicy, gen: Generation) -> d
 def build_candidate(model: LoadedModel, policy: PrecisionPolicy, gen: Generation) -> Candidate:
     amax = calibrate(model, policy, gen) if policy.needs_calibration else None
     components, plan = apply_policy(policy, model.pipeline.components, amax)
-    return Candidate(policy.name, _pipeline_with(model, components), policy.sha256, plan, calibration=amax)
+    return Candidate(
+        policy.name, _pipeline_with(model, components), policy.sha256, plan, calibration=amax, policy_path=policy.path
+    )
 
 
 def candidate_from_checkpoint(model: LoadedModel, path: Path) -> Candidate:
@@ -208,6 +212,7 @@ class SuiteRunner:
         reference_dtype: str,
         progress: bool = True,
         weights: dict[str, str] | None = None,
+        done: set[tuple[str, str]] | None = None,
     ):
         self.suite = suite
         self.model = model
@@ -231,6 +236,7 @@ class SuiteRunner:
                 print(f"warning: metric {name} unavailable: {exc}", file=sys.stderr)
         self.reference_generated = 0
         self.candidate_generated = 0
+        self.done = done  # (policy, sample id) already in records.jsonl: resuming; None for a new run
 
     def _write_run_json(self) -> None:
         write_json(
@@ -241,7 +247,13 @@ class SuiteRunner:
                 "reference_dtype": self.reference_dtype,
                 "generation": asdict(self.suite.generation),
                 "policies": [
-                    {"name": c.name, "sha256": c.policy_sha256, "backends": c.backends, "checkpoint": c.checkpoint}
+                    {
+                        "name": c.name,
+                        "sha256": c.policy_sha256,
+                        "backends": c.backends,
+                        "checkpoint": c.checkpoint,
+                        "policy_path": c.policy_path,
+                    }
                     for c in self.candidates
                 ],
                 "environment": self.env,
@@ -289,7 +301,8 @@ class SuiteRunner:
     def run(self, tracker_params: dict[str, Any], tracker_tags: dict[str, str]) -> RunOutcome:
         from tqdm import tqdm
 
-        self._write_run_json()
+        if self.done is None:
+            self._write_run_json()
         self.tracker.start_run(self.suite.name, self.run_dir.name, tracker_params, tracker_tags)
         for c in self.candidates:
             self.tracker.start_candidate(
@@ -305,6 +318,11 @@ class SuiteRunner:
         records_path = self.run_dir / "records.jsonl"
         with RecordsWriter(records_path) as writer:
             for batch in batches:
+                done = self.done or set()
+                todo = {c.name: {s.id for s in batch if (c.name, s.id) not in done} for c in self.candidates}
+                if not any(todo.values()):
+                    bar.update(1 + len(self.candidates))
+                    continue
                 bar.set_postfix_str("reference")
                 ref_u8, ref_findings = self._reference_batch(batch)
                 ref_paths = [self.run_dir / "images" / "ref" / f"{s.id}.png" for s in batch]
@@ -314,6 +332,9 @@ class SuiteRunner:
                 bar.update()
                 ref = from_uint8(ref_u8)
                 for cand in self.candidates:
+                    if not todo[cand.name]:
+                        bar.update()
+                        continue
                     bar.set_postfix_str(cand.name)
                     if cand.activate is not None:
                         cand.activate()
@@ -325,6 +346,8 @@ class SuiteRunner:
                     scores = self._score(from_uint8(cand_u8), ref, [s.case.prompt for s in batch])
                     findings = _findings(raw, self.suite)
                     for i, sample in enumerate(batch):
+                        if sample.id not in todo[cand.name]:
+                            continue  # finished before an interruption; regenerated only to keep the batch
                         path = self.run_dir / "images" / cand.name / f"{sample.id}.png"
                         save_png(path, cand_u8[i])
                         writer.write(

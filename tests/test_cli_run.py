@@ -177,8 +177,9 @@ def test_bad_input_exits_2_and_writes_nothing(
 
 
 def test_bad_arguments_exit_2(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run"]) == 2  # neither a suite nor --resume
     with pytest.raises(SystemExit) as info:
-        main(["run"])
+        main(["run", SMOKE, "--no-such-option"])
     assert info.value.code == 2
     assert main(["run", SMOKE, "--device", "tpu", *FAST]) == 2
     assert "--device 'tpu'" in capsys.readouterr().err
