@@ -84,6 +84,13 @@ def load_yaml(path: str | Path, what: str) -> YamlDoc:
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read {what} file: {exc}", source=str(path)) from exc
     try:
+        # Aliases let a few lines expand exponentially ("billion laughs"); suites never need them.
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                line = event.start_mark.line + 1
+                raise InputError(
+                    f"YAML aliases (*{event.anchor}) are not allowed in a {what}", source=str(path), line=line
+                )
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

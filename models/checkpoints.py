@@ -119,10 +119,13 @@ def load_quantized_transformer(path: Path, reference: Any, device: torch.device)
 
 
 def is_comfy_scaled_fp8(path: Path) -> bool:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return any(k in (COMFY_MARKER, COMFY_PREFIX + COMFY_MARKER) for k in f.keys())
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return any(k in (COMFY_MARKER, COMFY_PREFIX + COMFY_MARKER) for k in f.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
 def import_comfy_scaled_fp8(path: Path, reference: Any, device: torch.device) -> tuple[Any, dict[str, str]]:
