@@ -87,7 +87,7 @@ def load_yaml(path: str | Path, what: str) -> YamlDoc:
         # Aliases let a few lines expand exponentially ("billion laughs"); suites never need them.
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             if isinstance(event, yaml.AliasEvent):
-                line = event.start_mark.line + 1
+                line = event.start_mark.line + 1 if event.start_mark else None
                 raise InputError(
                     f"YAML aliases (*{event.anchor}) are not allowed in a {what}", source=str(path), line=line
                 )
