@@ -31,7 +31,7 @@ cases:
 metrics: [psnr, ssim]
 detectors: [black_frame, nonfinite]
 gates:
-  - {metric: psnr, stat: mean, op: ">=", value: 45}
+  - {metric: psnr, stat: mean, op: ">=", value: 36}
   - {detector: nonfinite, stat: count, op: "==", value: 0}
 """
 
@@ -109,7 +109,7 @@ def test_sweep_ranks_the_planted_layer_first_and_search_keeps_it(
 
     found = load_policy(str(out))
     kept = [r.match for r in found.components["transformer"].rules if r.spec is None]
-    assert PLANTED in kept and len(kept) <= 2  # the planted layer, and at most tiny's sensitive proj_out
+    assert kept == [PLANTED]  # the planted layer alone; everything else goes to FP8
     assert "KEPT transformer_blocks.0.attn.to_out.0: only it in FP8 ->" in out.read_text()
 
     args = ["run", str(suite), "--model", str(outlier_model), "--no-mlflow", "--no-progress"]
