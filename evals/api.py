@@ -108,15 +108,14 @@ def execute(
     from evals.cache import ReferenceCache, default_cache_dir
     from evals.rundir import new_run_dir
     from evals.runner import SuiteRunner, git_commit
-    from evals.tracking import GuardedTracker, MlflowTracker, NullTracker
+    from evals.tracking import open_tracker
 
     names = [c.name for c in candidates]
     if len(set(names)) != len(names):
         raise InputError(f"two candidates share a name: {names}; policy and checkpoint names must be unique")
     suite, model = prepared.suite, prepared.model
     cache = ReferenceCache(request.cache_dir or default_cache_dir()) if request.use_cache else None
-    mlflow_tracker = MlflowTracker() if request.mlflow else None
-    tracker = NullTracker() if mlflow_tracker is None else GuardedTracker(mlflow_tracker)
+    tracker, mlflow_tracker = open_tracker(request.mlflow)
     run_dir = resume[0] if resume else new_run_dir(runs_dir or request.runs_dir, suite.name)
     print(f"run directory: {run_dir}{' (resumed)' if resume else ''}", file=sys.stderr)
     runner = SuiteRunner(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,6 +68,25 @@ def _finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return {k: (v if math.isfinite(v) or math.isnan(v) else math.copysign(1e9, v)) for k, v in metrics.items()}
 
 
+@contextmanager
+def sqlite_store_lock(tracking_uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a local sqlite store. MLflow creates and migrates the store on
+    first use; processes doing that at once corrupt it, and experiments get created twice."""
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class MlflowTracker:
     """Logs through `MlflowClient` with explicit run ids: no global active-run state."""
 
@@ -74,15 +95,18 @@ class MlflowTracker:
         from mlflow import MlflowClient
 
         self._mlflow = mlflow
-        self.client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+        with sqlite_store_lock(self.tracking_uri):
+            self.client = MlflowClient(tracking_uri=self.tracking_uri)
+            self.client.search_experiments(max_results=1)  # create and migrate the store now, under the lock
         self.parent_id: str | None = None
         self.experiment_id: str | None = None
         self.candidate_ids: dict[str, str] = {}
 
     def start_run(self, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
-        found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        with sqlite_store_lock(self.tracking_uri):
+            found = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.parent_id = run.info.run_id
         self._log_params(self.parent_id, params)
@@ -143,6 +167,22 @@ def _now_ms() -> int:
     import time
 
     return int(time.time() * 1000)
+
+
+def open_tracker(enabled: bool) -> tuple[Any, MlflowTracker | None]:
+    """(tracker for the run, the MLflow tracker or None). A store that cannot be opened costs the run
+    its MLflow view, with a warning, never the run itself."""
+    if not enabled:
+        return NullTracker(), None
+    try:
+        mlflow_tracker = MlflowTracker()
+    except Exception as exc:  # noqa: BLE001 - any store failure: the run directory still gets everything
+        print(
+            f"warning: MLflow is unavailable ({type(exc).__name__}: {exc}); results go to the run directory only",
+            file=sys.stderr,
+        )
+        return NullTracker(), None
+    return GuardedTracker(mlflow_tracker), mlflow_tracker
 
 
 class GuardedTracker:
