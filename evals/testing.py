@@ -34,11 +34,16 @@ class EvalsResult:
 
 
 def worst_samples(records: list[SampleRecord], metric: str = "psnr", count: int = 3) -> list[SampleRecord]:
-    direction = 1 if metric != "lpips" else -1  # lower PSNR/SSIM is worse; higher LPIPS is worse
-    scored = [r for r in records if metric in r.metrics]
-    return sorted(scored, key=lambda r: direction * (r.metrics[metric] if not math.isnan(r.metrics[metric]) else -1e9))[
-        :count
-    ]
+    """The `count` worst samples by `metric` (NaN counts as worst)."""
+    from evals.metrics import METRICS, OUTPUTS
+
+    higher_is_better = METRICS[OUTPUTS[metric]].higher_is_better
+
+    def badness(record: SampleRecord) -> float:
+        value = record.metrics[metric]
+        return math.inf if math.isnan(value) else (-value if higher_is_better else value)
+
+    return sorted((r for r in records if metric in r.metrics), key=badness, reverse=True)[:count]
 
 
 def _sample_line(record: SampleRecord, run_dir: Path) -> str:

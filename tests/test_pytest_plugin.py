@@ -152,3 +152,18 @@ def test_assert_images_close_names_each_image() -> None:
     assert "image 0" not in str(info.value)
     uint8 = (ref.permute(0, 2, 3, 1) * 255).round().byte().numpy()
     assert_images_close(uint8, uint8, ssim_min=0.99)  # HWC uint8 arrays work too
+
+
+def test_worst_samples_put_nan_first_whatever_the_direction() -> None:
+    import math
+
+    from evals.testing import worst_samples
+    from tests.test_records import record
+
+    recs = [record("p", f"s{i}-s0", v) for i, v in enumerate([40.0, math.nan, 30.0, 50.0])]
+    assert [r.sample_id for r in worst_samples(recs, "psnr")] == ["s1-s0", "s2-s0", "s0-s0"]
+    lpips = [
+        r.__class__(**{**r.__dict__, "metrics": {"lpips": v}})
+        for r, v in zip(recs, [0.1, math.nan, 0.3, 0.2], strict=True)
+    ]
+    assert [r.sample_id for r in worst_samples(lpips, "lpips", 2)] == ["s1-s0", "s2-s0"]
