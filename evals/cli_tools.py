@@ -137,7 +137,7 @@ def cmd_detect(args: argparse.Namespace) -> int:
         str(p): {n: f.to_dict() for n, f in run_detectors(img, list(DETECTORS)).items()} for p, img in images.items()
     }
     if args.json:
-        print(json.dumps(results, indent=2, default=bool))
+        print(json.dumps(results, indent=2))
         return 0
     for path, findings in results.items():
         flagged = [n for n, f in findings.items() if f["flagged"]]

@@ -29,6 +29,11 @@ class Finding:
     reason: str
     """One line a person can read: why it was flagged, or what was measured."""
 
+    def __post_init__(self) -> None:
+        # Detectors compute with NumPy; keep plain Python values so findings serialize as they are.
+        object.__setattr__(self, "flagged", bool(self.flagged))
+        object.__setattr__(self, "score", float(self.score))
+
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 

@@ -196,7 +196,7 @@ def from_uint8(images: np.ndarray) -> torch.Tensor:
 def _findings(raw: torch.Tensor, suite: Suite) -> list[dict[str, dict[str, Any]]]:
     hwc = raw.permute(0, 2, 3, 1).double().numpy()
     found = [run_detectors(img, suite.detectors, suite.detector_thresholds) for img in hwc]
-    return [{n: {**f.to_dict(), "flagged": bool(f.flagged)} for n, f in item.items()} for item in found]
+    return [{n: f.to_dict() for n, f in item.items()} for item in found]
 
 
 class SuiteRunner:
