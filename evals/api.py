@@ -96,6 +96,14 @@ def prepare(request: RunRequest, suite: Any = None) -> Prepared:
     return Prepared(suite, model, device, reference_dtype)
 
 
+def build_candidates(prepared: Prepared, policies: list[Any], checkpoints: list[Path]) -> list[Any]:
+    """Candidates from loaded policies (rule typos surface here) and from quantized checkpoint files."""
+    from evals.runner import build_candidate, candidate_from_checkpoint
+
+    candidates = [build_candidate(prepared.model, p, prepared.suite.generation) for p in policies]
+    return candidates + [candidate_from_checkpoint(prepared.model, path) for path in checkpoints]
+
+
 def execute(
     prepared: Prepared,
     candidates: list[Any],
@@ -156,7 +164,6 @@ def run_suite_file(request: RunRequest) -> tuple[Any, Any, str | None]:
 
     Every input is checked before any work or any file is written: an InputError leaves nothing.
     """
-    from evals.runner import build_candidate, candidate_from_checkpoint
     from evals.suite import load_suite
     from models.precision import load_policy
 
@@ -168,9 +175,7 @@ def run_suite_file(request: RunRequest) -> tuple[Any, Any, str | None]:
         )
     policies = [load_policy(name) for name in policy_names]
     prepared = prepare(request, suite)
-    model = prepared.model
-    candidates = [build_candidate(model, p, prepared.suite.generation) for p in policies]  # rule typos surface here
-    candidates += [candidate_from_checkpoint(model, path) for path in request.candidate_checkpoints]
+    candidates = build_candidates(prepared, policies, request.candidate_checkpoints)
     outcome, tracker = execute(prepared, candidates, request)
     return outcome, prepared.suite, tracker.tracking_uri if tracker else None
 
@@ -181,7 +186,6 @@ def resume_run(run_dir: Path, request: RunRequest) -> tuple[Any, Any, str | None
     import json
 
     from evals.records import drop_torn_tail, read_records
-    from evals.runner import build_candidate, candidate_from_checkpoint
     from evals.suite import load_suite
     from models.precision import load_policy
 
@@ -208,8 +212,8 @@ def resume_run(run_dir: Path, request: RunRequest) -> tuple[Any, Any, str | None
     prepared = prepare(request, suite)
     if prepared.model.fingerprint != run["model"]["fingerprint"]:
         raise InputError(f"--resume {run_dir}: the model's files changed since the run started")
-    candidates = [build_candidate(prepared.model, load_policy(p), suite.generation) for p in request.policies]
-    candidates += [candidate_from_checkpoint(prepared.model, p) for p in request.candidate_checkpoints]
+    policies = [load_policy(p) for p in request.policies]
+    candidates = build_candidates(prepared, policies, request.candidate_checkpoints)
     if sorted(c.policy_sha256 for c in candidates) != sorted(p["sha256"] for p in policies_info):
         raise InputError(f"--resume {run_dir}: a candidate's policy or checkpoint changed since the run started")
     records_path = run_dir / "records.jsonl"
