@@ -72,6 +72,8 @@ class Prepared:
     """Resolved device."""
     reference_dtype: str
     """Resolved reference dtype name."""
+    shard: Any = None
+    """This process's torchrun shard (`evals.distributed.Shard`)."""
 
 
 def prepare(request: RunRequest, suite: Any = None) -> Prepared:
@@ -85,7 +87,11 @@ def prepare(request: RunRequest, suite: Any = None) -> Prepared:
     for name, weights_file in request.weights.items():
         if not Path(weights_file).is_file():
             raise InputError(f"--weights {name}={weights_file}: no such file")
-    device = resolve_device(request.device)
+    from evals import distributed
+
+    shard = distributed.from_environment()
+    device = shard.device(resolve_device(request.device))
+    distributed.start(shard, device)
     from models.sources import load_source, resolved_dtype_name
 
     # Resolved (auto -> float32/bfloat16) so the cache key and run.json say what really ran.
@@ -93,7 +99,7 @@ def prepare(request: RunRequest, suite: Any = None) -> Prepared:
     model = load_source(
         request.model or suite.model, reference_dtype, device, config=request.model_config, drop_t5=request.no_t5
     )
-    return Prepared(suite, model, device, reference_dtype)
+    return Prepared(suite, model, device, reference_dtype, shard)
 
 
 def build_candidates(prepared: Prepared, policies: list[Any], checkpoints: list[Path]) -> list[Any]:
@@ -121,11 +127,20 @@ def execute(
     names = [c.name for c in candidates]
     if len(set(names)) != len(names):
         raise InputError(f"two candidates share a name: {names}; policy and checkpoint names must be unique")
-    suite, model = prepared.suite, prepared.model
+    suite, model, shard = prepared.suite, prepared.model, prepared.shard
     cache = ReferenceCache(request.cache_dir or default_cache_dir()) if request.use_cache else None
-    tracker, mlflow_tracker = open_tracker(request.mlflow)
-    run_dir = resume[0] if resume else new_run_dir(runs_dir or request.runs_dir, suite.name)
-    print(f"run directory: {run_dir}{' (resumed)' if resume else ''}", file=sys.stderr)
+    # Only rank 0 writes the run directory and talks to MLflow; the others compute and send.
+    tracker, mlflow_tracker = open_tracker(request.mlflow and shard.main)
+    if resume:
+        run_dir, done = resume[0], shard.broadcast(resume[1] if shard.main else None)
+    else:
+        run_dir, done = (
+            Path(shard.broadcast(str(new_run_dir(runs_dir or request.runs_dir, suite.name)) if shard.main else None)),
+            None,
+        )
+    if shard.main:
+        workers = f" ({shard.world} processes)" if shard.active else ""
+        print(f"run directory: {run_dir}{' (resumed)' if resume else ''}{workers}", file=sys.stderr)
     runner = SuiteRunner(
         suite,
         model,
@@ -137,7 +152,8 @@ def execute(
         prepared.reference_dtype,
         progress=request.progress,
         weights=request.weights,
-        done=resume[1] if resume else None,
+        done=done,
+        shard=shard,
     )
     params = {
         "suite": suite.name,
@@ -154,8 +170,14 @@ def execute(
     try:
         outcome = runner.run(params, tags)
     except BaseException:
-        print(f"error: the run broke; every finished sample is in {run_dir / 'records.jsonl'}", file=sys.stderr)
+        if shard.main:
+            print(f"error: the run broke; every finished sample is in {run_dir / 'records.jsonl'}", file=sys.stderr)
         raise
+    if shard.active:  # every rank leaves with rank 0's outcome, hence the same exit code
+        from evals import distributed
+
+        outcome = shard.broadcast(outcome)
+        distributed.stop(shard)
     return outcome, mlflow_tracker
 
 

@@ -221,6 +221,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         outcome, suite, tracking_uri = resume_run(args.resume, request)
     else:
         outcome, suite, tracking_uri = run_suite_file(request)
+    from evals.distributed import from_environment
+
+    if not from_environment().main:  # rank 0 reports; under torchrun the others only share its exit code
+        return int(outcome.verdict.exit_code)
     print(gate_table_text(outcome.run_dir))
     total = len(suite.samples())
     print(

@@ -20,8 +20,10 @@ import torch
 
 from evals.cache import ReferenceCache, reference_key
 from evals.detectors import run_detectors
+from evals.distributed import Shard
 from evals.gates import Verdict, evaluate_gates
 from evals.metrics import load_metric
+from evals.publish import candidate_params, mark_logged, publish_results
 from evals.records import PolicySummary, RecordsWriter, SampleRecord, read_records, summarize, summary_to_json
 from evals.rundir import save_png, write_atomic, write_json
 from evals.suite import Generation, Sample, Suite
@@ -53,6 +55,20 @@ class Candidate:
     @property
     def backends(self) -> str:
         return backend_summary(self.plan)
+
+
+@dataclass
+class BatchResult:
+    """One batch's work, as a torchrun shard sends it to rank 0."""
+
+    ids: list[str]
+    """Sample ids of the batch, in order."""
+    reference: list[np.ndarray] = field(default_factory=list)
+    """Reference images (HWC uint8) of the batch; empty when nothing was left to do."""
+    samples: list[tuple[np.ndarray, SampleRecord]] = field(default_factory=list)
+    """(candidate image, its record) for each unfinished sample of each candidate."""
+    reference_generated: int = 0
+    candidate_generated: int = 0
 
 
 @dataclass
@@ -213,7 +229,9 @@ class SuiteRunner:
         progress: bool = True,
         weights: dict[str, str] | None = None,
         done: set[tuple[str, str]] | None = None,
+        shard: Shard | None = None,
     ):
+        self.shard = shard or Shard()
         self.suite = suite
         self.model = model
         self.candidates = candidates
@@ -238,7 +256,7 @@ class SuiteRunner:
         self.candidate_generated = 0
         self.done = done  # (policy, sample id) already in records.jsonl: resuming; None for a new run
 
-    def _write_run_json(self) -> None:
+    def _write_run_json(self, tracking: dict[str, Any]) -> None:
         write_json(
             self.run_dir / "run.json",
             {
@@ -260,6 +278,7 @@ class SuiteRunner:
                 "git_commit": git_commit(),
                 "samples": len(self.suite.samples()),
                 "unavailable_metrics": self.unavailable,
+                "tracking": tracking,  # what MLflow was given, so that `evals log` can give it again
             },
         )
         for c in self.candidates:
@@ -267,8 +286,8 @@ class SuiteRunner:
             if c.calibration is not None:  # the static scales, beside the policy's output
                 write_json(self.run_dir / "calibration" / f"{c.name}.json", c.calibration)
 
-    def _reference_batch(self, batch: list[Sample]) -> tuple[np.ndarray, list[dict[str, Any]]]:
-        """Reference images (8-bit) and their detector findings, from the cache or generated."""
+    def _reference_batch(self, batch: list[Sample]) -> tuple[np.ndarray, list[dict[str, Any]], int]:
+        """Reference images (8-bit), their detector findings, and how many were generated (not cached)."""
         keys = [
             reference_key(
                 fingerprint=self.model.fingerprint,
@@ -283,14 +302,13 @@ class SuiteRunner:
         ]
         hits = [self.cache.get(k) for k in keys] if self.cache else [None] * len(batch)
         if all(h is not None for h in hits):
-            return np.stack([h[0] for h in hits if h]), [h[1]["detectors"] for h in hits if h]
+            return np.stack([h[0] for h in hits if h]), [h[1]["detectors"] for h in hits if h], 0
         raw = generate(self.model.pipeline, batch, self.suite.generation)
-        self.reference_generated += len(batch)
         images, findings = to_uint8(raw), _findings(raw, self.suite)
         if self.cache:
             for key, image, found in zip(keys, images, findings, strict=True):
                 self.cache.put(key, image, {"detectors": found})
-        return images, findings
+        return images, findings, len(batch)
 
     def _score(self, cand: torch.Tensor, ref: torch.Tensor, prompts: list[str]) -> dict[str, list[float]]:
         scores: dict[str, list[float]] = {}
@@ -298,78 +316,97 @@ class SuiteRunner:
             scores.update({name: values.tolist() for name, values in metric(cand, ref, prompts).items()})
         return scores
 
-    def run(self, tracker_params: dict[str, Any], tracker_tags: dict[str, str]) -> RunOutcome:
+    def run(self, tracker_params: dict[str, Any], tracker_tags: dict[str, str]) -> RunOutcome | None:
+        """Run every unfinished sample; on a torchrun shard other than rank 0, compute only and
+        return None (rank 0 writes everything)."""
+        from contextlib import nullcontext
+
         from tqdm import tqdm
 
-        if self.done is None:
-            self._write_run_json()
-        self.tracker.start_run(self.suite.name, self.run_dir.name, tracker_params, tracker_tags)
-        for c in self.candidates:
-            self.tracker.start_candidate(
-                c.name, {"policy": c.name, "policy_sha256": c.policy_sha256, "backend": c.backends, **tracker_params}
-            )
+        shard = self.shard
+        if shard.main:
+            if self.done is None:
+                self._write_run_json({"params": tracker_params, "tags": tracker_tags})
+            self.tracker.start_run(self.suite.name, self.run_dir.name, tracker_params, tracker_tags)
+            for c in self.candidates:
+                self.tracker.start_candidate(
+                    c.name, candidate_params(c.name, c.policy_sha256, c.backends, tracker_params)
+                )
         batches = self.suite.batches()
         bar = tqdm(
             total=len(batches) * (1 + len(self.candidates)),
             unit="batch",
-            disable=not self.progress,
-            desc=f"{self.suite.name}",
+            disable=not (self.progress and shard.main),
+            desc=f"{self.suite.name}" + (f" ({shard.world} processes)" if shard.active else ""),
         )
         records_path = self.run_dir / "records.jsonl"
-        with RecordsWriter(records_path) as writer:
-            for batch in batches:
-                done = self.done or set()
-                todo = {c.name: {s.id for s in batch if (c.name, s.id) not in done} for c in self.candidates}
-                if not any(todo.values()):
-                    bar.update(1 + len(self.candidates))
-                    continue
-                bar.set_postfix_str("reference")
-                ref_u8, ref_findings = self._reference_batch(batch)
-                ref_paths = [self.run_dir / "images" / "ref" / f"{s.id}.png" for s in batch]
-                for path, image, sample in zip(ref_paths, ref_u8, batch, strict=True):
-                    save_png(path, image)
-                    self.tracker.log_reference_image(sample.id, path)
-                bar.update()
-                ref = from_uint8(ref_u8)
-                for cand in self.candidates:
-                    if not todo[cand.name]:
-                        bar.update()
-                        continue
-                    bar.set_postfix_str(cand.name)
-                    if cand.activate is not None:
-                        cand.activate()
-                    start = time.perf_counter()
-                    raw = generate(cand.pipeline, batch, self.suite.generation)
-                    seconds = (time.perf_counter() - start) / len(batch)
-                    self.candidate_generated += len(batch)
-                    cand_u8 = to_uint8(raw)
-                    scores = self._score(from_uint8(cand_u8), ref, [s.case.prompt for s in batch])
-                    findings = _findings(raw, self.suite)
-                    for i, sample in enumerate(batch):
-                        if sample.id not in todo[cand.name]:
-                            continue  # finished before an interruption; regenerated only to keep the batch
-                        path = self.run_dir / "images" / cand.name / f"{sample.id}.png"
-                        save_png(path, cand_u8[i])
-                        writer.write(
-                            SampleRecord(
-                                policy=cand.name,
-                                sample_id=sample.id,
-                                case_id=sample.case.id,
-                                prompt=sample.case.prompt,
-                                seed=sample.seed,
-                                tags=sample.case.tags,
-                                metrics={m: v[i] for m, v in scores.items()},
-                                detectors=findings[i],
-                                reference_detectors=ref_findings[i],
-                                image=path.relative_to(self.run_dir).as_posix(),
-                                reference_image=ref_paths[i].relative_to(self.run_dir).as_posix(),
-                                seconds_per_image=seconds,
-                            )
-                        )
-                        self.tracker.log_candidate_image(cand.name, sample.id, path)
-                    bar.update()
+        with RecordsWriter(records_path) if shard.main else nullcontext() as writer:
+            for first in range(0, len(batches), shard.world):
+                index = first + shard.rank
+                mine = self._compute(batches[index]) if index < len(batches) else None
+                for result in shard.gather(mine):
+                    if result is not None and writer is not None:
+                        self._store(result, writer)
+                        bar.update(1 + len(self.candidates))
         bar.close()
-        return self._finish(records_path)
+        return self._finish(records_path) if shard.main else None
+
+    def _compute(self, batch: list[Sample]) -> BatchResult:
+        """Reference and candidate images of one batch, scored; nothing written."""
+        done = self.done or set()
+        todo = {c.name: {s.id for s in batch if (c.name, s.id) not in done} for c in self.candidates}
+        result = BatchResult(ids=[s.id for s in batch])
+        if not any(todo.values()):
+            return result
+        ref_u8, ref_findings, result.reference_generated = self._reference_batch(batch)
+        result.reference = list(ref_u8)
+        ref_paths = [f"images/ref/{s.id}.png" for s in batch]
+        ref = from_uint8(ref_u8)
+        for cand in self.candidates:
+            if not todo[cand.name]:
+                continue
+            if cand.activate is not None:
+                cand.activate()
+            start = time.perf_counter()
+            raw = generate(cand.pipeline, batch, self.suite.generation)
+            seconds = (time.perf_counter() - start) / len(batch)
+            result.candidate_generated += len(batch)
+            cand_u8 = to_uint8(raw)
+            scores = self._score(from_uint8(cand_u8), ref, [s.case.prompt for s in batch])
+            findings = _findings(raw, self.suite)
+            for i, sample in enumerate(batch):
+                if sample.id not in todo[cand.name]:
+                    continue  # finished before an interruption; regenerated only to keep the batch
+                record = SampleRecord(
+                    policy=cand.name,
+                    sample_id=sample.id,
+                    case_id=sample.case.id,
+                    prompt=sample.case.prompt,
+                    seed=sample.seed,
+                    tags=sample.case.tags,
+                    metrics={m: v[i] for m, v in scores.items()},
+                    detectors=findings[i],
+                    reference_detectors=ref_findings[i],
+                    image=f"images/{cand.name}/{sample.id}.png",
+                    reference_image=ref_paths[i],
+                    seconds_per_image=seconds,
+                )
+                result.samples.append((cand_u8[i], record))
+        return result
+
+    def _store(self, result: BatchResult, writer: RecordsWriter) -> None:
+        """Images, then records (a record never points at a missing image), then MLflow."""
+        self.reference_generated += result.reference_generated
+        self.candidate_generated += result.candidate_generated
+        for sample_id, image in zip(result.ids, result.reference, strict=False):
+            path = self.run_dir / "images" / "ref" / f"{sample_id}.png"
+            save_png(path, image)
+            self.tracker.log_reference_image(sample_id, path)
+        for image, record in result.samples:
+            path = self.run_dir / record.image
+            save_png(path, image)
+            writer.write(record)
+            self.tracker.log_candidate_image(record.policy, record.sample_id, path)
 
     def _finish(self, records_path: Path) -> RunOutcome:
         records = list(read_records(records_path))
@@ -380,29 +417,14 @@ class SuiteRunner:
         from reports.render import write_summary_markdown
 
         write_summary_markdown(self.run_dir)
-        for cand in self.candidates:
-            mine = [r for r in records if r.policy == cand.name]
-            table: dict[str, list[Any]] = {
-                "sample_id": [r.sample_id for r in mine],
-                "case_id": [r.case_id for r in mine],
-                "seed": [r.seed for r in mine],
-                "prompt": [r.prompt for r in mine],
-                **{m: [r.metrics.get(m) for r in mine] for m in sorted({k for r in mine for k in r.metrics})},
-                **{f"{d}_flagged": [bool(r.detectors[d]["flagged"]) for r in mine] for d in self.suite.detectors},
-                "image": [r.image for r in mine],
-                "reference_image": [r.reference_image for r in mine],
-            }
-            passed = all(r.passed for r in verdict.results if r.policy == cand.name)
-            summary = summaries.get(cand.name)
-            self.tracker.finish_candidate(
-                cand.name,
-                summary.flat() if summary else {},
-                table,
-                [self.run_dir / "plans" / f"{cand.name}.json"],
-                {"verdict": "pass" if passed else "fail"},
-            )
-        artifacts = [
-            self.run_dir / n for n in ("run.json", "records.jsonl", "summary.json", "verdict.json", "summary.md")
-        ]
-        self.tracker.finish_run(artifacts, {"verdict": "pass" if verdict.passed else "fail"}, failed=False)
+        publish_results(
+            self.tracker,
+            self.run_dir,
+            [c.name for c in self.candidates],
+            self.suite.detectors,
+            records,
+            summaries,
+            verdict.to_dict(),
+        )
+        mark_logged(self.run_dir, self.tracker)
         return RunOutcome(self.run_dir, summaries, verdict, self.reference_generated, self.candidate_generated)
