@@ -109,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
         "fetch-weights", help="download LPIPS trunks and CLIP weights into the standard caches (needs network)"
     )
 
+    log = sub.add_parser(
+        "log", help="log a finished run directory to MLflow (when MLflow was unreachable during the run)"
+    )
+    log.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="e.g. runs/20261125T101500Z-smoke")
+    log.add_argument("--force", action="store_true", help="log it even if it is already in MLflow")
+
     validate = sub.add_parser("validate", help="check suites and policies without running anything")
     validate.add_argument("files", nargs="+", type=Path, help="suite or policy YAML files")
     return parser
@@ -237,6 +243,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return exit_code
 
 
+def cmd_log(args: argparse.Namespace) -> int:
+    from evals.publish import log_run_dir
+
+    uri, run_id = log_run_dir(args.run_dir, force=args.force)
+    print(f"logged {args.run_dir} to {uri} as run {run_id}")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from evals.suite import load_suite
     from evals.yamlspec import load_yaml
@@ -271,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "run": cmd_run,
         "validate": cmd_validate,
+        "log": cmd_log,
         "quantize": cmd_quantize,
         "policy": cmd_policy,
         "sensitivity": cmd_sensitivity,

@@ -178,7 +178,8 @@ def open_tracker(enabled: bool) -> tuple[Any, MlflowTracker | None]:
         mlflow_tracker = MlflowTracker()
     except Exception as exc:  # noqa: BLE001 - any store failure: the run directory still gets everything
         print(
-            f"warning: MLflow is unavailable ({type(exc).__name__}: {exc}); results go to the run directory only",
+            f"warning: MLflow is unavailable ({type(exc).__name__}: {exc}); results go to the run directory "
+            "only; `evals log RUN_DIR` uploads them later",
             file=sys.stderr,
         )
         return NullTracker(), None
@@ -204,7 +205,7 @@ class GuardedTracker:
                 self.failed = f"{type(exc).__name__}: {exc}"
                 print(
                     f"warning: MLflow logging failed and is off for the rest of this run ({self.failed}); "
-                    "results are complete in the run directory",
+                    "results are complete in the run directory; `evals log RUN_DIR` uploads them later",
                     file=sys.stderr,
                 )
                 return None

@@ -54,3 +54,39 @@ def test_an_unreachable_tracking_server_costs_only_the_mlflow_view(
     (run_dir,) = (workdir / "runs").iterdir()
     assert len((run_dir / "records.jsonl").read_text().splitlines()) == 16
     assert json.loads((run_dir / "verdict.json").read_text())["passed"]
+    assert not (run_dir / "mlflow.json").exists()  # never reached MLflow
+
+    # Later, with a store that works: `evals log` gives MLflow the whole run, once.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir / 'later.db'}")
+    assert main(["log", str(run_dir)]) == 0
+    logged = json.loads((run_dir / "mlflow.json").read_text())
+    from mlflow import MlflowClient
+
+    client = MlflowClient(logged["tracking_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    (child,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.run_id == logged["run_id"] and parent.data.tags["verdict"] == "pass"
+    assert parent.data.params["suite"] == "smoke" and parent.data.tags["logged_later"] == "true"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert child.data.metrics["psnr_mean"] == pytest.approx(
+        summary["policies"]["fp8-e4m3-rowwise"]["metrics"]["psnr"]["mean"]
+    )
+    assert len(client.list_artifacts(child.info.run_id, "images")) >= 16
+    assert len(client.list_artifacts(parent.info.run_id, "images")) >= 16
+    assert "samples.json" in {a.path for a in client.list_artifacts(child.info.run_id)}
+
+    capsys.readouterr()
+    assert main(["log", str(run_dir)]) == 2  # a second upload would duplicate the run
+    assert "already in MLflow as run" in capsys.readouterr().err
+    assert main(["log", str(run_dir), "--force"]) == 0
+    assert len(client.search_runs([client.get_experiment_by_name("smoke").experiment_id])) == 4
+
+
+def test_log_refuses_an_unfinished_run(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = workdir / "runs" / "20260101T000000Z-smoke"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text("{}")
+    assert main(["log", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert "verdict.json is missing" in err and "--resume" in err
