@@ -69,6 +69,8 @@ class BatchResult:
     """(candidate image, its record) for each unfinished sample of each candidate."""
     reference_generated: int = 0
     candidate_generated: int = 0
+    notes: list[str] = field(default_factory=list)
+    """Warnings raised while computing it (batch halved on out-of-memory)."""
 
 
 @dataclass
@@ -254,6 +256,9 @@ class SuiteRunner:
                 print(f"warning: metric {name} unavailable: {exc}", file=sys.stderr)
         self.reference_generated = 0
         self.candidate_generated = 0
+        self.images_per_call: int | None = None  # set below the batch size after a CUDA out-of-memory
+        self.notes: list[str] = []  # what this process had to change (halved batches)
+        self.run_notes: list[str] = []  # rank 0: the notes of every process, for the report
         self.done = done  # (policy, sample id) already in records.jsonl: resuming; None for a new run
 
     def _write_run_json(self, tracking: dict[str, Any]) -> None:
@@ -303,12 +308,30 @@ class SuiteRunner:
         hits = [self.cache.get(k) for k in keys] if self.cache else [None] * len(batch)
         if all(h is not None for h in hits):
             return np.stack([h[0] for h in hits if h]), [h[1]["detectors"] for h in hits if h], 0
-        raw = generate(self.model.pipeline, batch, self.suite.generation)
+        raw = self._generate(self.model.pipeline, batch)
         images, findings = to_uint8(raw), _findings(raw, self.suite)
         if self.cache:
             for key, image, found in zip(keys, images, findings, strict=True):
                 self.cache.put(key, image, {"detectors": found})
         return images, findings, len(batch)
+
+    def _generate(self, pipe: Any, batch: list[Sample]) -> torch.Tensor:
+        """`generate`, halving the number of images per call on CUDA out-of-memory (and keeping the
+        smaller size for the rest of the run, reference and candidates alike)."""
+        while True:
+            size = min(self.images_per_call or len(batch), len(batch))
+            try:
+                parts = [generate(pipe, batch[i : i + size], self.suite.generation) for i in range(0, len(batch), size)]
+                return torch.cat(parts)
+            except torch.cuda.OutOfMemoryError:
+                if size == 1:
+                    raise
+                self.images_per_call = size // 2
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                note = f"CUDA out of memory generating {size} images at once: halved to {size // 2} and retried"
+                print(f"warning: {note}", file=sys.stderr)
+                self.notes.append(note)
 
     def _score(self, cand: torch.Tensor, ref: torch.Tensor, prompts: list[str]) -> dict[str, list[float]]:
         scores: dict[str, list[float]] = {}
@@ -358,6 +381,7 @@ class SuiteRunner:
         result = BatchResult(ids=[s.id for s in batch])
         if not any(todo.values()):
             return result
+        noted = len(self.notes)
         ref_u8, ref_findings, result.reference_generated = self._reference_batch(batch)
         result.reference = list(ref_u8)
         ref_paths = [f"images/ref/{s.id}.png" for s in batch]
@@ -368,7 +392,7 @@ class SuiteRunner:
             if cand.activate is not None:
                 cand.activate()
             start = time.perf_counter()
-            raw = generate(cand.pipeline, batch, self.suite.generation)
+            raw = self._generate(cand.pipeline, batch)
             seconds = (time.perf_counter() - start) / len(batch)
             result.candidate_generated += len(batch)
             cand_u8 = to_uint8(raw)
@@ -392,12 +416,14 @@ class SuiteRunner:
                     seconds_per_image=seconds,
                 )
                 result.samples.append((cand_u8[i], record))
+        result.notes = self.notes[noted:]
         return result
 
     def _store(self, result: BatchResult, writer: RecordsWriter) -> None:
         """Images, then records (a record never points at a missing image), then MLflow."""
         self.reference_generated += result.reference_generated
         self.candidate_generated += result.candidate_generated
+        self.run_notes.extend(result.notes)
         for sample_id, image in zip(result.ids, result.reference, strict=False):
             path = self.run_dir / "images" / "ref" / f"{sample_id}.png"
             save_png(path, image)
@@ -414,6 +440,8 @@ class SuiteRunner:
         verdict = evaluate_gates(summaries, self.suite.gates, [c.name for c in self.candidates], self.unavailable)
         write_atomic(self.run_dir / "summary.json", summary_to_json(summaries) + "\n")
         write_json(self.run_dir / "verdict.json", verdict.to_dict())
+        if self.run_notes:
+            write_json(self.run_dir / "notes.json", self.run_notes)
         from reports.render import write_summary_markdown
 
         write_summary_markdown(self.run_dir)

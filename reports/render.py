@@ -75,6 +75,9 @@ def write_summary_markdown(run_dir: Path) -> Path:
         metrics = ", ".join(f"{m} mean {_fmt(v['mean'])}" for m, v in s.get("metrics", {}).items())
         flagged = ", ".join(f"{d} {int(v['count'])}" for d, v in s.get("detectors", {}).items())
         lines.append(f"- **{policy['name']}** (backend {policy['backends']}): {metrics}; flagged: {flagged or 'none'}")
+    notes_file = run_dir / "notes.json"
+    if notes_file.is_file():
+        lines += ["", "## Notes", "", *(f"- {note}" for note in json.loads(notes_file.read_text()))]
     path = run_dir / "summary.md"
     from evals.rundir import write_atomic
 
