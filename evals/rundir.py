@@ -1,7 +1,8 @@
 """The run directory: the source of truth of a run (MLflow is a view of it).
 
 runs/<utc-stamp>-<suite>/ run.json, records.jsonl, images/ref/, images/<policy>/, plans/,
-summary.json, verdict.json, summary.md. Every JSON file is written atomically.
+summary.json, verdict.json, summary.md; notes.json (what the run had to change) and mlflow.json
+(where MLflow holds it) when there is something to say. Every JSON file is written atomically.
 """
 
 from __future__ import annotations
