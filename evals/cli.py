@@ -109,6 +109,27 @@ def _parser() -> argparse.ArgumentParser:
         "fetch-weights", help="download LPIPS trunks and CLIP weights into the standard caches (needs network)"
     )
 
+    bench = sub.add_parser("bench", help="step latency, memory and compile time of the reference and FP8 candidates")
+    bench.add_argument(
+        "--model",
+        required=True,
+        help="`tiny`, a diffusers folder, or an architecture folder such as models/configs/sd35-large (random weights)",
+    )
+    bench.add_argument(
+        "--policy", action="append", default=[], metavar="POLICY", help="candidate policy (default fp8-e4m3-rowwise)"
+    )
+    bench.add_argument("--resolution", type=int, default=1024, help="image side in pixels (default 1024)")
+    bench.add_argument("--batch", type=int, default=2, help="batch the transformer sees per step (default 2)")
+    bench.add_argument("--steps", type=int, default=28, help="denoising steps of the whole-pipeline timing")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed calls after the first (default 3)")
+    bench.add_argument("--iters", type=int, default=10, help="timed transformer steps (default 10)")
+    bench.add_argument("--compile", default="blocks", choices=("blocks", "none"), help="compile each block, or eager")
+    bench.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
+    bench.add_argument("--reference-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    bench.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where the bench directory goes")
+    bench.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    bench.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+
     log = sub.add_parser(
         "log", help="log a finished run directory to MLflow (when MLflow was unreachable during the run)"
     )
@@ -237,6 +258,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"reference images generated: {outcome.reference_generated} "
         f"({total - outcome.reference_generated} from the cache), candidate images: {outcome.candidate_generated}"
     )
+    timings = outcome.run_dir / "timings.json"
+    if timings.is_file():
+        import json
+
+        parts = json.loads(timings.read_text())
+        print("time: " + ", ".join(f"{part} {seconds:.1f} s" for part, seconds in parts.items()))
     if tracking_uri is not None:
         print(f"MLflow: experiment {suite.name!r} at {tracking_uri} (`mlflow ui` to browse)")
     exit_code: int = outcome.verdict.exit_code
@@ -272,6 +299,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from evals.cli_tools import (
+        cmd_bench,
         cmd_compare_images,
         cmd_detect,
         cmd_doctor,
@@ -286,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": cmd_run,
         "validate": cmd_validate,
         "log": cmd_log,
+        "bench": cmd_bench,
         "quantize": cmd_quantize,
         "policy": cmd_policy,
         "sensitivity": cmd_sensitivity,

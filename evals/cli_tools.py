@@ -238,3 +238,45 @@ def cmd_fetch_weights(args: argparse.Namespace) -> int:
         )
         return EXIT_CRASHED
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from evals.api import resolve_device
+    from evals.bench import BenchSetup, ratios, run_bench
+    from evals.rundir import new_run_dir, write_atomic, write_json
+    from reports.render import bench_markdown
+
+    for key in ("resolution", "batch", "steps", "warmup", "iters"):
+        if getattr(args, key) < (0 if key == "warmup" else 1):
+            raise InputError(f"--{key} {getattr(args, key)}: expected a positive integer")
+    if args.resolution % 16:
+        raise InputError(f"--resolution {args.resolution}: expected a multiple of 16 (latents are 1/8, patches 2)")
+    setup = BenchSetup(args.resolution, args.batch, args.warmup, args.iters, args.steps, args.compile)
+    device = resolve_device(args.device)
+    results = run_bench(args.model, args.policy or ["fp8-e4m3-rowwise"], setup, device, args.reference_dtype)
+    from evals.runner import environment
+
+    report = {
+        "model": args.model,
+        "setup": dataclasses.asdict(setup),
+        "environment": environment(device),
+        "results": [dataclasses.asdict(r) for r in results],
+        "ratios": ratios(results),
+    }
+    out_dir = new_run_dir(args.runs_dir, "bench")
+    write_json(out_dir / "bench.json", report)
+    write_atomic(out_dir / "bench.md", bench_markdown(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(bench_markdown(report))
+    print(f"written: {out_dir}/bench.json, bench.md")
+    if not args.no_mlflow:
+        from evals.tracking import log_bench
+
+        uri = log_bench(report, out_dir)
+        if uri:
+            print(f"MLflow: experiment 'bench' at {uri}")
+    return 0

@@ -10,7 +10,8 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,6 +219,16 @@ def _findings(raw: torch.Tensor, suite: Suite) -> list[dict[str, dict[str, Any]]
 
 
 class SuiteRunner:
+    @contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        """Add the block's wall time to `self.seconds[part]` (GPU work is synchronous at its end:
+        images and scores come back to the CPU)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
+
     def __init__(
         self,
         suite: Suite,
@@ -256,6 +267,7 @@ class SuiteRunner:
                 print(f"warning: metric {name} unavailable: {exc}", file=sys.stderr)
         self.reference_generated = 0
         self.candidate_generated = 0
+        self.seconds: dict[str, float] = {}  # where this process's time went: generation, metrics, ...
         self.images_per_call: int | None = None  # set below the batch size after a CUDA out-of-memory
         self.notes: list[str] = []  # what this process had to change (halved batches)
         self.run_notes: list[str] = []  # rank 0: the notes of every process, for the report
@@ -309,7 +321,8 @@ class SuiteRunner:
         if all(h is not None for h in hits):
             return np.stack([h[0] for h in hits if h]), [h[1]["detectors"] for h in hits if h], 0
         raw = self._generate(self.model.pipeline, batch)
-        images, findings = to_uint8(raw), _findings(raw, self.suite)
+        with self._timed("detectors"):
+            images, findings = to_uint8(raw), _findings(raw, self.suite)
         if self.cache:
             for key, image, found in zip(keys, images, findings, strict=True):
                 self.cache.put(key, image, {"detectors": found})
@@ -321,8 +334,11 @@ class SuiteRunner:
         while True:
             size = min(self.images_per_call or len(batch), len(batch))
             try:
-                parts = [generate(pipe, batch[i : i + size], self.suite.generation) for i in range(0, len(batch), size)]
-                return torch.cat(parts)
+                with self._timed("generation"):
+                    parts = [
+                        generate(pipe, batch[i : i + size], self.suite.generation) for i in range(0, len(batch), size)
+                    ]
+                    return torch.cat(parts)
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise
@@ -369,10 +385,14 @@ class SuiteRunner:
                 mine = self._compute(batches[index]) if index < len(batches) else None
                 for result in shard.gather(mine):
                     if result is not None and writer is not None:
-                        self._store(result, writer)
+                        with self._timed("writing"):
+                            self._store(result, writer)
                         bar.update(1 + len(self.candidates))
         bar.close()
-        return self._finish(records_path) if shard.main else None
+        if not shard.main:
+            return None
+        with self._timed("writing"):
+            return self._finish(records_path)
 
     def _compute(self, batch: list[Sample]) -> BatchResult:
         """Reference and candidate images of one batch, scored; nothing written."""
@@ -396,8 +416,10 @@ class SuiteRunner:
             seconds = (time.perf_counter() - start) / len(batch)
             result.candidate_generated += len(batch)
             cand_u8 = to_uint8(raw)
-            scores = self._score(from_uint8(cand_u8), ref, [s.case.prompt for s in batch])
-            findings = _findings(raw, self.suite)
+            with self._timed("metrics"):
+                scores = self._score(from_uint8(cand_u8), ref, [s.case.prompt for s in batch])
+            with self._timed("detectors"):
+                findings = _findings(raw, self.suite)
             for i, sample in enumerate(batch):
                 if sample.id not in todo[cand.name]:
                     continue  # finished before an interruption; regenerated only to keep the batch
@@ -442,6 +464,7 @@ class SuiteRunner:
         write_json(self.run_dir / "verdict.json", verdict.to_dict())
         if self.run_notes:
             write_json(self.run_dir / "notes.json", self.run_notes)
+        write_json(self.run_dir / "timings.json", {k: round(v, 3) for k, v in self.seconds.items()})
         from reports.render import write_summary_markdown
 
         write_summary_markdown(self.run_dir)

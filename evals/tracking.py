@@ -211,3 +211,28 @@ class GuardedTracker:
                 return None
 
         return guarded
+
+
+def log_bench(report: dict[str, Any], out_dir: Path) -> str | None:
+    """One MLflow run in experiment `bench`: every variant's figures as `<variant>/<figure>` metrics."""
+    try:
+        tracker = MlflowTracker()
+        params = {"model": report["model"], **report["setup"], "device_kind": report["environment"]["device_kind"]}
+        tracker.start_run("bench", out_dir.name, params, {"run_dir": str(out_dir)})
+        assert tracker.parent_id is not None
+        metrics: dict[str, float] = {}
+        for r in report["results"]:
+            for key in ("step_ms", "compile_s", "weights_gib", "peak_gib", "pipeline_s_per_image"):
+                if r[key] is not None:
+                    metrics[f"{r['name']}/{key}"] = float(r[key])
+        for name, ratio in report["ratios"].items():
+            metrics.update({f"{name}/{k}": v for k, v in ratio.items()})
+        from mlflow.entities import Metric
+
+        stamp = _now_ms()
+        tracker.client.log_batch(tracker.parent_id, metrics=[Metric(k, v, stamp, 0) for k, v in metrics.items()])
+        tracker.finish_run([out_dir / "bench.json", out_dir / "bench.md"], {}, failed=False)
+        return tracker.tracking_uri
+    except Exception as exc:  # noqa: BLE001 - the figures are in the bench directory either way
+        print(f"warning: MLflow logging failed ({type(exc).__name__}: {exc}); see {out_dir}", file=sys.stderr)
+        return None

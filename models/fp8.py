@@ -35,6 +35,9 @@ class Fp8Spec:
     """auto, scaled_mm, emulated or weight_only; auto picks the fastest that runs here."""
     block_size: int = 128
     """Side of the square weight tiles that share a scale, for weights: per_block."""
+    fast_accum: bool = False
+    """Let the FP8 GEMM accumulate in its faster, less precise mode (Hopper's `use_fast_accum`);
+    scaled_mm backend only, no effect elsewhere."""
 
 
 def fp8_max(fmt: str) -> float:
@@ -215,6 +218,7 @@ class Fp8Linear(nn.Module):
                 scale_a=x_scale.expand(xq.shape[0], 1).contiguous(),
                 scale_b=self.weight_scale.expand(self.out_features, 1).reshape(1, -1).contiguous(),
                 out_dtype=_out_dtype(x.dtype),
+                use_fast_accum=self.spec.fast_accum,
             )
         else:
             out = F.linear(dequantize(xq, x_scale), self.dequantized_weight())

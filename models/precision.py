@@ -27,7 +27,7 @@ QUANTIZABLE = ("transformer",)  # FP8 rules apply to the transformer; other comp
 DROPPABLE = ("text_encoder_3",)  # T5: SD3 runs without it (zeros stand in for its embeddings)
 DTYPES = ("float32", "bfloat16", "float16")
 SPEC_FIELDS = {"format": FORMATS, "weights": WEIGHT_SCALES, "activations": ACTIVATIONS, "backend": BACKENDS}
-SPEC_KEYS = ("precision", *SPEC_FIELDS, "block_size")
+SPEC_KEYS = ("precision", *SPEC_FIELDS, "block_size", "fast_accum")
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class LayerPlan:
 
 
 def _parse_spec(doc: YamlDoc, raw: Any, path: tuple[Any, ...], base: Fp8Spec) -> Fp8Spec | None:
-    """A `{precision: keep}` or `{format, weights, activations, backend, block_size}` mapping."""
+    """A `{precision: keep}` or `{format, weights, activations, backend, block_size, fast_accum}` mapping."""
     m = check_mapping(doc, raw, path, optional=SPEC_KEYS)
     precision = expect_choice(doc, m.get("precision", "fp8"), path + ("precision",), ("fp8", "keep"))
     if precision == "keep":
@@ -123,6 +123,8 @@ def _parse_spec(doc: YamlDoc, raw: Any, path: tuple[Any, ...], base: Fp8Spec) ->
         if block < 1 or block & (block - 1):
             raise doc.error(path + ("block_size",), f"expected a power of two, got {block}")
         values["block_size"] = block
+    if "fast_accum" in m:
+        values["fast_accum"] = expect(doc, m["fast_accum"], path + ("fast_accum",), bool, "true or false")
     spec = replace(base, **values)
     if spec.backend == "scaled_mm" and spec.activations == "none":
         raise doc.error(

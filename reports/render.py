@@ -83,3 +83,49 @@ def write_summary_markdown(run_dir: Path) -> Path:
 
     write_atomic(path, "\n".join(lines) + "\n")
     return path
+
+
+def bench_markdown(report: dict[str, Any]) -> str:
+    """The table of an `evals bench` report (bench.json)."""
+    setup = report["setup"]
+    fmt = lambda v, spec: "n/a" if v is None else format(v, spec)  # noqa: E731
+    rows = []
+    for r in report["results"]:
+        ratio = report["ratios"].get(r["name"], {})
+        rows.append(
+            [
+                r["name"],
+                fmt(r["step_ms"], ".1f"),
+                fmt(ratio.get("latency_ratio"), ".3f"),
+                fmt(r["compile_s"], ".1f"),
+                fmt(r["weights_gib"], ".3g"),
+                fmt(ratio.get("weights_ratio"), ".3f"),
+                fmt(r["peak_gib"], ".3g"),
+                fmt(r["pipeline_s_per_image"], ".2f"),
+                f"{r['compile_report'].get('graphs', 0)}/{r['compile_report'].get('graph_breaks', 0)}",
+            ]
+        )
+    header = [
+        "variant",
+        "step ms (median)",
+        "latency ratio",
+        "compile s",
+        "weights GiB",
+        "weights ratio",
+        "peak GiB",
+        "pipeline s/image",
+        "graphs/breaks",
+    ]
+    env = report["environment"]
+    return "\n".join(
+        [
+            f"# bench: {report['model']}",
+            "",
+            f"{setup['resolution']}x{setup['resolution']}, transformer batch {setup['batch']}, compile "
+            f"{setup['compile']}, {setup['iters']} timed steps after {setup['warmup'] + 1} untimed; "
+            f"{env.get('device_name', env['device'])}, torch {env['torch']}",
+            "",
+            markdown_table(rows, header),
+            "",
+        ]
+    )

@@ -1,0 +1,240 @@
+"""`evals bench`: transformer step latency, pipeline time, memory and compile time of the reference
+and each FP8 candidate, measured in one process so that their ratios compare like with like.
+
+A step is one transformer forward at the given resolution and batch (the batch the transformer sees:
+with classifier-free guidance one image is a batch of 2). Latency: warm-up, then CUDA events (wall
+clock on the CPU), median. Compile time: the first call's time less a warm step's. An architecture
+folder (`models/configs/sd35-large`: a transformer config and nothing else) gets random weights,
+which time the same as real ones; a full pipeline source is also timed end to end.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evals.compiling import CompileReport, compile_blocks, explain_failure
+from evals.yamlspec import InputError
+
+CONTEXT_TOKENS = 77 + 256  # CLIP + T5 text tokens SD3.5 pipelines feed the transformer
+GIB = 1024**3
+
+
+@dataclass
+class BenchResult:
+    name: str
+    """`reference` or the policy name."""
+    dtype: str
+    """Reference dtype / the candidate's compute dtype."""
+    compiled: str
+    """What was compiled: `blocks`, or `none` (eager)."""
+    step_ms: float
+    """Median transformer step, milliseconds."""
+    step_ms_all: list[float]
+    """Every timed step."""
+    compile_s: float
+    """First call less a warm step: compilation (and autotuning) time."""
+    weights_gib: float
+    """Transformer parameters and buffers (FP8 weights plus their scales for a candidate)."""
+    peak_gib: float | None
+    """Peak GPU memory of a step with this transformer as if alone: its weights plus the step's peak."""
+    pipeline_s_per_image: float | None
+    """Whole pipeline (text encoders, all steps, VAE), seconds per image; None for an architecture-only source."""
+    compile_report: dict[str, Any] = field(default_factory=dict)
+    """Graphs, graph breaks and recompiles dynamo reported; `fell_back` when blocks ran eager."""
+
+
+@dataclass
+class BenchSetup:
+    resolution: int = 1024
+    batch: int = 2
+    warmup: int = 3
+    iters: int = 10
+    steps: int = 28
+    """Steps of the whole-pipeline timing."""
+    compile: str = "blocks"
+
+
+def architecture_only(source: str) -> bool:
+    folder = Path(source)
+    return (
+        folder.is_dir()
+        and (folder / "transformer" / "config.json").is_file()
+        and not (folder / "model_index.json").is_file()
+    )
+
+
+def random_transformer(folder: Path, dtype: torch.dtype, device: str, seed: int = 0) -> Any:
+    """The architecture of `folder/transformer/config.json` with random weights, built on the device
+    in its dtype (SD3.5-Large in float32 on the CPU would take minutes and 32 GB)."""
+    from diffusers import SD3Transformer2DModel
+
+    config = SD3Transformer2DModel.load_config(str(folder / "transformer"))
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model = SD3Transformer2DModel.from_config(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval().requires_grad_(False)
+
+
+def step_inputs(transformer: Any, setup: BenchSetup, device: str) -> dict[str, torch.Tensor]:
+    cfg, dtype = transformer.config, next(transformer.parameters()).dtype
+    latent = setup.resolution // 8
+    g = torch.Generator(device).manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)  # noqa: E731
+    return {
+        "hidden_states": rand(setup.batch, cfg.in_channels, latent, latent),
+        "encoder_hidden_states": rand(setup.batch, CONTEXT_TOKENS, cfg.joint_attention_dim),
+        "pooled_projections": rand(setup.batch, cfg.pooled_projection_dim),
+        "timestep": torch.full((setup.batch,), 500.0, device=device, dtype=dtype),
+    }
+
+
+def module_gib(module: Any) -> float:
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) / GIB
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], Any], setup: BenchSetup, device: str) -> tuple[float, list[float]]:
+    """(seconds of the first call, milliseconds of each timed call after the warm-up)."""
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    first = time.perf_counter() - start
+    for _ in range(setup.warmup):
+        fn()
+    times = []
+    for _ in range(setup.iters):
+        if device.startswith("cuda"):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1000)
+    return first, times
+
+
+@torch.inference_mode()
+def bench_transformer(name: str, transformer: Any, setup: BenchSetup, device: str, pipeline: Any = None) -> BenchResult:
+    report = CompileReport()
+    if setup.compile == "blocks":
+        report = compile_blocks(transformer)
+    inputs = step_inputs(transformer, setup, device)
+    weights = module_gib(transformer)
+    before = 0
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    step = lambda: transformer(**inputs, return_dict=False)  # noqa: E731
+    try:
+        first_s, times = time_calls(step, setup, device)
+    except Exception as exc:
+        raise explain_failure(exc) from exc
+    peak = None
+    if device.startswith("cuda"):
+        peak = weights + (torch.cuda.max_memory_allocated(device) - before) / GIB
+    report.finish()
+    median = statistics.median(times)
+    per_image = None
+    if pipeline is not None:
+        per_image = pipeline_seconds_per_image(pipeline, transformer, setup, device)
+    return BenchResult(
+        name=name,
+        dtype=str(next(transformer.parameters()).dtype).removeprefix("torch."),
+        compiled=setup.compile,
+        step_ms=median,
+        step_ms_all=times,
+        compile_s=max(first_s - median / 1000, 0.0),
+        weights_gib=weights,
+        peak_gib=peak,
+        pipeline_s_per_image=per_image,
+        compile_report=asdict(report),
+    )
+
+
+def pipeline_seconds_per_image(pipeline: Any, transformer: Any, setup: BenchSetup, device: str) -> float:
+    """A warm pipeline call with guidance 4.5: batch/2 images, so that with classifier-free guidance
+    the transformer sees the benched batch (and no new shape to compile)."""
+    from evals.runner import generate
+    from evals.suite import Case, Generation, Sample
+
+    pipe = type(pipeline)(**dict(pipeline.components, transformer=transformer))
+    pipe.set_progress_bar_config(disable=True)
+    images = max(setup.batch // 2, 1)
+    gen = Generation(setup.resolution, setup.resolution, setup.steps, guidance=4.5, batch_size=images)
+    case = Case(id="bench", prompt="a photo of a cat on a windowsill", seeds=tuple(range(images)))
+    batch = [Sample(case, seed) for seed in case.seeds]
+    generate(pipe, batch, gen)  # warm: the text encoders and VAE run for the first time here
+    _sync(device)
+    start = time.perf_counter()
+    generate(pipe, batch, gen)
+    _sync(device)
+    return (time.perf_counter() - start) / images
+
+
+def load_bench_model(source: str, dtype_name: str, device: str) -> tuple[Any, Any]:
+    """(reference transformer, full pipeline or None)."""
+    from models.sources import load_source, resolve_dtype
+
+    if architecture_only(source):
+        print(f"{source}: architecture only, random weights (timing only)", file=sys.stderr)
+        return random_transformer(Path(source), resolve_dtype(dtype_name, device), device), None
+    model = load_source(source, dtype_name, device)
+    return model.pipeline.transformer, model.pipeline
+
+
+def run_bench(source: str, policies: list[str], setup: BenchSetup, device: str, dtype_name: str) -> list[BenchResult]:
+    from models.precision import apply_policy, load_policy
+
+    loaded = [load_policy(p) for p in policies]  # bad names fail before minutes of loading
+    for policy in loaded:
+        if policy.needs_calibration:
+            raise InputError(f"policy {policy.name}: static activations need calibration; bench dynamic policies")
+    transformer, pipeline = load_bench_model(source, dtype_name, device)
+    results = [bench_transformer("reference", transformer, setup, device, pipeline)]
+    print(_line(results[-1]), file=sys.stderr)
+    for policy in loaded:
+        components, _ = apply_policy(policy, {"transformer": transformer})
+        candidate = components["transformer"]
+        results.append(bench_transformer(policy.name, candidate, setup, device, pipeline))
+        print(_line(results[-1]), file=sys.stderr)
+        del candidate, components
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return results
+
+
+def _line(r: BenchResult) -> str:
+    return f"  {r.name}: {r.step_ms:.1f} ms/step, compile {r.compile_s:.1f} s, weights {r.weights_gib:.2f} GiB"
+
+
+def ratios(results: list[BenchResult]) -> dict[str, dict[str, float]]:
+    """latency_ratio and weights_ratio of each candidate against the reference (lower is better)."""
+    ref = results[0]
+    return {
+        r.name: {"latency_ratio": r.step_ms / ref.step_ms, "weights_ratio": r.weights_gib / ref.weights_gib}
+        for r in results[1:]
+    }
