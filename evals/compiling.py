@@ -33,6 +33,8 @@ def _counters() -> tuple[int, int, int]:
 class CompileReport:
     blocks: int = 0
     """Blocks compiled."""
+    kinds: int = 0
+    """Distinct kinds of block (the graphs to expect)."""
     graphs: int = 0
     """Distinct graphs dynamo compiled for them (1 per kind of block when all goes well)."""
     graph_breaks: int = 0
@@ -50,16 +52,30 @@ class CompileReport:
         self.graph_breaks = now[1] - self._start[1]
 
 
-def compile_blocks(transformer: Any, mode: str = "default") -> CompileReport:
+def block_kind(block: Any) -> tuple[Any, ...]:
+    """What makes dynamo compile a block separately: its submodules' types (dual attention, FP8 or
+    plain linears) and the flags its code branches on (the last block is `context_pre_only`)."""
+    modules = tuple((name, type(m).__name__) for name, m in block.named_modules())
+    return modules, getattr(block, "context_pre_only", None)
+
+
+def compile_blocks(transformer: Any, mode: str = "default", backend: str = "inductor") -> CompileReport:
     """Compile each `transformer_blocks[i]` in place (`nn.Module.compile`); raise CompileFellBack at
-    run time rather than fall back to eager silently."""
+    run time rather than fall back to eager silently.
+
+    Dynamo's recompile limit counts graphs per *code object*, which every block of every model in
+    the process shares: the limit is raised by this transformer's number of block kinds, so a
+    reference and several candidates compiled in one process each get room for their own graphs.
+    """
     import torch._dynamo.config as dynamo_config
 
-    dynamo_config.fail_on_recompile_limit_hit = True
     blocks = list(transformer.transformer_blocks)
+    kinds = len({block_kind(b) for b in blocks})
+    dynamo_config.fail_on_recompile_limit_hit = True
+    dynamo_config.recompile_limit += kinds
     for block in blocks:
-        block.compile(dynamic=False, mode=None if mode == "default" else mode)
-    return CompileReport(blocks=len(blocks), mode=mode, _start=_counters())
+        block.compile(dynamic=False, mode=None if mode == "default" else mode, backend=backend)
+    return CompileReport(blocks=len(blocks), kinds=kinds, mode=mode, _start=_counters())
 
 
 def explain_failure(exc: BaseException) -> BaseException:
