@@ -136,6 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     log.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="e.g. runs/20261125T101500Z-smoke")
     log.add_argument("--force", action="store_true", help="log it even if it is already in MLflow")
 
+    from evals.cli_review import add_review_commands
+
+    add_review_commands(sub)
     validate = sub.add_parser("validate", help="check suites and policies without running anything")
     validate.add_argument("files", nargs="+", type=Path, help="suite or policy YAML files")
     return parser
@@ -323,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
         "fetch-weights": cmd_fetch_weights,
         "compare-images": cmd_compare_images,
     }
+    from evals.cli_review import REVIEW_HANDLERS
+
+    handlers.update(REVIEW_HANDLERS)
     try:
         return handlers[args.command](args)
     except InputError as exc:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from evals.metrics import OUTPUTS
-from evals.records import PolicySummary
+from evals.metrics import METRICS, OUTPUTS
+from evals.records import PolicySummary, SampleRecord, summarize
 from evals.suite import GateSpec
 
 EXIT_PASS = 0
@@ -39,11 +39,23 @@ class GateResult:
     reason: str
     """Why it failed or was not evaluated, or empty."""
     evaluated: bool = True
-    """False for an optional gate whose metric could not be computed here."""
+    """False for an optional gate whose metric could not be computed here, or a baseline gate
+    with no accepted baseline."""
+    baseline: float | None = None
+    """The accepted baseline's value, for a regression gate."""
 
     @property
     def status(self) -> str:
-        return "not evaluated" if not self.evaluated else ("pass" if self.passed else "fail")
+        if not self.evaluated:
+            return "not evaluated"
+        if self.passed:
+            return "pass"
+        return "warn" if self.gate.severity == "warn" else "fail"
+
+    @property
+    def blocking(self) -> bool:
+        """Whether this result fails the run: a failed gate of severity fail."""
+        return not self.passed and self.gate.severity == "fail"
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -57,6 +69,9 @@ class GateResult:
             "passed": self.passed,
             "status": self.status,
             "optional": self.gate.optional,
+            "severity": self.gate.severity,
+            "tags": list(self.gate.tags),
+            "baseline": self.baseline,
             "reason": self.reason,
         }
 
@@ -68,11 +83,16 @@ class Verdict:
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.results)
+        """No gate of severity fail failed (warnings do not fail a run)."""
+        return not any(r.blocking for r in self.results)
 
     @property
     def failed(self) -> tuple[GateResult, ...]:
-        return tuple(r for r in self.results if not r.passed)
+        return tuple(r for r in self.results if r.blocking)
+
+    @property
+    def warnings(self) -> tuple[GateResult, ...]:
+        return tuple(r for r in self.results if not r.passed and not r.blocking)
 
     @property
     def exit_code(self) -> int:
@@ -82,20 +102,49 @@ class Verdict:
         return {"passed": self.passed, "results": [r.to_dict() for r in self.results]}
 
 
+NO_BASELINE = "no accepted baseline for this suite and policy (`evals accept RUN_ID` sets one)"
+
+
+def _drop(gate: GateSpec, actual: float, base: float) -> float:
+    """How much worse `actual` is than `base` (negative when better), absolute or relative."""
+    if gate.metric:
+        worse = base - actual if METRICS[OUTPUTS[gate.metric]].higher_is_better else actual - base
+    else:
+        worse = actual - base  # more flagged images is worse
+    if gate.baseline and gate.baseline[0] == "max_rel_drop":
+        return worse / abs(base) if base else (math.inf if worse > 0 else 0.0)
+    return worse
+
+
 def evaluate_gate(
-    policy: str, summary: PolicySummary | None, gate: GateSpec, unavailable: Mapping[str, str] | None = None
+    policy: str,
+    summary: PolicySummary | None,
+    gate: GateSpec,
+    unavailable: Mapping[str, str] | None = None,
+    baseline: Mapping[str, float] | None = None,
 ) -> GateResult:
+    """One gate on one candidate. `baseline`: the flat metrics of the policy's accepted baseline run
+    (None: there is none), for regression gates."""
     missing = (unavailable or {}).get(OUTPUTS.get(gate.metric or "", ""), "") if gate.metric else ""
     if missing:
         if gate.optional:
             return GateResult(policy, gate, math.nan, True, f"not evaluated: {missing}", evaluated=False)
         return GateResult(policy, gate, math.nan, False, f"unavailable: {missing}")
     if summary is None:
-        return GateResult(policy, gate, math.nan, False, "no samples were scored")
+        why = "no samples with these tags" if gate.tags else "no samples were scored"
+        return GateResult(policy, gate, math.nan, False, why)
     kind = "metric" if gate.metric else "detector"
     actual = summary.value(kind, gate.subject, gate.stat)
     if math.isnan(actual):
         return GateResult(policy, gate, actual, False, f"{gate.subject} {gate.stat} is NaN (broken or missing)")
+    if gate.baseline is not None:
+        base = (baseline or {}).get(f"{gate.subject}_{gate.stat}")
+        if base is None:
+            return GateResult(policy, gate, actual, True, f"not evaluated: {NO_BASELINE}", evaluated=False)
+        drop = _drop(gate, actual, base)
+        passed = drop <= gate.baseline[1]
+        reason = "" if passed else f"{gate.subject} {gate.stat} = {actual:.4g} vs baseline {base:.4g}: drop {drop:.4g}"
+        return GateResult(policy, gate, actual, passed, reason, baseline=base)
     passed = _OPS[gate.op](actual, gate.value)
     reason = "" if passed else f"{gate.subject} {gate.stat} = {actual:.4g}, needs {gate.op} {gate.value:g}"
     return GateResult(policy, gate, actual, passed, reason)
@@ -106,7 +155,19 @@ def evaluate_gates(
     gates: tuple[GateSpec, ...],
     policies: list[str],
     unavailable: Mapping[str, str] | None = None,
+    records: Sequence[SampleRecord] = (),
+    baselines: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Verdict:
     """Apply every gate to every candidate policy. A policy with no summary fails every gate; a gate
-    on a metric listed in `unavailable` (name -> why) fails, or is not evaluated when optional."""
-    return Verdict(tuple(evaluate_gate(p, summaries.get(p), g, unavailable) for p in policies for g in gates))
+    on a metric listed in `unavailable` (name -> why) fails, or is not evaluated when optional.
+    Gates with tags are applied to a summary of the `records` of those cases; regression gates
+    compare with `baselines` (policy -> flat metrics of its accepted baseline run)."""
+    results = []
+    for policy in policies:
+        for gate in gates:
+            summary = summaries.get(policy)
+            if gate.tags:
+                chosen = [r for r in records if r.policy == policy and set(r.tags) & set(gate.tags)]
+                summary = summarize(chosen).get(policy)
+            results.append(evaluate_gate(policy, summary, gate, unavailable, (baselines or {}).get(policy)))
+    return Verdict(tuple(results))

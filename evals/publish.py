@@ -15,7 +15,7 @@ from evals.records import PolicySummary, SampleRecord, read_records, summarize
 from evals.rundir import write_json
 from evals.yamlspec import InputError
 
-RUN_FILES = ("run.json", "records.jsonl", "summary.json", "verdict.json", "summary.md")
+RUN_FILES = ("run.json", "records.jsonl", "summary.json", "verdict.json", "summary.md", "report.html", "junit.xml")
 LOGGED_FILE = "mlflow.json"
 """Written into the run directory once MLflow holds the whole run: where, and under which run id."""
 
@@ -58,9 +58,8 @@ def publish_results(
             [run_dir / "plans" / f"{name}.json"],
             {"verdict": "pass" if passed else "fail"},
         )
-    tracker.finish_run(
-        [run_dir / n for n in RUN_FILES], {"verdict": "pass" if verdict["passed"] else "fail"}, failed=False
-    )
+    files = [run_dir / n for n in (*RUN_FILES, "notes.json", "timings.json") if (run_dir / n).is_file()]
+    tracker.finish_run(files, {"verdict": "pass" if verdict["passed"] else "fail"}, failed=False)
 
 
 def mark_logged(run_dir: Path, tracker: Any) -> None:
@@ -106,7 +105,9 @@ def log_run_dir(run_dir: Path, force: bool = False) -> tuple[str, str]:
     for record in records:
         if record.policy == candidates[0]:
             tracker.log_reference_image(record.sample_id, run_dir / record.reference_image)
-        tracker.log_candidate_image(record.policy, record.sample_id, run_dir / record.image)
+        tracker.log_candidate_image(
+            record.policy, record.sample_id, run_dir / record.image, run_dir / record.reference_image
+        )
     publish_results(tracker, run_dir, candidates, detectors, records, summarize(records), verdict)
     assert tracker.parent_id is not None
     write_json(logged, {"tracking_uri": tracker.tracking_uri, "run_id": tracker.parent_id})

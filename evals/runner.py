@@ -454,20 +454,28 @@ class SuiteRunner:
             path = self.run_dir / record.image
             save_png(path, image)
             writer.write(record)
-            self.tracker.log_candidate_image(record.policy, record.sample_id, path)
+            self.tracker.log_candidate_image(
+                record.policy, record.sample_id, path, self.run_dir / record.reference_image
+            )
+
+    @property
+    def _has_baseline_gates(self) -> bool:
+        return any(g.baseline is not None for g in self.suite.gates)
 
     def _finish(self, records_path: Path) -> RunOutcome:
         records = list(read_records(records_path))
         summaries = summarize(records)
-        verdict = evaluate_gates(summaries, self.suite.gates, [c.name for c in self.candidates], self.unavailable)
+        names = [c.name for c in self.candidates]
+        baselines = self.tracker.baselines(self.suite.name, names) if self._has_baseline_gates else None
+        verdict = evaluate_gates(summaries, self.suite.gates, names, self.unavailable, records, baselines)
         write_atomic(self.run_dir / "summary.json", summary_to_json(summaries) + "\n")
         write_json(self.run_dir / "verdict.json", verdict.to_dict())
         if self.run_notes:
             write_json(self.run_dir / "notes.json", self.run_notes)
         write_json(self.run_dir / "timings.json", {k: round(v, 3) for k, v in self.seconds.items()})
-        from reports.render import write_summary_markdown
+        from reports.html import write_reports
 
-        write_summary_markdown(self.run_dir)
+        write_reports(self.run_dir)
         publish_results(
             self.tracker,
             self.run_dir,

@@ -11,7 +11,7 @@ from typing import Any
 
 from evals.detectors import DETECTORS, detector_params
 from evals.metrics import METRICS, OUTPUTS
-from evals.yamlspec import YamlDoc, check_mapping, expect, expect_choice, load_yaml
+from evals.yamlspec import YamlDoc, check_mapping, did_you_mean, expect, expect_choice, load_yaml
 
 METRIC_STATS = ("mean", "median", "min", "max", "p05", "p95")
 DETECTOR_STATS = ("count", "rate", "new_count")  # new_count: flagged where the reference is not
@@ -78,13 +78,24 @@ class GateSpec:
     optional: bool = False
     """When the metric cannot be computed here (weights absent), show the gate as not evaluated
     instead of failing it."""
+    severity: str = "fail"
+    """fail: a failed gate fails the run; warn: it is reported and the run still passes."""
+    tags: tuple[str, ...] = ()
+    """Apply the gate to the samples of cases with any of these tags only (empty: every sample)."""
+    baseline: tuple[str, float] | None = None
+    """Regression gate: ("max_drop", x) or ("max_rel_drop", x) against the accepted baseline run of
+    the same suite and policy, instead of op/value; a drop is a change for the worse."""
 
     @property
     def subject(self) -> str:
         return self.metric or self.detector or "?"
 
     def describe(self) -> str:
-        return f"{self.subject} {self.stat} {self.op} {self.value:g}"
+        where = f" [tags {','.join(self.tags)}]" if self.tags else ""
+        if self.baseline is not None:
+            kind, limit = self.baseline
+            return f"{self.subject} {self.stat} {kind.replace('_', ' ')} {limit:g} vs baseline{where}"
+        return f"{self.subject} {self.stat} {self.op} {self.value:g}{where}"
 
 
 @dataclass(frozen=True)
@@ -211,9 +222,14 @@ def _parse_cases(doc: YamlDoc, raw: Any, default_seeds: tuple[int, ...] | None) 
     return tuple(cases)
 
 
-def _parse_gate(doc: YamlDoc, raw: Any, i: int, metrics: tuple[str, ...], detectors: tuple[str, ...]) -> GateSpec:
+GATE_KEYS = ("metric", "detector", "stat", "op", "value", "optional", "severity", "tags", "baseline")
+
+
+def _parse_gate(
+    doc: YamlDoc, raw: Any, i: int, metrics: tuple[str, ...], detectors: tuple[str, ...], tags: set[str]
+) -> GateSpec:
     path = ("gates", i)
-    g = check_mapping(doc, raw, path, required=("stat", "op", "value"), optional=("metric", "detector", "optional"))
+    g = check_mapping(doc, raw, path, required=("stat",), optional=GATE_KEYS[:2] + GATE_KEYS[3:])
     if ("metric" in g) == ("detector" in g):
         raise doc.error(path, "a gate names exactly one of 'metric' or 'detector'")
     if "metric" in g:
@@ -227,11 +243,42 @@ def _parse_gate(doc: YamlDoc, raw: Any, i: int, metrics: tuple[str, ...], detect
             raise doc.error(path + ("detector",), f"detector {subject!r} is gated but not listed in 'detectors'")
         stats = DETECTOR_STATS
     stat = expect_choice(doc, g["stat"], path + ("stat",), stats)
-    op = expect_choice(doc, g["op"], path + ("op",), OPS)
-    value = expect(doc, g["value"], path + ("value",), (int, float), "a number")
-    optional = expect(doc, g.get("optional", False), path + ("optional",), bool, "true or false")
+    baseline = None
+    if "baseline" in g:
+        for key in ("op", "value"):
+            if key in g:
+                raise doc.error(path + (key,), f"a baseline gate has no {key!r}: its threshold is the drop allowed")
+        b = check_mapping(doc, g["baseline"], path + ("baseline",), optional=("max_drop", "max_rel_drop"))
+        if len(b) != 1:
+            raise doc.error(path + ("baseline",), "expected exactly one of max_drop or max_rel_drop")
+        ((kind, limit),) = b.items()
+        expect(doc, limit, path + ("baseline", kind), (int, float), "a number")
+        if limit < 0:
+            raise doc.error(path + ("baseline", kind), f"expected a drop >= 0, got {limit}")
+        baseline = (kind, float(limit))
+        op, value = "<=", float(limit)
+    else:
+        for key in ("op", "value"):
+            if key not in g:
+                raise doc.error(path, f"missing required key {key!r} (or give 'baseline')")
+        op = expect_choice(doc, g["op"], path + ("op",), OPS)
+        value = float(expect(doc, g["value"], path + ("value",), (int, float), "a number"))
+    gate_tags = _str_list(doc, g.get("tags", []), path + ("tags",), "tags")
+    if gate_tags and baseline is not None:
+        raise doc.error(path + ("tags",), "a baseline gate compares whole runs; it takes no 'tags'")
+    for j, tag in enumerate(gate_tags):
+        if tag not in tags:
+            raise doc.error(path + ("tags", j), f"no case has tag {tag!r}{did_you_mean(tag, sorted(tags))}")
     return GateSpec(
-        stat=stat, op=op, value=float(value), metric=g.get("metric"), detector=g.get("detector"), optional=optional
+        stat=stat,
+        op=op,
+        value=value,
+        metric=g.get("metric"),
+        detector=g.get("detector"),
+        optional=expect(doc, g.get("optional", False), path + ("optional",), bool, "true or false"),
+        severity=expect_choice(doc, g.get("severity", "fail"), path + ("severity",), ("fail", "warn")),
+        tags=gate_tags,
+        baseline=baseline,
     )
 
 
@@ -312,8 +359,9 @@ def load_suite(path: str | Path) -> Suite:
     metrics = _names(doc, d["metrics"], "metrics", METRICS)
     detectors = _names(doc, d.get("detectors", []), "detectors", DETECTORS)
     expect(doc, d["gates"], ("gates",), list, "a list of gates")
-    gates = tuple(_parse_gate(doc, g, i, metrics, detectors) for i, g in enumerate(d["gates"]))
     cases = _parse_cases(doc, d["cases"], default_seeds)
+    case_tags = {t for c in cases for t in c.tags}
+    gates = tuple(_parse_gate(doc, g, i, metrics, detectors, case_tags) for i, g in enumerate(d["gates"]))
     canonical = json.dumps(doc.data, sort_keys=True, default=str).encode()
     return Suite(
         name=name,

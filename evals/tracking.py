@@ -21,7 +21,7 @@ class Tracker(Protocol):
     def start_run(self, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None: ...
     def start_candidate(self, policy: str, params: dict[str, Any]) -> None: ...
     def log_reference_image(self, sample_id: str, path: Path) -> None: ...
-    def log_candidate_image(self, policy: str, sample_id: str, path: Path) -> None: ...
+    def log_candidate_image(self, policy: str, sample_id: str, path: Path, reference: Path) -> None: ...
     def finish_candidate(
         self,
         policy: str,
@@ -31,6 +31,7 @@ class Tracker(Protocol):
         tags: dict[str, str],
     ) -> None: ...
     def finish_run(self, artifacts: list[Path], tags: dict[str, str], failed: bool) -> None: ...
+    def baselines(self, experiment: str, policies: list[str]) -> dict[str, dict[str, float]] | None: ...
 
 
 class NullTracker:
@@ -45,7 +46,7 @@ class NullTracker:
     def log_reference_image(self, sample_id: str, path: Path) -> None:
         pass
 
-    def log_candidate_image(self, policy: str, sample_id: str, path: Path) -> None:
+    def log_candidate_image(self, policy: str, sample_id: str, path: Path, reference: Path) -> None:
         pass
 
     def finish_candidate(
@@ -60,6 +61,9 @@ class NullTracker:
 
     def finish_run(self, artifacts: list[Path], tags: dict[str, str], failed: bool) -> None:
         pass
+
+    def baselines(self, experiment: str, policies: list[str]) -> dict[str, dict[str, float]] | None:
+        return None
 
 
 def _finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -129,8 +133,14 @@ class MlflowTracker:
         assert self.parent_id is not None
         self.client.log_image(self.parent_id, load_png(path), key=sample_id, step=0)
 
-    def log_candidate_image(self, policy: str, sample_id: str, path: Path) -> None:
-        self.client.log_image(self.candidate_ids[policy], load_png(path), key=sample_id, step=0)
+    def log_candidate_image(self, policy: str, sample_id: str, path: Path, reference: Path) -> None:
+        """The candidate image, and beside it a grid (reference | candidate | difference heatmap)."""
+        from reports.images import comparison_grid
+
+        image = load_png(path)
+        run_id = self.candidate_ids[policy]
+        self.client.log_image(run_id, image, key=sample_id, step=0)
+        self.client.log_image(run_id, comparison_grid(load_png(reference), image), key=f"grid-{sample_id}", step=0)
 
     def finish_candidate(
         self,
@@ -161,6 +171,48 @@ class MlflowTracker:
         for path in artifacts:
             self.client.log_artifact(self.parent_id, str(path))
         self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
+
+    def baselines(self, experiment: str, policies: list[str]) -> dict[str, dict[str, float]] | None:
+        """Policy -> summary metrics of its accepted baseline run in this suite's experiment."""
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return {}
+        out: dict[str, dict[str, float]] = {}
+        for policy in policies:
+            runs = self.client.search_runs(
+                [found.experiment_id],
+                filter_string=f"tags.baseline = 'true' and tags.policy = '{policy}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if runs:
+                out[policy] = dict(runs[0].data.metrics)
+        return out
+
+    def accept(self, run_id: str) -> list[tuple[str, str]]:
+        """Make a run the baseline of its suite for each of its policies (a parent run: all its
+        candidates; a candidate run: its policy); the previous baselines are unmarked.
+        Returns (policy, candidate run id) pairs."""
+        run = self.client.get_run(run_id)
+        if "policy" in run.data.tags:
+            candidates = [run]
+        else:
+            candidates = self.client.search_runs(
+                [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'"
+            )
+        if not candidates:
+            raise ValueError(f"run {run_id} has no candidate runs to accept")
+        accepted = []
+        for candidate in candidates:
+            policy = candidate.data.tags["policy"]
+            previous = self.client.search_runs(
+                [run.info.experiment_id], filter_string=f"tags.baseline = 'true' and tags.policy = '{policy}'"
+            )
+            for old in previous:
+                self.client.set_tag(old.info.run_id, "baseline", "false")
+            self.client.set_tag(candidate.info.run_id, "baseline", "true")
+            accepted.append((policy, candidate.info.run_id))
+        return accepted
 
 
 def _now_ms() -> int:

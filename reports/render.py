@@ -14,16 +14,26 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
+def threshold_text(r: dict[str, Any]) -> str:
+    """`>= 40`, or `max drop 0.5 vs baseline 52.1` for a regression gate; tags and warn marked."""
+    text = f"{r['op']} {r['threshold']:g}"
+    if "vs baseline" in r["gate"]:
+        text = r["gate"].split(f" {r['stat']} ", 1)[1].split(" [tags")[0]
+        if r.get("baseline") is not None:
+            text += f" {_fmt(r['baseline'])}"
+    if r.get("tags"):
+        text += f" [tags {','.join(r['tags'])}]"
+    if r.get("severity") == "warn":
+        text += " (warn)"
+    return text
+
+
+STATUS = {"pass": "PASS", "fail": "FAIL", "warn": "WARN", "not evaluated": "SKIP"}
+
+
 def gate_rows(verdict: dict[str, Any]) -> list[list[str]]:
     return [
-        [
-            r["policy"],
-            r["subject"],
-            r["stat"],
-            f"{r['op']} {r['threshold']:g}",
-            _fmt(r["actual"]),
-            {"pass": "PASS", "fail": "FAIL", "not evaluated": "SKIP"}[r["status"]],
-        ]
+        [r["policy"], r["subject"], r["stat"], threshold_text(r), _fmt(r["actual"]), STATUS[r["status"]]]
         for r in verdict["results"]
     ]
 

@@ -1,0 +1,135 @@
+"""Review commands: `evals accept`, `evals compare`, `evals report`, `evals ui`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from evals.yamlspec import InputError
+
+
+def _mlflow_run_id(run: str) -> str:
+    """A run directory (through its mlflow.json) or an MLflow run id."""
+    path = Path(run)
+    if path.is_dir():
+        logged = path / "mlflow.json"
+        if not logged.is_file():
+            raise InputError(f"{run}: this run is not in MLflow (no mlflow.json); `evals log {run}` first")
+        return str(json.loads(logged.read_text())["run_id"])
+    if not run.isalnum():
+        raise InputError(f"{run!r}: expected a run directory or an MLflow run id (32 hex characters)")
+    return run
+
+
+def cmd_accept(args: argparse.Namespace) -> int:
+    from evals.tracking import MlflowTracker
+
+    run_id = _mlflow_run_id(args.run)
+    tracker = MlflowTracker()
+    try:
+        accepted = tracker.accept(run_id)
+    except Exception as exc:
+        raise InputError(f"cannot accept {args.run}: {exc}") from exc
+    for policy, candidate_id in accepted:
+        print(f"baseline of {policy}: run {candidate_id}")
+    return 0
+
+
+def _policy_metrics(run: str) -> dict[str, dict[str, float]]:
+    """Policy -> flat summary metrics, from a run directory or from MLflow."""
+    path = Path(run)
+    if path.is_dir():
+        from evals.records import read_records, summarize
+
+        records_file = path / "records.jsonl"
+        if not records_file.is_file():
+            raise InputError(f"{run}: no records.jsonl; not a run directory")
+        return {p: s.flat() for p, s in summarize(read_records(records_file)).items()}
+    from evals.tracking import MlflowTracker
+
+    client = MlflowTracker().client
+    run_id = _mlflow_run_id(run)
+    try:
+        parent = client.get_run(run_id)
+    except Exception as exc:
+        raise InputError(f"{run}: no such MLflow run ({exc})") from exc
+    if "policy" in parent.data.tags:
+        return {parent.data.tags["policy"]: dict(parent.data.metrics)}
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{run_id}'")
+    return {c.data.tags.get("policy", c.info.run_name): dict(c.data.metrics) for c in children}
+
+
+def compare_rows(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> list[list[str]]:
+    rows = []
+    for policy in sorted(set(a) | set(b)):
+        left, right = a.get(policy, {}), b.get(policy, {})
+        for name in sorted(set(left) | set(right)):
+            x, y = left.get(name, math.nan), right.get(name, math.nan)
+            if x == y or (math.isnan(x) and math.isnan(y)):
+                continue
+            rows.append([policy, name, f"{x:.6g}", f"{y:.6g}", f"{y - x:+.4g}"])
+    return rows
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from reports.render import text_table
+
+    a, b = _policy_metrics(args.run_a), _policy_metrics(args.run_b)
+    rows = compare_rows(a, b)
+    if args.json:
+        keys = ("policy", "metric", "a", "b", "b_minus_a")
+        print(json.dumps([dict(zip(keys, r, strict=True)) for r in rows], indent=2))
+        return 0
+    if not rows:
+        print("no differences")
+        return 0
+    print(text_table(rows, ["policy", "metric", "A", "B", "B - A"]))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from reports.html import write_reports
+
+    run_dir: Path = args.run_dir
+    for name in ("run.json", "records.jsonl", "summary.json", "verdict.json"):
+        if not (run_dir / name).is_file():
+            raise InputError(f"{run_dir}: {name} is missing; only a finished run has a report")
+    for path in write_reports(run_dir):
+        print(f"written: {path}")
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    import mlflow
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    command = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port)]
+    command += ["--backend-store-uri", uri]
+    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", file=sys.stderr)
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
+def add_review_commands(sub: Any) -> None:
+    accept = sub.add_parser("accept", help="make a run the baseline of its suite for each of its policies (MLflow)")
+    accept.add_argument("run", metavar="RUN", help="a run directory, or an MLflow run id (parent or candidate)")
+    compare = sub.add_parser("compare", help="metric differences between two runs")
+    compare.add_argument("run_a", metavar="RUN_A", help="run directory or MLflow run id")
+    compare.add_argument("run_b", metavar="RUN_B", help="run directory or MLflow run id")
+    compare.add_argument("--json", action="store_true", help="machine-readable output")
+    report = sub.add_parser("report", help="re-render a run's HTML, Markdown and JUnit reports from its directory")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the store runs are logged to")
+    ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+
+
+REVIEW_HANDLERS = {"accept": cmd_accept, "compare": cmd_compare, "report": cmd_report, "ui": cmd_ui}
