@@ -63,31 +63,30 @@ def _policy_metrics(run: str) -> dict[str, dict[str, float]]:
     return {c.data.tags.get("policy", c.info.run_name): dict(c.data.metrics) for c in children}
 
 
-def compare_rows(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> list[list[str]]:
-    rows = []
+def differences(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Every (policy, metric) whose value differs between run A and run B."""
+    out = []
     for policy in sorted(set(a) | set(b)):
         left, right = a.get(policy, {}), b.get(policy, {})
         for name in sorted(set(left) | set(right)):
             x, y = left.get(name, math.nan), right.get(name, math.nan)
             if x == y or (math.isnan(x) and math.isnan(y)):
                 continue
-            rows.append([policy, name, f"{x:.6g}", f"{y:.6g}", f"{y - x:+.4g}"])
-    return rows
+            out.append({"policy": policy, "metric": name, "a": x, "b": y, "b_minus_a": y - x})
+    return out
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from reports.render import text_table
 
-    a, b = _policy_metrics(args.run_a), _policy_metrics(args.run_b)
-    rows = compare_rows(a, b)
+    rows = differences(_policy_metrics(args.run_a), _policy_metrics(args.run_b))
     if args.json:
-        keys = ("policy", "metric", "a", "b", "b_minus_a")
-        print(json.dumps([dict(zip(keys, r, strict=True)) for r in rows], indent=2))
-        return 0
-    if not rows:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
         print("no differences")
-        return 0
-    print(text_table(rows, ["policy", "metric", "A", "B", "B - A"]))
+    else:
+        table = [[r["policy"], r["metric"], f"{r['a']:.6g}", f"{r['b']:.6g}", f"{r['b_minus_a']:+.4g}"] for r in rows]
+        print(text_table(table, ["policy", "metric", "A", "B", "B - A"]))
     return 0
 
 
