@@ -1,4 +1,4 @@
-"""nox sessions: `eval` (the CI gate on the tiny model), `tests`, `lint`.
+"""nox sessions: `eval` (the CI gate on the tiny model), `tests`, `lint`, `ui` (the MLflow UI).
 
 Each session installs what it needs into its own virtualenv on first use; torch is pinned in
 pyproject.toml so pip takes the wheel already on disk instead of downloading another build.
@@ -34,3 +34,10 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy")
+
+
+@nox.session
+def ui(session: nox.Session) -> None:
+    """The MLflow UI on 127.0.0.1:5000 for the store `nox -s eval` logs to (Ctrl-C stops it)."""
+    session.install("-e", ".")
+    session.run("evals", "ui", *session.posargs)

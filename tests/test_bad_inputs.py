@@ -57,6 +57,34 @@ CASES = [
     ("cuda without a GPU", None, None, ["--device", "cuda"], "no CUDA device"),
     ("unknown shipped policy", None, None, ["--policy", "fp8-e4m3-roww1se"], "neither a file nor a shipped policy"),
     ("missing suite file", "MISSING", None, [], "suite file not found"),
+    (
+        "gate tag no case has",
+        suite_with('op: ">=", value: 40}', 'op: ">=", value: 40, tags: [drak]}'),
+        None,
+        [],
+        "no case has tag 'drak'",
+    ),
+    (
+        "gate severity unknown",
+        suite_with('op: ">=", value: 40}', 'op: ">=", value: 40, severity: fatal}'),
+        None,
+        [],
+        "unknown value 'fatal'",
+    ),
+    (
+        "baseline gate with op",
+        suite_with('op: ">=", value: 40}', 'op: ">=", value: 40, baseline: {max_drop: 1}}'),
+        None,
+        [],
+        "a baseline gate has no 'op'",
+    ),
+    (
+        "baseline gate two drops",
+        suite_with('op: ">=", value: 40}', "baseline: {max_drop: 1, max_rel_drop: 0.1}}"),
+        None,
+        [],
+        "exactly one of max_drop",
+    ),
 ]
 
 
