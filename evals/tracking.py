@@ -106,6 +106,7 @@ class MlflowTracker:
         self.parent_id: str | None = None
         self.experiment_id: str | None = None
         self.candidate_ids: dict[str, str] = {}
+        self._monitor: Any = None
 
     def start_run(self, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         with sqlite_store_lock(self.tracking_uri):
@@ -114,6 +115,7 @@ class MlflowTracker:
         run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
         self.parent_id = run.info.run_id
         self._log_params(self.parent_id, params)
+        self._monitor = _system_metrics(self.parent_id, self.tracking_uri)
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -168,6 +170,9 @@ class MlflowTracker:
         assert self.parent_id is not None
         for key, value in tags.items():
             self.client.set_tag(self.parent_id, key, value)
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
         for path in artifacts:
             self.client.log_artifact(self.parent_id, str(path))
         self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
@@ -213,6 +218,19 @@ class MlflowTracker:
             self.client.set_tag(candidate.info.run_id, "baseline", "true")
             accepted.append((policy, candidate.info.run_id))
         return accepted
+
+
+def _system_metrics(run_id: str, tracking_uri: str) -> Any:
+    """MLflow's system metrics (CPU, memory, GPU through pynvml) sampled every 2 s into the run,
+    when psutil is installed; None otherwise."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=2, tracking_uri=tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception:  # noqa: BLE001 - optional: psutil missing, or no way to sample here
+        return None
 
 
 def _now_ms() -> int:

@@ -61,6 +61,7 @@ def test_smoke_passes_logs_to_mlflow_and_reuses_the_reference(
     assert child.data.params["backend"].startswith("keep:7,scaled_mm:")
     assert parent.data.tags["verdict"] == "pass" and parent.info.status == "FINISHED"
     assert json.loads((run_dir / "mlflow.json").read_text())["run_id"] == parent.info.run_id
+    assert any(k.startswith("system/") for k in parent.data.metrics)  # MLflow's system metrics (psutil)
     child_artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
     assert {"samples.json", "images", "fp8-e4m3-rowwise.json"} <= child_artifacts
     table = json.loads(Path(client.download_artifacts(child.info.run_id, "samples.json")).read_text())
