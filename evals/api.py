@@ -107,7 +107,18 @@ def build_candidates(prepared: Prepared, policies: list[Any], checkpoints: list[
     from evals.runner import build_candidate, candidate_from_checkpoint
 
     candidates = [build_candidate(prepared.model, p, prepared.suite.generation) for p in policies]
-    return candidates + [candidate_from_checkpoint(prepared.model, path) for path in checkpoints]
+    candidates += [candidate_from_checkpoint(prepared.model, path) for path in checkpoints]
+    if prepared.suite.noise_floor:
+        from evals.runner import NOISE_FLOOR, noise_floor_candidate
+
+        if NOISE_FLOOR in [c.name for c in candidates]:
+            raise InputError(f"{NOISE_FLOOR!r} names the suite's noise floor; rename that policy")
+        if prepared.suite.noise_floor == "float32" and prepared.reference_dtype == "float32":
+            raise InputError(
+                f"{prepared.suite.path}: noise_floor: float32 changes nothing for a float32 reference; use batch"
+            )
+        candidates.append(noise_floor_candidate(prepared.model, prepared.suite.noise_floor))
+    return candidates
 
 
 def execute(
@@ -219,6 +230,7 @@ def resume_run(run_dir: Path, request: RunRequest) -> tuple[Any, Any, str | None
     suite = load_suite(suite_info["path"])
     if suite.sha256 != suite_info["sha256"]:
         raise InputError(f"--resume {run_dir}: {suite_info['path']} changed since the run started; start a new run")
+    policies_info = [p for p in policies_info if not p.get("noise_floor")]  # rebuilt from the suite
     if any(not p.get("policy_path") and not p.get("checkpoint") for p in policies_info):
         raise InputError(f"--resume {run_dir}: run.json does not say where its candidates came from")
     request = RunRequest(
@@ -236,7 +248,7 @@ def resume_run(run_dir: Path, request: RunRequest) -> tuple[Any, Any, str | None
         raise InputError(f"--resume {run_dir}: the model's files changed since the run started")
     policies = [load_policy(p) for p in request.policies]
     candidates = build_candidates(prepared, policies, request.candidate_checkpoints)
-    if sorted(c.policy_sha256 for c in candidates) != sorted(p["sha256"] for p in policies_info):
+    if sorted(c.policy_sha256 for c in candidates if not c.noise_floor) != sorted(p["sha256"] for p in policies_info):
         raise InputError(f"--resume {run_dir}: a candidate's policy or checkpoint changed since the run started")
     records_path = run_dir / "records.jsonl"
     if drop_torn_tail(records_path):

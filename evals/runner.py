@@ -52,6 +52,10 @@ class Candidate:
     """Called before each of its batches: variants of a sensitivity sweep share one pipeline."""
     policy_path: str | None = None
     """The policy file it was built from (recorded so that `--resume` can rebuild it)."""
+    images_per_call: int | None = None
+    """Generate this many images per pipeline call instead of the suite's batch (the noise floor)."""
+    noise_floor: str | None = None
+    """Set on the noise-floor pseudo-candidate: the harmless change it measures."""
 
     @property
     def backends(self) -> str:
@@ -118,6 +122,25 @@ def build_candidate(model: LoadedModel, policy: PrecisionPolicy, gen: Generation
     return Candidate(
         policy.name, _pipeline_with(model, components), policy.sha256, plan, calibration=amax, policy_path=policy.path
     )
+
+
+NOISE_FLOOR = "noise-floor"
+"""Name of the pseudo-candidate that measures the reference against itself; never gated."""
+
+
+def noise_floor_candidate(model: LoadedModel, change: str) -> Candidate:
+    """The reference under a harmless change: one image per call (`batch`), or every component in
+    float32 (`float32`). Its scores show how far identical builds drift, beside every candidate's."""
+    import copy
+
+    if change == "batch":
+        pipeline = _pipeline_with(model, dict(model.pipeline.components))
+        return Candidate(NOISE_FLOOR, pipeline, f"noise-floor:{change}", images_per_call=1, noise_floor=change)
+    components = {
+        k: (copy.deepcopy(v).to(torch.float32) if isinstance(v, torch.nn.Module) else v)
+        for k, v in model.pipeline.components.items()
+    }
+    return Candidate(NOISE_FLOOR, _pipeline_with(model, components), f"noise-floor:{change}", noise_floor=change)
 
 
 def candidate_from_checkpoint(model: LoadedModel, path: Path) -> Candidate:
@@ -288,6 +311,7 @@ class SuiteRunner:
                         "backends": c.backends,
                         "checkpoint": c.checkpoint,
                         "policy_path": c.policy_path,
+                        "noise_floor": c.noise_floor,
                     }
                     for c in self.candidates
                 ],
@@ -328,11 +352,11 @@ class SuiteRunner:
                 self.cache.put(key, image, {"detectors": found})
         return images, findings, len(batch)
 
-    def _generate(self, pipe: Any, batch: list[Sample]) -> torch.Tensor:
+    def _generate(self, pipe: Any, batch: list[Sample], images_per_call: int | None = None) -> torch.Tensor:
         """`generate`, halving the number of images per call on CUDA out-of-memory (and keeping the
         smaller size for the rest of the run, reference and candidates alike)."""
         while True:
-            size = min(self.images_per_call or len(batch), len(batch))
+            size = min(images_per_call or self.images_per_call or len(batch), len(batch))
             try:
                 with self._timed("generation"):
                     parts = [
@@ -412,7 +436,7 @@ class SuiteRunner:
             if cand.activate is not None:
                 cand.activate()
             start = time.perf_counter()
-            raw = self._generate(cand.pipeline, batch)
+            raw = self._generate(cand.pipeline, batch, cand.images_per_call)
             seconds = (time.perf_counter() - start) / len(batch)
             result.candidate_generated += len(batch)
             cand_u8 = to_uint8(raw)
@@ -465,7 +489,7 @@ class SuiteRunner:
     def _finish(self, records_path: Path) -> RunOutcome:
         records = list(read_records(records_path))
         summaries = summarize(records)
-        names = [c.name for c in self.candidates]
+        names = [c.name for c in self.candidates if c.noise_floor is None]  # the noise floor is never gated
         baselines = self.tracker.baselines(self.suite.name, names) if self._has_baseline_gates else None
         verdict = evaluate_gates(summaries, self.suite.gates, names, self.unavailable, records, baselines)
         write_atomic(self.run_dir / "summary.json", summary_to_json(summaries) + "\n")

@@ -130,6 +130,9 @@ class Suite:
     """Metric name -> options, e.g. `{lpips: {net: vgg}}`."""
     description: str = ""
     """What the suite is for."""
+    noise_floor: str | None = None
+    """Also score the reference against itself under a harmless change: `batch` (one image per call
+    instead of the suite's batches) or `float32` (the reference recomputed in float32); None: off."""
     tags: tuple[str, ...] = field(default=())
     """Union of case tags, for reports."""
 
@@ -282,6 +285,20 @@ def _parse_gate(
     )
 
 
+NOISE_FLOOR_CHANGES = ("batch", "float32")
+
+
+def _parse_noise_floor(doc: YamlDoc, raw: Any, generation: Generation) -> str | None:
+    """`true` (batch composition), `false`, `batch` or `float32`."""
+    path = ("noise_floor",)
+    if raw is False:
+        return None
+    change = "batch" if raw is True else expect_choice(doc, raw, path, NOISE_FLOOR_CHANGES)
+    if change == "batch" and generation.batch_size < 2:
+        raise doc.error(path, "a batch-composition noise floor needs generation.batch_size >= 2; use float32")
+    return str(change)
+
+
 def _parse_thresholds(doc: YamlDoc, raw: Any, detectors: tuple[str, ...]) -> dict[str, dict[str, float]]:
     path = ("detector_thresholds",)
     mapping = check_mapping(doc, raw, path, optional=detectors)
@@ -348,6 +365,7 @@ def load_suite(path: str | Path) -> Suite:
             "detector_thresholds",
             "weights",
             "metric_options",
+            "noise_floor",
         ),
     )
     name = expect(doc, d["name"], ("name",), str, "a string")
@@ -360,6 +378,7 @@ def load_suite(path: str | Path) -> Suite:
     detectors = _names(doc, d.get("detectors", []), "detectors", DETECTORS)
     expect(doc, d["gates"], ("gates",), list, "a list of gates")
     cases = _parse_cases(doc, d["cases"], default_seeds)
+    generation = _parse_generation(doc, d["generation"])
     case_tags = {t for c in cases for t in c.tags}
     gates = tuple(_parse_gate(doc, g, i, metrics, detectors, case_tags) for i, g in enumerate(d["gates"]))
     canonical = json.dumps(doc.data, sort_keys=True, default=str).encode()
@@ -369,7 +388,7 @@ def load_suite(path: str | Path) -> Suite:
         sha256=hashlib.sha256(canonical).hexdigest(),
         model=expect(doc, d.get("model", "tiny"), ("model",), str, "a model source string"),
         reference_dtype=reference_dtype,
-        generation=_parse_generation(doc, d["generation"]),
+        generation=generation,
         cases=cases,
         metrics=metrics,
         detectors=detectors,
@@ -378,6 +397,7 @@ def load_suite(path: str | Path) -> Suite:
         detector_thresholds=_parse_thresholds(doc, d.get("detector_thresholds", {}), detectors),
         weights=_parse_weights(doc, d.get("weights", {}), metrics),
         metric_options=_parse_metric_options(doc, d.get("metric_options", {}), metrics),
+        noise_floor=_parse_noise_floor(doc, d.get("noise_floor", False), generation),
         description=expect(doc, d.get("description", ""), ("description",), str, "a string"),
         tags=tuple(sorted({t for c in cases for t in c.tags})),
     )

@@ -16,7 +16,15 @@ from xml.etree import ElementTree
 from evals.records import SampleRecord, read_records
 from evals.rundir import load_png, write_atomic
 from reports.images import comparison_grid, png_data_uri
-from reports.render import STATUS, _fmt, load_run, threshold_text, write_summary_markdown
+from reports.render import (
+    NOISE_FLOOR,
+    STATUS,
+    _fmt,
+    load_run,
+    noise_floor_value,
+    threshold_text,
+    write_summary_markdown,
+)
 
 WORST = 4
 """Worst samples shown per candidate."""
@@ -44,9 +52,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _gate_table(verdict: dict[str, Any]) -> str:
-    rows = [
-        [
+def _gate_table(verdict: dict[str, Any], summary: dict[str, Any]) -> str:
+    with_floor = NOISE_FLOOR in summary.get("policies", {})
+    rows = []
+    for r in verdict["results"]:
+        row = [
             html.escape(r["policy"]),
             html.escape(r["subject"]),
             r["stat"],
@@ -55,9 +65,13 @@ def _gate_table(verdict: dict[str, Any]) -> str:
             _status_cell(r["status"]),
             html.escape(r["reason"]),
         ]
-        for r in verdict["results"]
-    ]
-    return _table(["policy", "gate", "stat", "threshold", "actual", "result", "reason"], rows)
+        if with_floor:
+            row.insert(5, noise_floor_value(r, summary))
+        rows.append(row)
+    header = ["policy", "gate", "stat", "threshold", "actual", "result", "reason"]
+    if with_floor:
+        header.insert(5, "noise floor")
+    return _table(header, rows)
 
 
 def _distribution_plots(records: list[SampleRecord]) -> str:
@@ -129,7 +143,7 @@ def _findings(records: list[SampleRecord]) -> str:
 
 
 def render_html(run_dir: Path) -> str:
-    run, _, verdict = load_run(run_dir)
+    run, summary, verdict = load_run(run_dir)
     records = list(read_records(run_dir / "records.jsonl"))
     status = "passed" if verdict["passed"] else "failed"
     env_rows = [[html.escape(k), html.escape(str(v))] for k, v in sorted(run["environment"].items())]
@@ -148,7 +162,7 @@ def render_html(run_dir: Path) -> str:
 reference {html.escape(run["reference_dtype"])}, run directory <code>{html.escape(run_dir.name)}</code>.</p>
 {"".join(f"<p class='warn'>{html.escape(n)}</p>" for n in notes)}
 <h2>Gates</h2>
-{_gate_table(verdict)}
+{_gate_table(verdict, summary)}
 <h2>Metric distributions</h2>
 {_distribution_plots(records)}
 <h2>Worst samples</h2>

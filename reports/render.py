@@ -31,14 +31,37 @@ def threshold_text(r: dict[str, Any]) -> str:
 STATUS = {"pass": "PASS", "fail": "FAIL", "warn": "WARN", "not evaluated": "SKIP"}
 
 
-def gate_rows(verdict: dict[str, Any]) -> list[list[str]]:
-    return [
-        [r["policy"], r["subject"], r["stat"], threshold_text(r), _fmt(r["actual"]), STATUS[r["status"]]]
-        for r in verdict["results"]
-    ]
+NOISE_FLOOR = "noise-floor"
+
+
+def noise_floor_value(r: dict[str, Any], summary: dict[str, Any]) -> str:
+    """The noise floor's value of a gate's statistic (the reference against itself), or empty."""
+    floor = summary.get("policies", {}).get(NOISE_FLOOR)
+    if not floor or "vs baseline" in r["gate"]:
+        return ""
+    table = floor["metrics"] if r["subject"] in floor["metrics"] else floor["detectors"]
+    value = table.get(r["subject"], {}).get(r["stat"])
+    return "" if value is None else _fmt(value)
+
+
+def gate_rows(verdict: dict[str, Any], summary: dict[str, Any] | None = None) -> list[list[str]]:
+    """One row per gate result; with a noise floor in `summary`, its value of the same statistic."""
+    rows = []
+    for r in verdict["results"]:
+        row = [r["policy"], r["subject"], r["stat"], threshold_text(r), _fmt(r["actual"]), STATUS[r["status"]]]
+        if summary and NOISE_FLOOR in summary.get("policies", {}):
+            row.insert(5, noise_floor_value(r, summary))
+        rows.append(row)
+    return rows
 
 
 HEADER = ["policy", "gate", "stat", "threshold", "actual", "result"]
+
+
+def gate_header(summary: dict[str, Any] | None) -> list[str]:
+    if summary and NOISE_FLOOR in summary.get("policies", {}):
+        return [*HEADER[:5], "noise floor", HEADER[5]]
+    return HEADER
 
 
 def text_table(rows: list[list[str]], header: list[str] = HEADER) -> str:
@@ -59,9 +82,10 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, A
 
 
 def gate_table_text(run_dir: Path) -> str:
-    _, _, verdict = load_run(run_dir)
+    _, summary, verdict = load_run(run_dir)
     status = "PASSED" if verdict["passed"] else "FAILED"
-    return f"{text_table(gate_rows(verdict))}\n\nverdict: {status}  ({run_dir})"
+    table = text_table(gate_rows(verdict, summary), gate_header(summary))
+    return f"{table}\n\nverdict: {status}  ({run_dir})"
 
 
 def write_summary_markdown(run_dir: Path) -> Path:
@@ -75,7 +99,7 @@ def write_summary_markdown(run_dir: Path) -> Path:
         "",
         "## Gates",
         "",
-        markdown_table(gate_rows(verdict)),
+        markdown_table(gate_rows(verdict, summary), gate_header(summary)),
         "",
         "## Candidates",
         "",
