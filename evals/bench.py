@@ -238,3 +238,22 @@ def ratios(results: list[BenchResult]) -> dict[str, dict[str, float]]:
         r.name: {"latency_ratio": r.step_ms / ref.step_ms, "weights_ratio": r.weights_gib / ref.weights_gib}
         for r in results[1:]
     }
+
+
+def bench_suite_candidates(
+    reference: Any, candidates: dict[str, Any], settings: dict[str, Any], device: str
+) -> tuple[dict[str, dict[str, float]], list[BenchResult]]:
+    """A suite's `bench`: each candidate transformer against the reference, after the run.
+    Returns (policy -> latency_ratio, weights_ratio, step_ms, weights_gib, compile_s; every result)."""
+    setup = BenchSetup(**{**{"resolution": 1024, "batch": 2, "compile": "blocks"}, **settings})
+    results = [bench_transformer("reference", reference, setup, device)]
+    results += [bench_transformer(name, transformer, setup, device) for name, transformer in candidates.items()]
+    figures = {}
+    for result in results[1:]:
+        figures[result.name] = {
+            **ratios([results[0], result])[result.name],
+            "step_ms": result.step_ms,
+            "weights_gib": result.weights_gib,
+            "compile_s": result.compile_s,
+        }
+    return figures, results

@@ -110,7 +110,7 @@ def _drop(gate: GateSpec, actual: float, base: float) -> float:
     if gate.metric:
         worse = base - actual if METRICS[OUTPUTS[gate.metric]].higher_is_better else actual - base
     else:
-        worse = actual - base  # more flagged images is worse
+        worse = actual - base  # more flagged images, or a higher latency or weights ratio, is worse
     if gate.baseline and gate.baseline[0] == "max_rel_drop":
         return worse / abs(base) if base else (math.inf if worse > 0 else 0.0)
     return worse
@@ -133,12 +133,12 @@ def evaluate_gate(
     if summary is None:
         why = "no samples with these tags" if gate.tags else "no samples were scored"
         return GateResult(policy, gate, math.nan, False, why)
-    kind = "metric" if gate.metric else "detector"
+    kind = "metric" if gate.metric else ("bench" if gate.bench else "detector")
     actual = summary.value(kind, gate.subject, gate.stat)
     if math.isnan(actual):
         return GateResult(policy, gate, actual, False, f"{gate.subject} {gate.stat} is NaN (broken or missing)")
     if gate.baseline is not None:
-        base = (baseline or {}).get(f"{gate.subject}_{gate.stat}")
+        base = (baseline or {}).get(gate.subject if gate.bench else f"{gate.subject}_{gate.stat}")
         if base is None:
             return GateResult(policy, gate, actual, True, f"not evaluated: {NO_BASELINE}", evaluated=False)
         drop = _drop(gate, actual, base)

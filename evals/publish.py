@@ -108,7 +108,11 @@ def log_run_dir(run_dir: Path, force: bool = False) -> tuple[str, str]:
         tracker.log_candidate_image(
             record.policy, record.sample_id, run_dir / record.image, run_dir / record.reference_image
         )
-    publish_results(tracker, run_dir, candidates, detectors, records, summarize(records), verdict)
+    summaries = summarize(records)
+    stored = json.loads((run_dir / "summary.json").read_text()).get("policies", {})
+    for name, summary in summaries.items():  # bench figures are not in the records
+        summary.bench = stored.get(name, {}).get("bench", {})
+    publish_results(tracker, run_dir, candidates, detectors, records, summaries, verdict)
     assert tracker.parent_id is not None
     write_json(logged, {"tracking_uri": tracker.tracking_uri, "run_id": tracker.parent_id})
     return tracker.tracking_uri, tracker.parent_id

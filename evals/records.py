@@ -149,8 +149,12 @@ class PolicySummary:
     """Detector -> count/rate on reference images."""
     seconds_per_image: float = math.nan
     """Mean candidate generation time per image."""
+    bench: dict[str, float] = field(default_factory=dict)
+    """Bench figures after the run (latency_ratio, weights_ratio, step_ms, ...), when the suite benches."""
 
     def value(self, kind: str, subject: str, stat: str) -> float:
+        if kind == "bench":
+            return self.bench.get(subject, math.nan)
         table = self.metrics if kind == "metric" else self.detectors
         return table.get(subject, {}).get(stat, math.nan)
 
@@ -159,6 +163,7 @@ class PolicySummary:
         out = {f"{m}_{s}": v for m, stats in self.metrics.items() for s, v in stats.items()}
         out.update({f"{d}_{s}": v for d, stats in self.detectors.items() for s, v in stats.items()})
         out.update({f"reference_{d}_{s}": v for d, stats in self.reference_detectors.items() for s, v in stats.items()})
+        out.update(self.bench)
         out["seconds_per_image"] = self.seconds_per_image
         out["samples"] = float(self.n)
         return out

@@ -482,6 +482,23 @@ class SuiteRunner:
                 record.policy, record.sample_id, path, self.run_dir / record.reference_image
             )
 
+    def _bench(self, summaries: dict[str, PolicySummary]) -> None:
+        """The suite's bench: step latency and weights of each candidate's transformer against the
+        reference's, into its summary (for bench gates) and bench.json."""
+        from evals.bench import bench_suite_candidates
+
+        assert self.suite.bench is not None
+        print("bench: timing the transformers (suite `bench`)...", file=sys.stderr)
+        candidates = {c.name: c.pipeline.transformer for c in self.candidates if c.noise_floor is None}
+        with self._timed("bench"):
+            figures, results = bench_suite_candidates(
+                self.model.pipeline.transformer, candidates, self.suite.bench, self.device
+            )
+        for name, values in figures.items():
+            if name in summaries:
+                summaries[name].bench = values
+        write_json(self.run_dir / "bench.json", {"settings": self.suite.bench, "results": [asdict(r) for r in results]})
+
     @property
     def _has_baseline_gates(self) -> bool:
         return any(g.baseline is not None for g in self.suite.gates)
@@ -489,6 +506,8 @@ class SuiteRunner:
     def _finish(self, records_path: Path) -> RunOutcome:
         records = list(read_records(records_path))
         summaries = summarize(records)
+        if self.suite.bench is not None:
+            self._bench(summaries)
         names = [c.name for c in self.candidates if c.noise_floor is None]  # the noise floor is never gated
         baselines = self.tracker.baselines(self.suite.name, names) if self._has_baseline_gates else None
         verdict = evaluate_gates(summaries, self.suite.gates, names, self.unavailable, records, baselines)

@@ -15,6 +15,8 @@ from evals.yamlspec import YamlDoc, check_mapping, did_you_mean, expect, expect_
 
 METRIC_STATS = ("mean", "median", "min", "max", "p05", "p95")
 DETECTOR_STATS = ("count", "rate", "new_count")  # new_count: flagged where the reference is not
+BENCH_FIGURES = ("latency_ratio", "weights_ratio")  # candidate / reference, from the suite's `bench`
+BENCH_KEYS = {"resolution": 16, "batch": 1, "warmup": 0, "iters": 1}  # key -> smallest value
 OPS = (">=", "<=", ">", "<", "==", "!=")
 REFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Image sides must divide into whole latent patches: SD3's VAE scale (8) times its patch size (2).
@@ -75,6 +77,8 @@ class GateSpec:
     """Metric gated on (exactly one of metric and detector)."""
     detector: str | None = None
     """Detector gated on."""
+    bench: str | None = None
+    """Bench figure gated on (latency_ratio, weights_ratio; stat `value`), measured after the run."""
     optional: bool = False
     """When the metric cannot be computed here (weights absent), show the gate as not evaluated
     instead of failing it."""
@@ -88,7 +92,7 @@ class GateSpec:
 
     @property
     def subject(self) -> str:
-        return self.metric or self.detector or "?"
+        return self.metric or self.detector or self.bench or "?"
 
     def describe(self) -> str:
         where = f" [tags {','.join(self.tags)}]" if self.tags else ""
@@ -130,6 +134,9 @@ class Suite:
     """Metric name -> options, e.g. `{lpips: {net: vgg}}`."""
     description: str = ""
     """What the suite is for."""
+    bench: dict[str, Any] | None = None
+    """After the run, time each candidate's transformer step against the reference's (`evals bench`
+    settings: resolution, batch, warmup, iters, compile) for bench gates; None: no bench."""
     noise_floor: str | None = None
     """Also score the reference against itself under a harmless change: `batch` (one image per call
     instead of the suite's batches) or `float32` (the reference recomputed in float32); None: off."""
@@ -225,27 +232,42 @@ def _parse_cases(doc: YamlDoc, raw: Any, default_seeds: tuple[int, ...] | None) 
     return tuple(cases)
 
 
-GATE_KEYS = ("metric", "detector", "stat", "op", "value", "optional", "severity", "tags", "baseline")
+GATE_KEYS = ("metric", "detector", "bench", "stat", "op", "value", "optional", "severity", "tags", "baseline")
 
 
 def _parse_gate(
-    doc: YamlDoc, raw: Any, i: int, metrics: tuple[str, ...], detectors: tuple[str, ...], tags: set[str]
+    doc: YamlDoc,
+    raw: Any,
+    i: int,
+    metrics: tuple[str, ...],
+    detectors: tuple[str, ...],
+    tags: set[str],
+    has_bench: bool = False,
 ) -> GateSpec:
     path = ("gates", i)
-    g = check_mapping(doc, raw, path, required=("stat",), optional=GATE_KEYS[:2] + GATE_KEYS[3:])
-    if ("metric" in g) == ("detector" in g):
-        raise doc.error(path, "a gate names exactly one of 'metric' or 'detector'")
-    if "metric" in g:
+    g = check_mapping(doc, raw, path, optional=GATE_KEYS)
+    if sum(k in g for k in ("metric", "detector", "bench")) != 1:
+        raise doc.error(path, "a gate names exactly one of 'metric', 'detector' or 'bench'")
+    if "stat" not in g and "bench" not in g:
+        raise doc.error(path, "missing required key 'stat'")
+    if "bench" in g:
+        subject = expect_choice(doc, g["bench"], path + ("bench",), BENCH_FIGURES)
+        if not has_bench:
+            raise doc.error(path + ("bench",), "a bench gate needs the suite's 'bench' section")
+        if "tags" in g:
+            raise doc.error(path + ("tags",), "a bench gate measures the transformer, not samples; no 'tags'")
+        stats: tuple[str, ...] = ("value",)
+    elif "metric" in g:
         subject = expect_choice(doc, g["metric"], path + ("metric",), OUTPUTS)
         if OUTPUTS[subject] not in metrics:
             raise doc.error(path + ("metric",), f"metric {OUTPUTS[subject]!r} is gated but not listed in 'metrics'")
-        stats: tuple[str, ...] = METRIC_STATS
+        stats = METRIC_STATS
     else:
         subject = expect_choice(doc, g["detector"], path + ("detector",), DETECTORS)
         if subject not in detectors:
             raise doc.error(path + ("detector",), f"detector {subject!r} is gated but not listed in 'detectors'")
         stats = DETECTOR_STATS
-    stat = expect_choice(doc, g["stat"], path + ("stat",), stats)
+    stat = expect_choice(doc, g.get("stat", "value"), path + ("stat",), stats)
     baseline = None
     if "baseline" in g:
         for key in ("op", "value"):
@@ -278,11 +300,23 @@ def _parse_gate(
         value=value,
         metric=g.get("metric"),
         detector=g.get("detector"),
+        bench=g.get("bench"),
         optional=expect(doc, g.get("optional", False), path + ("optional",), bool, "true or false"),
         severity=expect_choice(doc, g.get("severity", "fail"), path + ("severity",), ("fail", "warn")),
         tags=gate_tags,
         baseline=baseline,
     )
+
+
+def _parse_bench(doc: YamlDoc, raw: Any) -> dict[str, Any]:
+    path = ("bench",)
+    b = check_mapping(doc, raw, path, optional=(*BENCH_KEYS, "compile"))
+    out: dict[str, Any] = {k: _int(doc, v, path + (k,), BENCH_KEYS[k]) for k, v in b.items() if k in BENCH_KEYS}
+    if "resolution" in out and out["resolution"] % SIDE_MULTIPLE:
+        raise doc.error(path + ("resolution",), f"expected a multiple of {SIDE_MULTIPLE}")
+    if "compile" in b:
+        out["compile"] = expect_choice(doc, b["compile"], path + ("compile",), ("blocks", "none"))
+    return out
 
 
 NOISE_FLOOR_CHANGES = ("batch", "float32")
@@ -366,6 +400,7 @@ def load_suite(path: str | Path) -> Suite:
             "weights",
             "metric_options",
             "noise_floor",
+            "bench",
         ),
     )
     name = expect(doc, d["name"], ("name",), str, "a string")
@@ -380,7 +415,10 @@ def load_suite(path: str | Path) -> Suite:
     cases = _parse_cases(doc, d["cases"], default_seeds)
     generation = _parse_generation(doc, d["generation"])
     case_tags = {t for c in cases for t in c.tags}
-    gates = tuple(_parse_gate(doc, g, i, metrics, detectors, case_tags) for i, g in enumerate(d["gates"]))
+    bench = _parse_bench(doc, d["bench"]) if "bench" in d else None
+    gates = tuple(
+        _parse_gate(doc, g, i, metrics, detectors, case_tags, bench is not None) for i, g in enumerate(d["gates"])
+    )
     canonical = json.dumps(doc.data, sort_keys=True, default=str).encode()
     return Suite(
         name=name,
@@ -398,6 +436,7 @@ def load_suite(path: str | Path) -> Suite:
         weights=_parse_weights(doc, d.get("weights", {}), metrics),
         metric_options=_parse_metric_options(doc, d.get("metric_options", {}), metrics),
         noise_floor=_parse_noise_floor(doc, d.get("noise_floor", False), generation),
+        bench=bench,
         description=expect(doc, d.get("description", ""), ("description",), str, "a string"),
         tags=tuple(sorted({t for c in cases for t in c.tags})),
     )

@@ -108,7 +108,16 @@ def write_summary_markdown(run_dir: Path) -> Path:
         s = summary["policies"].get(policy["name"], {})
         metrics = ", ".join(f"{m} mean {_fmt(v['mean'])}" for m, v in s.get("metrics", {}).items())
         flagged = ", ".join(f"{d} {int(v['count'])}" for d, v in s.get("detectors", {}).items())
-        lines.append(f"- **{policy['name']}** (backend {policy['backends']}): {metrics}; flagged: {flagged or 'none'}")
+        bench = s.get("bench") or {}
+        timing = (
+            f"; step {bench['step_ms']:.1f} ms, latency ratio {bench['latency_ratio']:.3f}, "
+            f"weights ratio {bench['weights_ratio']:.3f}"
+            if bench
+            else ""
+        )
+        lines.append(
+            f"- **{policy['name']}** (backend {policy['backends']}): {metrics}; flagged: {flagged or 'none'}{timing}"
+        )
     notes_file = run_dir / "notes.json"
     if notes_file.is_file():
         lines += ["", "## Notes", "", *(f"- {note}" for note in json.loads(notes_file.read_text()))]
