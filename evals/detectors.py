@@ -92,7 +92,7 @@ def flat(image: np.ndarray, *, min_range: float = 0.06) -> Finding:
 
 # Each band of periods is tested after removing structure coarser than it (Gaussian sigma ~ p/2).
 STRIPE_BANDS = ((2, 3, 1.0), (4, 7, 2.0), (8, 15, 4.0), (16, 31, 8.0), (32, 63, 16.0), (64, 128, 32.0))
-STRIPE_GROUPS = 64
+STRIPE_GROUP_COLUMNS = 4  # columns per group: 64 groups at 256 px, 128 at 512
 
 
 def _stripe_along(luma: np.ndarray, max_period: int) -> tuple[float, float, int]:
@@ -106,7 +106,7 @@ def _stripe_along(luma: np.ndarray, max_period: int) -> tuple[float, float, int]
     from scipy.ndimage import gaussian_filter1d
 
     rows, cols = luma.shape
-    groups = np.array_split(np.arange(cols), min(STRIPE_GROUPS, cols))
+    groups = np.array_split(np.arange(cols), max(cols // STRIPE_GROUP_COLUMNS, 1))
     best = (0.0, 0.0, 0)
     for low, high, sigma in STRIPE_BANDS:
         top = min(high, max_period, rows // 4)
@@ -116,11 +116,13 @@ def _stripe_along(luma: np.ndarray, max_period: int) -> tuple[float, float, int]
         profiles = np.stack([np.median(residual[:, g], axis=1) for g in groups])
         for period in range(low, top + 1):
             usable = (rows // period) * period
-            folded = profiles[:, :usable].reshape(len(groups), -1, period).mean(axis=1)
+            # Medians and the MAD, not means and the standard deviation: a few groups crossing an
+            # edge or a texture must not hide a pattern the others share (or fake one).
+            folded = np.median(profiles[:, :usable].reshape(len(groups), -1, period), axis=1)
             folded -= folded.mean(axis=1, keepdims=True)
-            pattern = folded.mean(axis=0)
+            pattern = np.median(folded, axis=0)
             amplitude = float(pattern.std())
-            spread = float((folded - pattern).std()) + 1e-12
+            spread = 1.4826 * float(np.median(np.abs(folded - pattern))) + 1e-12
             z = amplitude / (spread / np.sqrt(len(groups)))
             if z > best[1]:
                 best = (amplitude, z, period)
