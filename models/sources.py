@@ -136,7 +136,8 @@ def load_source(
 ) -> LoadedModel:
     """Load the reference pipeline; every missing file is an InputError naming it.
 
-    `source`: `tiny`, `tiny:SEED`, a local diffusers folder, a Hub repository id already in the
+    `source`: `tiny`, `tiny:SEED`, `random:sd35-medium[:SEED]` / `random:sd35-large` (real
+    architecture, random weights, for timing), a local diffusers folder, a Hub repository id already in the
     Hugging Face cache (read with HF_HUB_OFFLINE=1), or a single `.safetensors` transformer
     checkpoint (original SD3 or diffusers key names) with `config` naming a local diffusers folder
     for everything else. `drop_t5` loads the pipeline without T5 (zeros stand in for its embeddings).
@@ -156,6 +157,19 @@ def load_source(
             pipe.to(dtype=dtype)
         pipe.to(device)
         return LoadedModel(pipeline=pipe, source=source, fingerprint=fingerprint)
+
+    if source.startswith("random:"):
+        from models.random_sd35 import ARCHITECTURES, build_random_pipeline, random_fingerprint
+
+        architecture, _, seed_text = source.removeprefix("random:").partition(":")
+        if architecture not in ARCHITECTURES or not (seed_text or "0").isdigit():
+            raise InputError(
+                f"model source {source!r}: expected random:ARCH or random:ARCH:SEED with ARCH one of "
+                f"{', '.join(ARCHITECTURES)}"
+            )
+        seed = int(seed_text or "0")
+        pipe = build_random_pipeline(architecture, dtype, device, seed)
+        return LoadedModel(pipeline=pipe, source=source, fingerprint=random_fingerprint(architecture, seed))
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local model must never fall back to the Hub
     folder, single_file = _locate(source, config)

@@ -73,3 +73,12 @@ def test_missing_or_broken_folders_name_the_file(tmp_path: Path, tiny_model) -> 
 def test_bad_tiny_seed() -> None:
     with pytest.raises(InputError, match="tiny:SEED"):
         load_source("tiny:x")
+
+
+@pytest.mark.parametrize("source", ["random:sd35-huge", "random:sd35-medium:x"])
+def test_a_random_architecture_source_is_checked(source: str) -> None:
+    from evals.yamlspec import InputError
+    from models.sources import load_source
+
+    with pytest.raises(InputError, match="expected random:ARCH"):
+        load_source(source)
