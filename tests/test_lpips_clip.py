@@ -203,3 +203,14 @@ def test_doctor_reports_device_fp8_and_weights(tmp_path: Path, monkeypatch: pyte
         report["weights"]["lpips (alex)"].startswith("missing: ") and str(tmp_path) in report["weights"]["lpips (alex)"]
     )
     assert report["mlflow_tracking_uri"]
+
+
+def test_a_metric_whose_package_is_missing_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from evals.metrics import load_metric
+    from evals.weights import MissingWeights
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # import open_clip now raises ModuleNotFoundError
+    with pytest.raises(MissingWeights, match="'open_clip' package is not installed"):
+        load_metric("clip_score", "cpu", {"clip_score": "any.safetensors"})

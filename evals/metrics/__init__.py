@@ -91,8 +91,14 @@ OUTPUTS: dict[str, str] = {output: info.name for info in METRICS.values() for ou
 def load_metric(
     name: str, device: str = "cpu", weights: dict[str, str] | None = None, options: dict[str, object] | None = None
 ) -> ImageMetric:
-    """Instantiate a metric (its network loaded once, on `device`); raises `MissingWeights`."""
+    """Instantiate a metric (its network loaded once, on `device`); raises `MissingWeights` when its
+    weights, or the package that runs it, are not installed here."""
+    from evals.weights import MissingWeights
+
     module_name, class_name = metric_info(name).implementation.split(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    metric: ImageMetric = cls(device=device, weights=weights or {}, **(options or {}))
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+        metric: ImageMetric = cls(device=device, weights=weights or {}, **(options or {}))
+    except ModuleNotFoundError as exc:
+        raise MissingWeights(f"the {exc.name!r} package is not installed (pip install -e . installs it)") from exc
     return metric
