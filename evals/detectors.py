@@ -1,4 +1,5 @@
-"""Failure detectors: pure functions over one image, returning a Finding. NumPy/SciPy only, no torch.
+"""Failure detectors: pure functions over one image, returning a Finding. NumPy, except the stripe
+statistic (`evals.stripes`), which runs in torch on the run's device.
 
 Input is the float RGB image, HWC, on the 0..1 scale but *before* clamping or conversion to 8-bit:
 NaN and Inf must still be visible here, because the 8-bit conversion turns them into black.
@@ -90,55 +91,24 @@ def flat(image: np.ndarray, *, min_range: float = 0.06) -> Finding:
     return Finding(False, spread, f"luma spans {spread * 255:.1f}/255 (1st-99th percentile)")
 
 
-# Each band of periods is tested after removing structure coarser than it (Gaussian sigma ~ p/2).
-STRIPE_BANDS = ((2, 3, 1.0), (4, 7, 2.0), (8, 15, 4.0), (16, 31, 8.0), (32, 63, 16.0), (64, 128, 32.0))
-STRIPE_GROUP_COLUMNS = 4  # columns per group: 64 groups at 256 px, 128 at 512
-
-
-def _stripe_along(luma: np.ndarray, max_period: int) -> tuple[float, float, int]:
-    """(amplitude, z, period) of the strongest periodic row pattern of `luma` (rows along axis 0).
-
-    Banding adds the same offset to every pixel of a row; natural content differs from column to
-    column. So the columns are split into groups, each group's row profile (median across its
-    columns of the high-passed image) is folded modulo the period, and the pattern common to all
-    groups is compared with how much the groups disagree (z, a t-statistic).
-    """
-    from scipy.ndimage import gaussian_filter1d
-
-    rows, cols = luma.shape
-    groups = np.array_split(np.arange(cols), max(cols // STRIPE_GROUP_COLUMNS, 1))
-    best = (0.0, 0.0, 0)
-    for low, high, sigma in STRIPE_BANDS:
-        top = min(high, max_period, rows // 4)
-        if low > top:
-            break
-        residual = luma - gaussian_filter1d(luma, sigma, axis=0, mode="reflect")
-        profiles = np.stack([np.median(residual[:, g], axis=1) for g in groups])
-        for period in range(low, top + 1):
-            usable = (rows // period) * period
-            # Medians and the MAD, not means and the standard deviation: a few groups crossing an
-            # edge or a texture must not hide a pattern the others share (or fake one).
-            folded = np.median(profiles[:, :usable].reshape(len(groups), -1, period), axis=1)
-            folded -= folded.mean(axis=1, keepdims=True)
-            pattern = np.median(folded, axis=0)
-            amplitude = float(pattern.std())
-            spread = 1.4826 * float(np.median(np.abs(folded - pattern))) + 1e-12
-            z = amplitude / (spread / np.sqrt(len(groups)))
-            if z > best[1]:
-                best = (amplitude, z, period)
-    return best
-
-
 def stripe_noise(
-    image: np.ndarray, *, min_amplitude: float = 2 / 255, min_z: float = 6.5, max_period: int = 32
+    image: np.ndarray,
+    *,
+    min_amplitude: float = 2 / 255,
+    min_z: float = 6.5,
+    max_period: int = 32,
+    device: str = "cpu",
 ) -> Finding:
     """Periodic row or column banding of any period from 2 to `max_period` pixels: flagged when the
     banding pattern's amplitude (its standard deviation, 0..1 scale) is at least `min_amplitude` and
-    it is consistent across the image (z >= `min_z`). Score: the amplitude."""
+    it is consistent across the image (z >= `min_z`). Score: the amplitude. The statistic
+    (`evals.stripes`) runs on `device`."""
+    from evals.stripes import strongest_row_pattern
+
     luma = _luma(image)
     found = []
     for name, plane in (("row", luma), ("column", luma.T)):
-        amplitude, z, period = _stripe_along(plane, max_period)
+        amplitude, z, period = strongest_row_pattern(plane, max_period, device)
         found.append((amplitude if z >= min_z else 0.0, amplitude, z, period, name))
     _, amplitude, z, period, name = max(found)
     detail = f"{name} pattern of period {period}: amplitude {amplitude * 255:.2f}/255, z {z:.1f}"
@@ -179,13 +149,19 @@ DETECTORS: dict[str, Detector] = {
 def detector_params(name: str) -> dict[str, Any]:
     """The tunable thresholds of a detector and their defaults."""
     signature = inspect.signature(DETECTORS[name])
-    return {p.name: p.default for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY}
+    params = signature.parameters.values()
+    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name != "device"}
 
 
 def run_detectors(
-    image: np.ndarray, names: tuple[str, ...] | list[str], thresholds: dict[str, dict[str, Any]] | None = None
+    image: np.ndarray,
+    names: tuple[str, ...] | list[str],
+    thresholds: dict[str, dict[str, Any]] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Finding]:
+    """Every named detector on one image; the costly statistics run on `device`."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an HWC RGB image, got shape {image.shape}")
     thresholds = thresholds or {}
-    return {name: DETECTORS[name](image, **thresholds.get(name, {})) for name in names}
+    extra = {"stripe_noise": {"device": device}}
+    return {name: DETECTORS[name](image, **thresholds.get(name, {}), **extra.get(name, {})) for name in names}

@@ -235,9 +235,9 @@ def from_uint8(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
 
 
-def _findings(raw: torch.Tensor, suite: Suite) -> list[dict[str, dict[str, Any]]]:
+def _findings(raw: torch.Tensor, suite: Suite, device: str = "cpu") -> list[dict[str, dict[str, Any]]]:
     hwc = raw.permute(0, 2, 3, 1).double().numpy()
-    found = [run_detectors(img, suite.detectors, suite.detector_thresholds) for img in hwc]
+    found = [run_detectors(img, suite.detectors, suite.detector_thresholds, device) for img in hwc]
     return [{n: f.to_dict() for n, f in item.items()} for item in found]
 
 
@@ -346,7 +346,7 @@ class SuiteRunner:
             return np.stack([h[0] for h in hits if h]), [h[1]["detectors"] for h in hits if h], 0
         raw = self._generate(self.model.pipeline, batch)
         with self._timed("detectors"):
-            images, findings = to_uint8(raw), _findings(raw, self.suite)
+            images, findings = to_uint8(raw), _findings(raw, self.suite, self.device)
         if self.cache:
             for key, image, found in zip(keys, images, findings, strict=True):
                 self.cache.put(key, image, {"detectors": found})
@@ -443,7 +443,7 @@ class SuiteRunner:
             with self._timed("metrics"):
                 scores = self._score(from_uint8(cand_u8), ref, [s.case.prompt for s in batch])
             with self._timed("detectors"):
-                findings = _findings(raw, self.suite)
+                findings = _findings(raw, self.suite, self.device)
             for i, sample in enumerate(batch):
                 if sample.id not in todo[cand.name]:
                     continue  # finished before an interruption; regenerated only to keep the batch

@@ -60,3 +60,14 @@ def test_a_single_nonfinite_value_is_caught(bad: float) -> None:
 def test_input_shape_is_checked() -> None:
     with pytest.raises(ValueError, match="HWC RGB"):
         run_detectors(np.zeros((3, 32, 32)), ["nonfinite"])
+
+
+@pytest.mark.gpu
+def test_the_stripe_statistic_is_the_same_on_the_gpu() -> None:
+    from benchmarks.labelled_images import photo, with_stripes
+    from evals.detectors import _luma
+    from evals.stripes import strongest_row_pattern
+
+    luma = _luma(with_stripes(photo("brick", 256), 4 / 255, 16, 0))
+    cpu, gpu = strongest_row_pattern(luma, 32, "cpu"), strongest_row_pattern(luma, 32, "cuda")
+    assert gpu[2] == cpu[2] and gpu[0] == pytest.approx(cpu[0], rel=1e-9) and gpu[1] == pytest.approx(cpu[1], rel=1e-6)
