@@ -64,10 +64,15 @@ def publish_results(
 
 def mark_logged(run_dir: Path, tracker: Any) -> None:
     """Record where the run went, if its tracker is MLflow and it never failed."""
-    inner = getattr(tracker, "inner", None)
-    if inner is None or getattr(tracker, "failed", None) or getattr(inner, "parent_id", None) is None:
-        return
-    write_json(run_dir / LOGGED_FILE, {"tracking_uri": inner.tracking_uri, "run_id": inner.parent_id})
+    from evals.tracking import MlflowTracker
+
+    layer = tracker
+    while not isinstance(layer, MlflowTracker):  # through the background and guard wrappers
+        if getattr(layer, "failed", None) or not hasattr(layer, "inner"):
+            return
+        layer = layer.inner
+    if layer.parent_id is not None:
+        write_json(run_dir / LOGGED_FILE, {"tracking_uri": layer.tracking_uri, "run_id": layer.parent_id})
 
 
 def log_run_dir(run_dir: Path, force: bool = False) -> tuple[str, str]:

@@ -253,7 +253,7 @@ def open_tracker(enabled: bool) -> tuple[Any, MlflowTracker | None]:
             file=sys.stderr,
         )
         return NullTracker(), None
-    return GuardedTracker(mlflow_tracker), mlflow_tracker
+    return BackgroundTracker(GuardedTracker(mlflow_tracker)), mlflow_tracker
 
 
 class GuardedTracker:
@@ -306,3 +306,44 @@ def log_bench(report: dict[str, Any], out_dir: Path) -> str | None:
     except Exception as exc:  # noqa: BLE001 - the figures are in the bench directory either way
         print(f"warning: MLflow logging failed ({type(exc).__name__}: {exc}); see {out_dir}", file=sys.stderr)
         return None
+
+
+class BackgroundTracker:
+    """Sends image logging to one worker thread, so that PNG encoding and MLflow's round trips
+    overlap generation; every other call first waits for the queued images (order is kept)."""
+
+    QUEUED = ("log_reference_image", "log_candidate_image")
+
+    def __init__(self, inner: Any):
+        import queue
+        import threading
+
+        self.inner = inner
+        self._queue: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
+        self._worker = threading.Thread(target=self._drain_forever, name="mlflow-images", daemon=True)
+        self._worker.start()
+
+    @property
+    def failed(self) -> str | None:
+        return getattr(self.inner, "failed", None)
+
+    def _drain_forever(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is not None:
+                    name, args = item
+                    getattr(self.inner, name)(*args)  # the guarded tracker: errors become one warning
+            finally:
+                self._queue.task_done()
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self.QUEUED:
+            return lambda *args: self._queue.put((name, args))
+        method = getattr(self.inner, name)
+
+        def after_queue(*args: Any, **kwargs: Any) -> Any:
+            self._queue.join()
+            return method(*args, **kwargs)
+
+        return after_queue
