@@ -142,6 +142,19 @@ def _findings(records: list[SampleRecord]) -> str:
     return _table(["image of", "sample", "detector", "reason"], rows)
 
 
+def _bench(summary: dict[str, Any]) -> str:
+    """The suite's bench figures per candidate, when it benches."""
+    rows = [
+        [html.escape(name), *(_fmt(b[k]) for k in ("step_ms", "latency_ratio", "weights_gib", "weights_ratio"))]
+        for name, policy in sorted(summary.get("policies", {}).items())
+        if (b := policy.get("bench"))
+    ]
+    if not rows:
+        return ""
+    header = ["candidate", "step ms", "latency ratio", "weights GiB", "weights ratio"]
+    return "<h2>Speed and memory (transformer step against the reference)</h2>" + _table(header, rows)
+
+
 def render_html(run_dir: Path) -> str:
     run, summary, verdict = load_run(run_dir)
     records = list(read_records(run_dir / "records.jsonl"))
@@ -163,6 +176,7 @@ reference {html.escape(run["reference_dtype"])}, run directory <code>{html.escap
 {"".join(f"<p class='warn'>{html.escape(n)}</p>" for n in notes)}
 <h2>Gates</h2>
 {_gate_table(verdict, summary)}
+{_bench(summary)}
 <h2>Metric distributions</h2>
 {_distribution_plots(records)}
 <h2>Worst samples</h2>

@@ -32,6 +32,7 @@ def test_bench_gates_see_the_measured_ratios(workdir: Path, limit: float, code: 
     results = {r["subject"]: r for r in json.loads((run_dir / "verdict.json").read_text())["results"]}
     assert results["weights_ratio"]["actual"] == bench["weights_ratio"]
     assert results["weights_ratio"]["status"] == ("pass" if code == 0 else "fail")
+    assert "latency ratio" in (run_dir / "report.html").read_text()
     assert [r["name"] for r in json.loads((run_dir / "bench.json").read_text())["results"]] == [
         "reference",
         "fp8-e4m3-rowwise",
