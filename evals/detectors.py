@@ -103,16 +103,20 @@ def stripe_noise(
     banding pattern's amplitude (its standard deviation, 0..1 scale) is at least `min_amplitude` and
     it is consistent across the image (z >= `min_z`). Score: the amplitude. The statistic
     (`evals.stripes`) runs on `device`."""
-    from evals.stripes import strongest_row_pattern
+    from evals.stripes import row_patterns
 
     luma = _luma(image)
-    found = []
-    for name, plane in (("row", luma), ("column", luma.T)):
-        amplitude, z, period = strongest_row_pattern(plane, max_period, device)
-        found.append((amplitude if z >= min_z else 0.0, amplitude, z, period, name))
-    _, amplitude, z, period, name = max(found)
+    # Natural structure may be more consistent than the banding but faint: the banding is the most
+    # consistent pattern among those large enough to see.
+    found = [
+        (amplitude >= min_amplitude and z >= min_z, z, amplitude, period, name)
+        for name, plane in (("row", luma), ("column", luma.T))
+        for amplitude, z, period in row_patterns(plane, max_period, device)
+    ]
+    if not found:
+        return Finding(False, 0.0, "image too small for the stripe test (8 pixels a side at least)")
+    flagged, z, amplitude, period, name = max(found, key=lambda f: (f[0], f[1]))
     detail = f"{name} pattern of period {period}: amplitude {amplitude * 255:.2f}/255, z {z:.1f}"
-    flagged = amplitude >= min_amplitude and z >= min_z
     return Finding(flagged, amplitude, ("stripes: " if flagged else "strongest ") + detail)
 
 

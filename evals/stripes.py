@@ -1,12 +1,18 @@
 """The statistic behind the `stripe_noise` detector, in torch so that it runs on the run's GPU
-(on a CPU it is as fast as the NumPy/SciPy version it replaced, and gives the same numbers).
+(on a CPU it is as fast as the NumPy/SciPy version it replaced).
 
 Banding adds the same offset to every pixel of a row; natural content differs from column to
-column. So the columns are split into groups of 4, each group's row profile (median across its
-columns of the high-passed image) is folded modulo the period (median per phase), and the pattern
-the groups share (their median) is compared with how much they disagree (the MAD): z is a robust
-t-statistic. Medians, not means: a few groups crossing an edge or a texture must not hide a pattern
-the others share, or fake one.
+column. So the columns are split into groups of 4 and each group's row profile (median across its
+columns of the high-passed image) is tested at every period:
+- amplitude: the profile folded modulo the period (median per phase), the groups' median pattern,
+  its standard deviation. Any periodic shape counts, at its full size.
+- z: how consistently the groups share the pattern's first harmonics (Fourier coefficients at
+  1/p, 2/p, 3/p): the groups' median coefficient against the MAD of their coefficients, a robust
+  t-statistic. A harmonic gathers a band's energy from every period of it, where folding spreads
+  the texture of p phases over the pattern: on grass and gravel this doubles z at period 32, and
+  pure noise stays below 6.5 with odds of about 1e-7 per image.
+Medians, not means: a few groups crossing an edge or a texture must not hide a pattern the others
+share, or fake one.
 """
 
 from __future__ import annotations
@@ -65,11 +71,32 @@ def _group_profiles(residual: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=1).T
 
 
-def strongest_row_pattern(luma: np.ndarray, max_period: int, device: str = "cpu") -> tuple[float, float, int]:
-    """(amplitude, z, period) of the strongest periodic row pattern of `luma` (rows along axis 0)."""
+FULL_CYCLES = 16  # periods in the image from which z counts in full (32 px at 512 px)
+HARMONICS = 3  # the first harmonics hold 95% of a square wave's energy, all of a sinusoid's
+
+
+def _harmonic_z(profiles: torch.Tensor, period: int) -> float:
+    """Largest robust z of the groups' Fourier coefficients at harmonics h/period, h = 1..3."""
+    groups, usable = profiles.shape
+    phase = torch.arange(usable, dtype=profiles.dtype, device=profiles.device) * (2 * math.pi / period)
+    best = 0.0
+    for harmonic in range(1, min(HARMONICS, period // 2) + 1):
+        parts = [profiles @ torch.cos(harmonic * phase)]
+        if 2 * harmonic != period:  # at the Nyquist frequency the sine term is zero
+            parts.append(profiles @ torch.sin(harmonic * phase))
+        coefficients = torch.stack(parts) * (2 / usable)  # (1 or 2, groups)
+        shared = _median(coefficients, 1)
+        spread = 1.4826 * _median((coefficients - shared.unsqueeze(1)).abs().flatten(), 0) + 1e-12
+        best = max(best, float(shared.norm() / spread) * math.sqrt(groups))
+    return best
+
+
+def row_patterns(luma: np.ndarray, max_period: int, device: str = "cpu") -> list[tuple[float, float, int]]:
+    """(amplitude, z, period) of the periodic row pattern of `luma` (rows along axis 0) at every
+    period from 2 to `max_period` (at most a quarter of the rows)."""
     plane = torch.as_tensor(luma, dtype=torch.float64, device=device)
     rows = plane.shape[0]
-    best = (0.0, 0.0, 0)
+    found = []
     for low, high, sigma in STRIPE_BANDS:
         top = min(high, max_period, rows // 4)
         if low > top:
@@ -79,12 +106,8 @@ def strongest_row_pattern(luma: np.ndarray, max_period: int, device: str = "cpu"
         for period in range(low, top + 1):
             usable = (rows // period) * period
             folded = _median(profiles[:, :usable].reshape(groups, -1, period), 1)
-            folded = folded - folded.mean(dim=1, keepdim=True)
-            pattern = _median(folded, 0)
-            spread = 1.4826 * _median((folded - pattern).abs().flatten(), 0) + 1e-12
-            amplitude = pattern.std(unbiased=False)
-            z = amplitude / (spread / math.sqrt(groups))
-            z_value = float(z)
-            if z_value > best[1]:
-                best = (float(amplitude), z_value, period)
-    return best
+            pattern = _median(folded - folded.mean(dim=1, keepdim=True), 0)
+            # Over few periods natural structure of that scale looks periodic too: z is discounted.
+            z = _harmonic_z(profiles[:, :usable], period) * math.sqrt(min(rows / period / FULL_CYCLES, 1.0))
+            found.append((float(pattern.std(unbiased=False)), z, period))
+    return found

@@ -66,8 +66,11 @@ def test_input_shape_is_checked() -> None:
 def test_the_stripe_statistic_is_the_same_on_the_gpu() -> None:
     from benchmarks.labelled_images import photo, with_stripes
     from evals.detectors import _luma
-    from evals.stripes import strongest_row_pattern
+    from evals.stripes import row_patterns
 
     luma = _luma(with_stripes(photo("brick", 256), 4 / 255, 16, 0))
-    cpu, gpu = strongest_row_pattern(luma, 32, "cpu"), strongest_row_pattern(luma, 32, "cuda")
-    assert gpu[2] == cpu[2] and gpu[0] == pytest.approx(cpu[0], rel=1e-9) and gpu[1] == pytest.approx(cpu[1], rel=1e-6)
+    cpu, gpu = row_patterns(luma, 32, "cpu"), row_patterns(luma, 32, "cuda")
+    assert [p for _, _, p in gpu] == [p for _, _, p in cpu] == list(range(2, 33))
+    assert [a for a, _, _ in gpu] == pytest.approx([a for a, _, _ in cpu], rel=1e-9)
+    assert [z for _, z, _ in gpu] == pytest.approx([z for _, z, _ in cpu], rel=1e-6)
+    assert max(cpu, key=lambda f: f[1])[2] == 16
