@@ -3,7 +3,9 @@ quantization, the rest) for the reference and a candidate, each with its blocks 
 
     python benchmarks/profile_step.py --model models/configs/sd35-large --policy fp8-e4m3-rowwise
 
-Optionally under another SDPA backend (--attention cudnn|flash|efficient) to compare attention kernels.
+Optionally under another SDPA backend (--attention cudnn|flash|efficient) to compare attention kernels;
+`--layers 6` profiles a 6-block model (quick); `--unfused` adds each candidate without the fused
+feed-forward of models/fp8_feedforward.py.
 """
 
 from __future__ import annotations
@@ -15,15 +17,19 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from models.fp8_feedforward import Fp8GeluFeedForward
+
 
 def kind(kernel: str) -> str:
     k = kernel.lower()
+    if "quantize_rows" in k:
+        return "fp8 quantization (models/fp8_kernels.py)"
+    if k.startswith("triton"):  # inductor's kernels; their names list the ops fused, GEMMs included
+        return "fused elementwise/reduction (triton)"
     if any(s in k for s in ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")):
         return "attention"
     if any(s in k for s in ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "scaled_mm", "cublas")):
         return "gemm"
-    if "triton" in k:
-        return "fused elementwise/reduction (triton)"
     return "other"
 
 
@@ -62,17 +68,26 @@ def main() -> None:
     parser.add_argument("--attention", default="default", choices=("default", "cudnn", "flash", "efficient"))
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--layers", type=int, help="keep only this many blocks (faster to build)")
+    parser.add_argument("--unfused", action="store_true", help="also each candidate without the fused feed-forward")
     args = parser.parse_args()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backends = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}
     backends["efficient"] = SDPBackend.EFFICIENT_ATTENTION
     context = sdpa_kernel(backends[args.attention]) if args.attention != "default" else contextlib.nullcontext()
-    reference = random_transformer(Path(args.model), torch.bfloat16, "cuda")
+    reference = random_transformer(Path(args.model), torch.bfloat16, "cuda", num_layers=args.layers)
     inputs = step_inputs(reference, BenchSetup(args.resolution, args.batch), "cuda")
     variants = [("reference", reference)]
     for name in args.policy:
-        variants.append((name, apply_policy(load_policy(name), {"transformer": reference})[0]["transformer"]))
+        candidate = apply_policy(load_policy(name), {"transformer": reference})[0]["transformer"]
+        variants.append((name, candidate))
+        if args.unfused:
+            unfused = apply_policy(load_policy(name), {"transformer": reference})[0]["transformer"]
+            for module in unfused.modules():
+                if isinstance(module, Fp8GeluFeedForward):
+                    module.fused = False
+            variants.append((f"{name} (feed-forward unfused)", unfused))
     with context:
         for name, transformer in variants:
             compile_blocks(transformer)

@@ -71,12 +71,17 @@ def architecture_only(source: str) -> bool:
     )
 
 
-def random_transformer(folder: Path, dtype: torch.dtype, device: str, seed: int = 0) -> Any:
+def random_transformer(
+    folder: Path, dtype: torch.dtype, device: str, seed: int = 0, num_layers: int | None = None
+) -> Any:
     """The architecture of `folder/transformer/config.json` with random weights, built on the device
-    in its dtype (SD3.5-Large in float32 on the CPU would take minutes and 32 GB)."""
+    in its dtype (SD3.5-Large in float32 on the CPU would take minutes and 32 GB); `num_layers`
+    keeps only that many blocks (profiling)."""
     from diffusers import SD3Transformer2DModel
 
     config = SD3Transformer2DModel.load_config(str(folder / "transformer"))
+    if num_layers is not None:
+        config = {**config, "num_layers": num_layers}
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     try:

@@ -198,7 +198,7 @@ class Fp8Linear(nn.Module):
         block = self.spec.block_size if self.spec.weights == "per_block" else None
         return dequantize(self.weight_fp8, self.weight_scale, dtype, block)
 
-    def _quantize_input(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def quantize_input(self, x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.input_scale is not None:
             return quantize_with_scale(x2d, self.input_scale, self.spec.format), self.input_scale
         return quantize(x2d, self.spec.format, per_row=self.spec.activations == "dynamic_per_token")
@@ -208,8 +208,13 @@ class Fp8Linear(nn.Module):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantized_weight(x.dtype), bias)
         lead = x.shape[:-1]
-        x2d = x.reshape(-1, self.in_features)
-        xq, x_scale = self._quantize_input(x2d)
+        out = self.matmul(*self.quantize_input(x.reshape(-1, self.in_features)), x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out.reshape(*lead, self.out_features)
+
+    def matmul(self, xq: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(xq * x_scale) @ W^T in `dtype`, without the bias: xq (rows, in) quantized activations."""
         if self.backend == "scaled_mm":
             # Row-wise kernels want both scales row-wise: broadcast a per-tensor one to rows.
             out = torch._scaled_mm(
@@ -217,12 +222,9 @@ class Fp8Linear(nn.Module):
                 self.weight_fp8.t(),
                 scale_a=x_scale.expand(xq.shape[0], 1).contiguous(),
                 scale_b=self.weight_scale.expand(self.out_features, 1).reshape(1, -1).contiguous(),
-                out_dtype=_out_dtype(x.dtype),
+                out_dtype=_out_dtype(dtype),
                 use_fast_accum=self.spec.fast_accum,
             )
         else:
             out = F.linear(dequantize(xq, x_scale), self.dequantized_weight())
-        out = out.to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias.to(x.dtype)
-        return out.reshape(*lead, self.out_features)
+        return out.to(dtype)

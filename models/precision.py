@@ -304,6 +304,7 @@ def apply_policy(
     import torch
 
     from models.fp8 import Fp8Linear
+    from models.fp8_feedforward import fuse_feed_forwards
 
     plan = resolve_plan(policy, components)
     out = dict(components)
@@ -330,6 +331,7 @@ def apply_policy(
                 amax = input_amax[key]
             fp8 = Fp8Linear.from_linear(module.get_submodule(layer.name), layer.spec, layer.backend, amax)
             _set_submodule(module, layer.name, fp8)
+        fuse_feed_forwards(module)
         out[comp_name] = module
     _cast_transformer_inputs_if_mixed(out, components)
     return out, plan

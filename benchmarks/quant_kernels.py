@@ -1,0 +1,111 @@
+"""Row-wise FP8 activation quantization on the GPU: inductor's fusion of the eager code against the
+Triton kernels of `models/fp8_kernels.py`, on SD3.5-Large's shapes (1024x1024, batch 2: 8858 tokens;
+rows of 2432 before attention and the MLP, 9728 between the MLP's GEMMs with bias and tanh-GELU).
+Prints milliseconds, effective bandwidth and whether the FP8 bytes and scales equal the eager code's.
+
+    python benchmarks/quant_kernels.py [--tokens 8858]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from models import fp8, fp8_kernels
+
+
+def eager(x: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if bias is not None:
+        x = x + bias
+    if gelu:
+        x = F.gelu(x, approximate="tanh")
+    return fp8.quantize(x, "e4m3fn", per_row=True)
+
+
+def triton_path(x: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return fp8_kernels.quantize_rows(x, torch.float8_e4m3fn, bias, gelu)
+
+
+def milliseconds(fn, *args, iters: int = 50) -> float:
+    for _ in range(5):
+        fn(*args)
+    times = []
+    for _ in range(iters):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    return statistics.median(times)
+
+
+def sweep(x: torch.Tensor, bias: torch.Tensor | None, gelu: bool, moved: float) -> None:
+    """The raw kernel under several launch configurations, 20 launches per timing (no Python
+    dispatch in the figure)."""
+    import triton
+
+    kernel = fp8_kernels._ops()[1]
+    rows, cols = x.shape
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(rows, 1, device=x.device)
+    block_cols = triton.next_power_of_2(cols)
+    for block_rows in (1, 2, 4):
+        for warps in (4, 8, 16):
+
+            def launch(block_rows=block_rows, warps=warps):
+                for _ in range(20):
+                    kernel[(triton.cdiv(rows, block_rows),)](  # type: ignore[index]
+                        x,
+                        x if bias is None else bias,
+                        q,
+                        scale,
+                        rows,
+                        cols,
+                        x.stride(0),
+                        FP8_MAX=448.0,
+                        HAS_BIAS=bias is not None,
+                        GELU=gelu,
+                        BLOCK_ROWS=block_rows,
+                        BLOCK_COLS=block_cols,
+                        num_warps=warps,
+                    )
+
+            ms = milliseconds(launch, iters=10) / 20
+            print(f"    rows/program {block_rows} warps {warps:2}: {ms:.4f} ms {moved / ms:5.2f} TB/s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8858)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    for cols, with_bias, gelu in ((2432, False, False), (9728, True, True), (9728, False, False)):
+        x = torch.randn(args.tokens, cols, device="cuda", dtype=torch.bfloat16) * 3
+        bias = torch.randn(cols, device="cuda", dtype=torch.bfloat16) if with_bias else None
+        moved = x.numel() * (x.element_size() + 1) / 1e9  # read bf16, write fp8
+        want = eager(x, bias, gelu)
+        label = f"{args.tokens}x{cols}{' +bias' if with_bias else ''}{' gelu' if gelu else ''}"
+        for name, fn in (
+            ("eager", eager),
+            ("inductor", torch.compile(eager, dynamic=False)),
+            ("triton", triton_path),
+            ("triton in a compiled graph", torch.compile(triton_path, dynamic=False)),
+        ):
+            got = fn(x, bias, gelu)
+            same_q = torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
+            mismatched = (got[0].view(torch.uint8) != want[0].view(torch.uint8)).float().mean().item()
+            same_scale = torch.equal(got[1], want[1])
+            ms = milliseconds(fn, x, bias, gelu)
+            print(
+                f"{label:28s} {name:27s} {ms:7.3f} ms {moved / ms:6.2f} TB/s  "
+                f"fp8 bytes equal: {same_q} ({mismatched:.2e} differ)  scales equal: {same_scale}"
+            )
+        sweep(x, bias, gelu, moved)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""SD3.5's feed-forward (Linear, tanh-GELU, Linear) with both linears in FP8: on a CUDA GPU the
+first GEMM's bias, the GELU and the second GEMM's per-token input quantization run as one Triton
+kernel (`models/fp8_kernels.py`) that reads the wide (4x hidden) activation once. Inductor's fusion
+of the same code read it twice and ran the exact tanh, which made it the slowest kernel of an FP8
+block after the GEMMs and attention.
+
+The wrapper keeps diffusers' `net` list, so parameter and buffer names (`ff.net.0.proj.weight_fp8`,
+...) stay those of a checkpoint. Elsewhere (CPU, emulated layers) it runs diffusers' own code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from models import fp8_kernels
+from models.fp8 import FORMATS, Fp8Linear
+
+
+def _fusable(module: nn.Module) -> bool:
+    net: Any = getattr(module, "net", ())
+    if type(module).__name__ != "FeedForward" or len(net) != 3:
+        return False
+    act, _, fc2 = net
+    fc1 = getattr(act, "proj", None)
+    return (
+        type(act).__name__ == "GELU"
+        and getattr(act, "approximate", None) == "tanh"
+        and all(
+            isinstance(fc, Fp8Linear)
+            and fc.backend == "scaled_mm"
+            and fc.spec.activations == "dynamic_per_token"
+            and fc.input_scale is None
+            for fc in (fc1, fc2)
+        )
+    )
+
+
+class Fp8GeluFeedForward(nn.Module):
+    """diffusers' FeedForward(activation_fn="gelu-approximate") whose two linears are row-wise FP8 GEMMs."""
+
+    def __init__(self, feed_forward: nn.Module):
+        super().__init__()
+        self.net = feed_forward.net
+        if fp8_kernels.HAS_TRITON:
+            fp8_kernels.register()
+        self.fused = True
+        """False runs diffusers' path (for benchmarks comparing the two)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        net: Any = self.net
+        act, dropout, fc2 = net
+        fc1 = act.proj
+        if not (self.fused and fp8_kernels.available(hidden_states)):
+            return fc2(dropout(act(hidden_states)))
+        lead = hidden_states.shape[:-1]
+        dtype = hidden_states.dtype
+        wide = fc1.matmul(*fc1.quantize_input(hidden_states.reshape(-1, fc1.in_features)), dtype)
+        bias = None if fc1.bias is None else fc1.bias.to(dtype)
+        q, scale = fp8_kernels.quantize_rows(wide, FORMATS[fc2.spec.format], bias=bias, gelu=True)
+        out = fc2.matmul(q, scale, dtype)
+        if fc2.bias is not None:
+            out = out + fc2.bias.to(dtype)
+        return out.reshape(*lead, fc2.out_features)
+
+
+def fuse_feed_forwards(module: nn.Module) -> int:
+    """Wrap every fusable feed-forward below `module` in place; returns how many."""
+    targets = [name for name, child in module.named_modules() if name and _fusable(child)]
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, Fp8GeluFeedForward(getattr(parent, child)))
+    return len(targets)
