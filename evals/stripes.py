@@ -75,20 +75,34 @@ FULL_CYCLES = 16  # periods in the image from which z counts in full (32 px at 5
 HARMONICS = 3  # the first harmonics hold 95% of a square wave's energy, all of a sinusoid's
 
 
-def _harmonic_z(profiles: torch.Tensor, period: int) -> float:
-    """Largest robust z of the groups' Fourier coefficients at harmonics h/period, h = 1..3."""
-    groups, usable = profiles.shape
-    phase = torch.arange(usable, dtype=profiles.dtype, device=profiles.device) * (2 * math.pi / period)
-    best = 0.0
-    for harmonic in range(1, min(HARMONICS, period // 2) + 1):
-        parts = [profiles @ torch.cos(harmonic * phase)]
-        if 2 * harmonic != period:  # at the Nyquist frequency the sine term is zero
-            parts.append(profiles @ torch.sin(harmonic * phase))
-        coefficients = torch.stack(parts) * (2 / usable)  # (1 or 2, groups)
-        shared = _median(coefficients, 1)
-        spread = 1.4826 * _median((coefficients - shared.unsqueeze(1)).abs().flatten(), 0) + 1e-12
-        best = max(best, float(shared.norm() / spread) * math.sqrt(groups))
-    return best
+def _harmonic_z(profiles: torch.Tensor, periods: list[int]) -> torch.Tensor:
+    """For each period, the largest robust z of the groups' Fourier coefficients at harmonics
+    h/period, h = 1..3, each over the whole periods the profile holds; all periods of a band in one
+    matrix product and one sort (on a GPU, one small kernel per period and harmonic was the cost)."""
+    groups, rows = profiles.shape
+    x = torch.arange(rows, dtype=profiles.dtype, device=profiles.device)
+    pairs = [(p, h) for p in periods for h in range(1, min(HARMONICS, p // 2) + 1)]
+    period = torch.tensor([p for p, _ in pairs], dtype=profiles.dtype, device=profiles.device)
+    harmonic = torch.tensor([h for _, h in pairs], dtype=profiles.dtype, device=profiles.device)
+    usable = torch.floor(rows / period) * period
+    angle = x[:, None] * (2 * math.pi * harmonic / period)[None, :]
+    inside = (x[:, None] < usable[None, :]).to(profiles.dtype) * (2 / usable)[None, :]
+    nyquist = 2 * harmonic == period  # the sine term is zero there: the cosine's deviations stand in
+    sine = torch.where(nyquist[None, :], torch.cos(angle), torch.sin(angle))
+    coefficients = profiles @ torch.cat([torch.cos(angle) * inside, sine * inside], dim=1)  # (groups, 2K)
+    shared = _median(coefficients, 0)
+    count = len(pairs)
+    norm = torch.hypot(shared[:count], torch.where(nyquist, 0.0, shared[count:]))
+    deviations = (coefficients - shared).abs()
+    pooled = torch.cat([deviations[:, :count], deviations[:, count:]], dim=0)  # (2 groups, K)
+    spread = 1.4826 * _median(pooled, 0) + 1e-12
+    z = norm / spread * math.sqrt(groups)
+    per_period = torch.full((len(periods), HARMONICS), -1.0, dtype=z.dtype, device=z.device)
+    index = {p: i for i, p in enumerate(periods)}
+    rows_of = torch.tensor([index[p] for p, _ in pairs], device=z.device)
+    cols_of = torch.tensor([h - 1 for _, h in pairs], device=z.device)
+    per_period[rows_of, cols_of] = z
+    return per_period.max(dim=1).values
 
 
 def row_patterns(luma: np.ndarray, max_period: int, device: str = "cpu") -> list[tuple[float, float, int]]:
@@ -96,18 +110,24 @@ def row_patterns(luma: np.ndarray, max_period: int, device: str = "cpu") -> list
     period from 2 to `max_period` (at most a quarter of the rows)."""
     plane = torch.as_tensor(luma, dtype=torch.float64, device=device)
     rows = plane.shape[0]
-    found = []
+    periods, amplitudes, zs = [], [], []
     for low, high, sigma in STRIPE_BANDS:
         top = min(high, max_period, rows // 4)
         if low > top:
             break
         profiles = _group_profiles(_high_pass(plane, sigma))
         groups = profiles.shape[0]
-        for period in range(low, top + 1):
+        band = list(range(low, top + 1))
+        for period in band:
             usable = (rows // period) * period
             folded = _median(profiles[:, :usable].reshape(groups, -1, period), 1)
             pattern = _median(folded - folded.mean(dim=1, keepdim=True), 0)
-            # Over few periods natural structure of that scale looks periodic too: z is discounted.
-            z = _harmonic_z(profiles[:, :usable], period) * math.sqrt(min(rows / period / FULL_CYCLES, 1.0))
-            found.append((float(pattern.std(unbiased=False)), z, period))
-    return found
+            amplitudes.append(pattern.std(unbiased=False))
+        # Over few periods natural structure of that scale looks periodic too: z is discounted.
+        discount = torch.tensor([math.sqrt(min(rows / p / FULL_CYCLES, 1.0)) for p in band], device=plane.device)
+        zs.append(_harmonic_z(profiles, band) * discount)
+        periods += band
+    if not periods:
+        return []
+    values = torch.stack([torch.stack(amplitudes), torch.cat(zs)]).tolist()  # one wait for the device
+    return list(zip(values[0], values[1], periods, strict=True))
