@@ -80,8 +80,7 @@ def _assemble(reference: Any, fp8_layers: dict[str, Fp8Linear], rest: dict[str, 
             raise InputError(f"{source}: layer {name!r} does not exist in this model's transformer") from None
         if not isinstance(old, torch.nn.Linear) or (old.out_features, old.in_features) != layer.weight_fp8.shape:
             raise InputError(f"{source}: layer {name!r} has shape {tuple(layer.weight_fp8.shape)}, the model's differs")
-        parent_name, _, child = name.rpartition(".")
-        setattr(module.get_submodule(parent_name) if parent_name else module, child, layer)
+        module.set_submodule(name, layer)
     result = module.load_state_dict(rest, strict=False)
     fp8_keys = {f"{n}.{b}" for n, m in fp8_layers.items() for b, t in m.named_buffers() if t is not None}
     fp8_keys |= {f"{n}.bias" for n, m in fp8_layers.items() if m.bias is not None}

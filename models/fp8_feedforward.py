@@ -70,7 +70,5 @@ def fuse_feed_forwards(module: nn.Module) -> int:
     """Wrap every fusable feed-forward below `module` in place; returns how many."""
     targets = [name for name, child in module.named_modules() if name and _fusable(child)]
     for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, child, Fp8GeluFeedForward(getattr(parent, child)))
+        module.set_submodule(name, Fp8GeluFeedForward(module.get_submodule(name)))
     return len(targets)

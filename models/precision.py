@@ -287,12 +287,6 @@ def backend_summary(plan: list[LayerPlan]) -> str:
     return ",".join(f"{b}:{n}" for b, n in sorted(counts.items())) or "none"
 
 
-def _set_submodule(root: Any, qualified_name: str, new: Any) -> None:
-    parent_name, _, child = qualified_name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
 def apply_policy(
     policy: PrecisionPolicy, components: dict[str, Any], input_amax: dict[str, float] | None = None
 ) -> tuple[dict[str, Any], list[LayerPlan]]:
@@ -330,7 +324,7 @@ def apply_policy(
                     raise ValueError(f"{key}: static activations need calibration (no input amax recorded)")
                 amax = input_amax[key]
             fp8 = Fp8Linear.from_linear(module.get_submodule(layer.name), layer.spec, layer.backend, amax)
-            _set_submodule(module, layer.name, fp8)
+            module.set_submodule(layer.name, fp8)
         fuse_feed_forwards(module)
         out[comp_name] = module
     _cast_transformer_inputs_if_mixed(out, components)
