@@ -14,6 +14,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
+from evals.bench import BenchSetup, time_calls
 from models import fp8, fp8_kernels
 
 
@@ -30,16 +31,7 @@ def triton_path(x: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> tuple
 
 
 def milliseconds(fn, *args, iters: int = 50) -> float:
-    for _ in range(5):
-        fn(*args)
-    times = []
-    for _ in range(iters):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        fn(*args)
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end))
+    _, times = time_calls(lambda: fn(*args), BenchSetup(warmup=5, iters=iters), "cuda")
     return statistics.median(times)
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import models.fp8 as fp8
+from evals.bench import BenchSetup, time_calls
 
 
 def quantize_reciprocal(x: torch.Tensor, fmt: str, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -26,28 +26,15 @@ def quantize_reciprocal(x: torch.Tensor, fmt: str, per_row: bool) -> tuple[torch
     return q, scale
 
 
-def timed(transformer, inputs, iters: int = 10) -> tuple[float, float]:
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    with torch.inference_mode():
-        transformer(**inputs, return_dict=False)
-        torch.cuda.synchronize()
-        first = time.perf_counter() - t
-        for _ in range(3):
-            transformer(**inputs, return_dict=False)
-        times = []
-        for _ in range(iters):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            transformer(**inputs, return_dict=False)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
+@torch.inference_mode()
+def timed(transformer, inputs) -> tuple[float, float]:
+    """(median step ms, first call s) with the bench's warm-up and timed steps."""
+    first, times = time_calls(lambda: transformer(**inputs, return_dict=False), BenchSetup(), "cuda")
     return statistics.median(times), first
 
 
 def main() -> None:
-    from evals.bench import BenchSetup, random_transformer, step_inputs
+    from evals.bench import random_transformer, step_inputs
     from evals.compiling import compile_blocks
     from models.precision import apply_policy, load_policy
 

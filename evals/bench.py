@@ -79,17 +79,14 @@ def random_transformer(
     keeps only that many blocks (profiling)."""
     from diffusers import SD3Transformer2DModel
 
+    from models.random_sd35 import built_on
+
     config = SD3Transformer2DModel.load_config(str(folder / "transformer"))
     if num_layers is not None:
         config = {**config, "num_layers": num_layers}
     torch.manual_seed(seed)
-    default = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)
-        with torch.device(device):
-            model = SD3Transformer2DModel.from_config(config)
-    finally:
-        torch.set_default_dtype(default)
+    with built_on(dtype, device):
+        model = SD3Transformer2DModel.from_config(config)
     return model.eval().requires_grad_(False)
 
 

@@ -8,6 +8,8 @@ one (token ids stay below CLIP's vocabulary), so prompts cost what real prompts 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,18 @@ VAE: dict[str, Any] = {  # SD3's 16-channel VAE
 }
 
 
+@contextlib.contextmanager
+def built_on(dtype: torch.dtype, device: str) -> Iterator[None]:
+    """New modules' parameters are created on `device` in `dtype` (not in float32 on the CPU first)."""
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(default)
+
+
 def build_random_pipeline(architecture: str, dtype: torch.dtype, device: str, seed: int = 0) -> Any:
     """Every component built directly on `device` in `dtype` (SD3.5-Large in float32 on a CPU first
     would take minutes and twice the memory)."""
@@ -72,20 +86,15 @@ def build_random_pipeline(architecture: str, dtype: torch.dtype, device: str, se
         "max_position_embeddings": 77,
     }
     transformer_config = SD3Transformer2DModel.load_config(str(CONFIGS / architecture / "transformer"))
-    default = torch.get_default_dtype()
-    try:
-        torch.set_default_dtype(dtype)
-        with torch.device(device):
-            torch.manual_seed(seed)
-            transformer = SD3Transformer2DModel.from_config(transformer_config)
-            torch.manual_seed(seed + 1)
-            text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L, **special))
-            torch.manual_seed(seed + 2)
-            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G, **special))
-            torch.manual_seed(seed + 3)
-            vae = AutoencoderKL(**VAE)
-    finally:
-        torch.set_default_dtype(default)
+    with built_on(dtype, device):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel.from_config(transformer_config)
+        torch.manual_seed(seed + 1)
+        text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L, **special))
+        torch.manual_seed(seed + 2)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G, **special))
+        torch.manual_seed(seed + 3)
+        vae = AutoencoderKL(**VAE)
     modules = {"transformer": transformer, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2, "vae": vae}
     for module in modules.values():
         module.eval().requires_grad_(False)
