@@ -83,7 +83,7 @@ def _ops() -> tuple[object, object]:
         scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
         block_cols = triton.next_power_of_2(cols)
         # One row per program, whole in registers: the fastest launch of benchmarks/quant_kernels.py
-        # (H100: 2.7 TB/s for rows of 2432, 2.8 TB/s for 9728; two or four rows per program were slower).
+        # (H100, two runs: 1.9-2.7 TB/s for rows of 2432, 2.8 TB/s for 9728; two or four rows per program were slower).
         block_rows = 1
         warps = 4 if block_cols <= 4096 else 8
         grid = (rows,)
