@@ -1,5 +1,5 @@
 import sys
 
-from evals.cli import main
+from evals.cli import command
 
-sys.exit(main())
+sys.exit(command())

@@ -41,6 +41,8 @@ class RunRequest:
     """Show a progress bar."""
     weights: dict[str, str] = field(default_factory=dict)
     """Metric weights files."""
+    compile: str | None = None
+    """Compile the candidates' transformer blocks (`blocks`) or not (`none`); None takes the suite's."""
 
 
 def resolve_device(name: str) -> str:
@@ -102,12 +104,20 @@ def prepare(request: RunRequest, suite: Any = None) -> Prepared:
     return Prepared(suite, model, device, reference_dtype, shard)
 
 
-def build_candidates(prepared: Prepared, policies: list[Any], checkpoints: list[Path]) -> list[Any]:
-    """Candidates from loaded policies (rule typos surface here) and from quantized checkpoint files."""
+def build_candidates(
+    prepared: Prepared, policies: list[Any], checkpoints: list[Path], request_compile: str | None = None
+) -> list[Any]:
+    """Candidates from loaded policies (rule typos surface here) and from quantized checkpoint files;
+    their transformer blocks compiled when the request or the suite says `blocks`."""
     from evals.runner import build_candidate, candidate_from_checkpoint
 
     candidates = [build_candidate(prepared.model, p, prepared.suite.generation) for p in policies]
     candidates += [candidate_from_checkpoint(prepared.model, path) for path in checkpoints]
+    if (request_compile or prepared.suite.compile) == "blocks":
+        from evals.compiling import compile_blocks
+
+        for candidate in candidates:  # before the noise floor, which may share the reference's transformer
+            compile_blocks(candidate.pipeline.transformer)
     if prepared.suite.noise_floor:
         from evals.runner import NOISE_FLOOR, noise_floor_candidate
 
@@ -175,6 +185,7 @@ def execute(
         "device": prepared.device,
         "policies": ",".join(names),
         "samples": len(suite.samples()),
+        "compile": request.compile or suite.compile,
         **{k: runner.env[k] for k in ("torch", "diffusers", "transformers", "device_kind")},
     }
     tags = {"git_commit": git_commit(), "run_dir": str(run_dir), **ci_tags()}
@@ -208,7 +219,7 @@ def run_suite_file(request: RunRequest) -> tuple[Any, Any, str | None]:
         )
     policies = [load_policy(name) for name in policy_names]
     prepared = prepare(request, suite)
-    candidates = build_candidates(prepared, policies, request.candidate_checkpoints)
+    candidates = build_candidates(prepared, policies, request.candidate_checkpoints, request.compile)
     outcome, tracker = execute(prepared, candidates, request)
     return outcome, prepared.suite, tracker.tracking_uri if tracker else None
 
@@ -247,7 +258,7 @@ def resume_run(run_dir: Path, request: RunRequest) -> tuple[Any, Any, str | None
     if prepared.model.fingerprint != run["model"]["fingerprint"]:
         raise InputError(f"--resume {run_dir}: the model's files changed since the run started")
     policies = [load_policy(p) for p in request.policies]
-    candidates = build_candidates(prepared, policies, request.candidate_checkpoints)
+    candidates = build_candidates(prepared, policies, request.candidate_checkpoints, request.compile)
     if sorted(c.policy_sha256 for c in candidates if not c.noise_floor) != sorted(p["sha256"] for p in policies_info):
         raise InputError(f"--resume {run_dir}: a candidate's policy or checkpoint changed since the run started")
     records_path = run_dir / "records.jsonl"

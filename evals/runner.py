@@ -9,9 +9,10 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from evals.cache import ReferenceCache, reference_key
+from evals.compiling import explain_failure
 from evals.detectors import run_detectors
 from evals.distributed import Shard
 from evals.gates import Verdict, evaluate_gates
@@ -76,6 +78,24 @@ class BatchResult:
     candidate_generated: int = 0
     notes: list[str] = field(default_factory=list)
     """Warnings raised while computing it (batch halved on out-of-memory)."""
+
+
+@dataclass
+class GeneratedBatch:
+    """One batch's images as they left the GPU (float, unclamped), before scoring and writing."""
+
+    batch: list[Sample]
+    todo: dict[str, set[str]]
+    """Candidate name -> ids of its samples still to record."""
+    reference_keys: list[str] = field(default_factory=list)
+    """Cache keys of the reference images (empty: no cache)."""
+    reference_raw: torch.Tensor | None = None
+    """Generated reference images; None when they came from the cache."""
+    cached: tuple[np.ndarray, list[dict[str, Any]]] | None = None
+    """(8-bit reference images, their findings) from the cache."""
+    candidates: list[tuple[Candidate, torch.Tensor, float]] = field(default_factory=list)
+    """(candidate, its raw images, seconds per image)."""
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -245,12 +265,13 @@ class SuiteRunner:
     @contextmanager
     def _timed(self, part: str) -> Iterator[None]:
         """Add the block's wall time to `self.seconds[part]` (GPU work is synchronous at its end:
-        images and scores come back to the CPU)."""
+        images and scores come back to the CPU). Generation and the scoring worker both add."""
         start = time.perf_counter()
         try:
             yield
         finally:
-            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
+            with self._seconds_lock:
+                self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
 
     def __init__(
         self,
@@ -291,6 +312,7 @@ class SuiteRunner:
         self.reference_generated = 0
         self.candidate_generated = 0
         self.seconds: dict[str, float] = {}  # where this process's time went: generation, metrics, ...
+        self._seconds_lock = threading.Lock()
         self.images_per_call: int | None = None  # set below the batch size after a CUDA out-of-memory
         self.notes: list[str] = []  # what this process had to change (halved batches)
         self.run_notes: list[str] = []  # rank 0: the notes of every process, for the report
@@ -327,8 +349,8 @@ class SuiteRunner:
             if c.calibration is not None:  # the static scales, beside the policy's output
                 write_json(self.run_dir / "calibration" / f"{c.name}.json", c.calibration)
 
-    def _reference_batch(self, batch: list[Sample]) -> tuple[np.ndarray, list[dict[str, Any]], int]:
-        """Reference images (8-bit), their detector findings, and how many were generated (not cached)."""
+    def _reference_batch(self, batch: list[Sample], generated: GeneratedBatch) -> None:
+        """The batch's reference images: from the cache when every one is there, else generated."""
         keys = [
             reference_key(
                 fingerprint=self.model.fingerprint,
@@ -343,14 +365,23 @@ class SuiteRunner:
         ]
         hits = [self.cache.get(k) for k in keys] if self.cache else [None] * len(batch)
         if all(h is not None for h in hits):
-            return np.stack([h[0] for h in hits if h]), [h[1]["detectors"] for h in hits if h], 0
-        raw = self._generate(self.model.pipeline, batch)
+            generated.cached = np.stack([h[0] for h in hits if h]), [h[1]["detectors"] for h in hits if h]
+            return
+        generated.reference_keys = keys if self.cache else []
+        generated.reference_raw = self._generate(self.model.pipeline, batch)
+
+    def _reference_scored(self, generated: GeneratedBatch) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """8-bit reference images and their findings; generated ones go into the cache."""
+        if generated.cached is not None:
+            return generated.cached
+        assert generated.reference_raw is not None
+        raw = generated.reference_raw
         with self._timed("detectors"):
             images, findings = to_uint8(raw), _findings(raw, self.suite, self.device)
-        if self.cache:
-            for key, image, found in zip(keys, images, findings, strict=True):
-                self.cache.put(key, image, {"detectors": found})
-        return images, findings, len(batch)
+        for key, image, found in zip(generated.reference_keys, images, findings, strict=False):
+            assert self.cache is not None
+            self.cache.put(key, image, {"detectors": found})
+        return images, findings
 
     def _generate(self, pipe: Any, batch: list[Sample], images_per_call: int | None = None) -> torch.Tensor:
         """`generate`, halving the number of images per call on CUDA out-of-memory (and keeping the
@@ -381,11 +412,19 @@ class SuiteRunner:
 
     def run(self, tracker_params: dict[str, Any], tracker_tags: dict[str, str]) -> RunOutcome | None:
         """Run every unfinished sample; on a torchrun shard other than rank 0, compute only and
-        return None (rank 0 writes everything)."""
+        return None (rank 0 writes everything).
+
+        The GPU generates batch k+1 while one worker thread scores, checks and writes batch k (in
+        order: a record never points at a missing image); at most one batch waits for it.
+        """
+        from concurrent.futures import Future, ThreadPoolExecutor
         from contextlib import nullcontext
 
         from tqdm import tqdm
 
+        import evals
+
+        self.seconds["startup"] = time.perf_counter() - evals.STARTED  # imports, models, candidates
         shard = self.shard
         if shard.main:
             if self.done is None:
@@ -404,40 +443,80 @@ class SuiteRunner:
         )
         records_path = self.run_dir / "records.jsonl"
         with RecordsWriter(records_path) if shard.main else nullcontext() as writer:
-            for first in range(0, len(batches), shard.world):
-                index = first + shard.rank
-                mine = self._compute(batches[index]) if index < len(batches) else None
-                for result in shard.gather(mine):
-                    if result is not None and writer is not None:
-                        with self._timed("writing"):
-                            self._store(result, writer)
-                        bar.update(1 + len(self.candidates))
+            # Leaving this block (also on an error or Ctrl-C) waits for the batch being written.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring") as worker:
+                pending: Future[None] | None = None
+                for first in range(0, len(batches), shard.world):
+                    index = first + shard.rank
+                    generated = self._generate_batch(batches[index]) if index < len(batches) else None
+                    if pending is not None:
+                        with self._timed("waiting"):
+                            pending.result()  # the worker's errors surface here
+                    pending = worker.submit(self._score_and_store, generated, writer, bar)
+                if pending is not None:
+                    with self._timed("waiting"):
+                        pending.result()
         bar.close()
         if not shard.main:
             return None
-        with self._timed("writing"):
-            return self._finish(records_path)
+        with self._timed("finishing"):
+            outcome = self._finish(records_path)
+        self._write_timings()  # again, with `finishing` (MLflow's copy was logged before it ended)
+        return outcome
 
-    def _compute(self, batch: list[Sample]) -> BatchResult:
-        """Reference and candidate images of one batch, scored; nothing written."""
+    def _write_timings(self) -> None:
+        write_json(self.run_dir / "timings.json", {k: round(v, 3) for k, v in self.seconds.items()})
+
+    def _score_and_store(self, generated: GeneratedBatch | None, writer: RecordsWriter | None, bar: Any) -> None:
+        """The worker's part of a batch: scores and findings, then (rank 0) files, records, MLflow.
+        On a GPU its kernels go to a stream of their own, so they need not wait for generation's."""
+        stream = torch.cuda.Stream(self.device) if self.device.startswith("cuda") else None
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            mine = self._score_batch(generated) if generated is not None else None
+        for result in self.shard.gather(mine):
+            if result is not None and writer is not None:
+                with self._timed("writing"):
+                    self._store(result, writer)
+                bar.update(1 + len(self.candidates))
+
+    def _generate_batch(self, batch: list[Sample]) -> GeneratedBatch:
+        """Reference (or cache) and candidate images of one batch; nothing scored, nothing written."""
         done = self.done or set()
         todo = {c.name: {s.id for s in batch if (c.name, s.id) not in done} for c in self.candidates}
-        result = BatchResult(ids=[s.id for s in batch])
+        generated = GeneratedBatch(batch, todo)
         if not any(todo.values()):
-            return result
+            return generated
         noted = len(self.notes)
-        ref_u8, ref_findings, result.reference_generated = self._reference_batch(batch)
-        result.reference = list(ref_u8)
-        ref_paths = [f"images/ref/{s.id}.png" for s in batch]
-        ref = from_uint8(ref_u8)
+        self._reference_batch(batch, generated)
         for cand in self.candidates:
             if not todo[cand.name]:
                 continue
             if cand.activate is not None:
                 cand.activate()
             start = time.perf_counter()
-            raw = self._generate(cand.pipeline, batch, cand.images_per_call)
-            seconds = (time.perf_counter() - start) / len(batch)
+            try:
+                raw = self._generate(cand.pipeline, batch, cand.images_per_call)
+            except Exception as exc:
+                explained = explain_failure(exc)
+                if explained is exc:
+                    raise
+                raise explained from exc
+            generated.candidates.append((cand, raw, (time.perf_counter() - start) / len(batch)))
+        generated.notes = self.notes[noted:]
+        return generated
+
+    def _score_batch(self, generated: GeneratedBatch) -> BatchResult:
+        """Scores, findings and records of one generated batch."""
+        batch, todo = generated.batch, generated.todo
+        result = BatchResult(ids=[s.id for s in batch], notes=generated.notes)
+        if not any(todo.values()):
+            return result
+        ref_u8, ref_findings = self._reference_scored(generated)
+        result.reference_generated = 0 if generated.cached is not None else len(batch)
+        result.reference = list(ref_u8)
+        ref_paths = [f"images/ref/{s.id}.png" for s in batch]
+        ref = from_uint8(ref_u8)
+        for cand, raw, seconds in generated.candidates:
             result.candidate_generated += len(batch)
             cand_u8 = to_uint8(raw)
             with self._timed("metrics"):
@@ -462,7 +541,6 @@ class SuiteRunner:
                     seconds_per_image=seconds,
                 )
                 result.samples.append((cand_u8[i], record))
-        result.notes = self.notes[noted:]
         return result
 
     def _store(self, result: BatchResult, writer: RecordsWriter) -> None:
@@ -515,7 +593,7 @@ class SuiteRunner:
         write_json(self.run_dir / "verdict.json", verdict.to_dict())
         if self.run_notes:
             write_json(self.run_dir / "notes.json", self.run_notes)
-        write_json(self.run_dir / "timings.json", {k: round(v, 3) for k, v in self.seconds.items()})
+        self._write_timings()
         from reports.html import write_reports
 
         write_reports(self.run_dir)

@@ -62,6 +62,31 @@ def test_a_crash_keeps_finished_samples_and_resume_finishes_them(
     assert json.loads((broken / "verdict.json").read_text())["passed"]
 
 
+def test_a_crash_in_generation_keeps_the_batch_being_written(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Batch k is scored and written by a worker while batch k+1 generates: a crash in that
+    generation still leaves batch k (and every earlier one) complete on disk."""
+    import evals.runner
+
+    original_generate = evals.runner.generate
+    calls = {"n": 0}
+
+    def crash_on_fifth(pipe, batch, gen):  # reference + candidate per batch: the 5th starts batch 3
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated crash")
+        return original_generate(pipe, batch, gen)
+
+    monkeypatch.setattr(evals.runner, "generate", crash_on_fifth)
+    assert main(["run", str(SUITES / "smoke.yaml"), *FAST]) == 3
+    assert "simulated crash" in capsys.readouterr().err
+    (broken,) = (workdir / "runs").iterdir()
+    records = scored(broken)
+    assert len(records) == 8  # two whole batches of 4
+    assert all((broken / r["image"]).is_file() and (broken / r["reference_image"]).is_file() for r in records.values())
+
+
 def test_kill_9_mid_run_then_resume(workdir: Path) -> None:
     suite = write(
         workdir / "longer.yaml", (SUITES / "smoke.yaml").read_text().replace("seeds: [0, 1]", "seeds: [0, 1, 2, 3]")

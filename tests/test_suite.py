@@ -84,6 +84,7 @@ BAD = [
     ("batch_size: 3", "batch_size: 3, sampler: euler", "generation.sampler: unknown key", 2),
     ("- {id: b", "- {id: b, seed: [1]", "unknown key (did you mean 'seeds'?)", 5),
     ("cases:", "cases: 3\nold_cases:", "unknown key", None),
+    ("name: mini", "name: mini\ncompile: block", "unknown value 'block' (did you mean 'blocks'?)", 2),
 ]
 
 
