@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,8 @@ class Prepared:
     """Resolved reference dtype name."""
     shard: Any = None
     """This process's torchrun shard (`evals.distributed.Shard`)."""
+    startup: dict[str, float] = field(default_factory=dict)
+    """Seconds of each start-up step (`startup.model`, ...), for timings.json."""
 
 
 def prepare(request: RunRequest, suite: Any = None) -> Prepared:
@@ -96,12 +99,13 @@ def prepare(request: RunRequest, suite: Any = None) -> Prepared:
     distributed.start(shard, device)
     from models.sources import load_source, resolved_dtype_name
 
+    start = time.perf_counter()
     # Resolved (auto -> float32/bfloat16) so the cache key and run.json say what really ran.
     reference_dtype = resolved_dtype_name(request.reference_dtype or suite.reference_dtype, device)
     model = load_source(
         request.model or suite.model, reference_dtype, device, config=request.model_config, drop_t5=request.no_t5
     )
-    return Prepared(suite, model, device, reference_dtype, shard)
+    return Prepared(suite, model, device, reference_dtype, shard, {"startup.model": time.perf_counter() - start})
 
 
 def build_candidates(
@@ -111,6 +115,7 @@ def build_candidates(
     their transformer blocks compiled when the request or the suite says `blocks`."""
     from evals.runner import build_candidate, candidate_from_checkpoint
 
+    start = time.perf_counter()
     candidates = [build_candidate(prepared.model, p, prepared.suite.generation) for p in policies]
     candidates += [candidate_from_checkpoint(prepared.model, path) for path in checkpoints]
     if (request_compile or prepared.suite.compile) == "blocks":
@@ -128,6 +133,7 @@ def build_candidates(
                 f"{prepared.suite.path}: noise_floor: float32 changes nothing for a float32 reference; use batch"
             )
         candidates.append(noise_floor_candidate(prepared.model, prepared.suite.noise_floor))
+    prepared.startup["startup.candidates"] = time.perf_counter() - start
     return candidates
 
 
@@ -151,7 +157,9 @@ def execute(
     suite, model, shard = prepared.suite, prepared.model, prepared.shard
     cache = ReferenceCache(request.cache_dir or default_cache_dir()) if request.use_cache else None
     # Only rank 0 writes the run directory and talks to MLflow; the others compute and send.
-    tracker, mlflow_tracker = open_tracker(request.mlflow and shard.main)
+    start = time.perf_counter()
+    tracker = open_tracker(request.mlflow and shard.main)
+    prepared.startup["startup.mlflow"] = time.perf_counter() - start
     if resume:
         run_dir, done = resume[0], shard.broadcast(resume[1] if shard.main else None)
     else:
@@ -176,6 +184,7 @@ def execute(
         done=done,
         shard=shard,
     )
+    runner.seconds.update(prepared.startup)
     params = {
         "suite": suite.name,
         "suite_sha256": suite.sha256,
@@ -200,7 +209,14 @@ def execute(
 
         outcome = shard.broadcast(outcome)
         distributed.stop(shard)
-    return outcome, mlflow_tracker
+    return outcome, tracker
+
+
+def _tracking_uri(tracker: Any) -> str | None:
+    from evals.tracking import mlflow_tracker
+
+    found = mlflow_tracker(tracker)
+    return found.tracking_uri if found is not None else None
 
 
 def run_suite_file(request: RunRequest) -> tuple[Any, Any, str | None]:
@@ -221,7 +237,7 @@ def run_suite_file(request: RunRequest) -> tuple[Any, Any, str | None]:
     prepared = prepare(request, suite)
     candidates = build_candidates(prepared, policies, request.candidate_checkpoints, request.compile)
     outcome, tracker = execute(prepared, candidates, request)
-    return outcome, prepared.suite, tracker.tracking_uri if tracker else None
+    return outcome, prepared.suite, _tracking_uri(tracker)
 
 
 def resume_run(run_dir: Path, request: RunRequest) -> tuple[Any, Any, str | None]:
@@ -266,4 +282,4 @@ def resume_run(run_dir: Path, request: RunRequest) -> tuple[Any, Any, str | None
         print("warning: dropped a half-written last record (the run was killed mid-write)", file=sys.stderr)
     done = {(r.policy, r.sample_id) for r in read_records(records_path)} if records_path.is_file() else set()
     outcome, tracker = execute(prepared, candidates, request, resume=(run_dir, done))
-    return outcome, suite, tracker.tracking_uri if tracker else None
+    return outcome, suite, _tracking_uri(tracker)

@@ -64,14 +64,10 @@ def publish_results(
 
 def mark_logged(run_dir: Path, tracker: Any) -> None:
     """Record where the run went, if its tracker is MLflow and it never failed."""
-    from evals.tracking import MlflowTracker
+    from evals.tracking import mlflow_tracker
 
-    layer = tracker
-    while not isinstance(layer, MlflowTracker):  # through the background and guard wrappers
-        if getattr(layer, "failed", None) or not hasattr(layer, "inner"):
-            return
-        layer = layer.inner
-    if layer.parent_id is not None:
+    layer = mlflow_tracker(tracker)
+    if layer is not None and layer.parent_id is not None:
         write_json(run_dir / LOGGED_FILE, {"tracking_uri": layer.tracking_uri, "run_id": layer.parent_id})
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -239,21 +239,36 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def open_tracker(enabled: bool) -> tuple[Any, MlflowTracker | None]:
-    """(tracker for the run, the MLflow tracker or None). A store that cannot be opened costs the run
-    its MLflow view, with a warning, never the run itself."""
-    if not enabled:
-        return NullTracker(), None
+def _open_mlflow() -> Any:
+    """The guarded MLflow tracker; a store that cannot be opened costs the run its MLflow view, with
+    a warning, never the run itself."""
     try:
-        mlflow_tracker = MlflowTracker()
+        return GuardedTracker(MlflowTracker())
     except Exception as exc:  # noqa: BLE001 - any store failure: the run directory still gets everything
         print(
             f"warning: MLflow is unavailable ({type(exc).__name__}: {exc}); results go to the run directory "
             "only; `evals log RUN_DIR` uploads them later",
             file=sys.stderr,
         )
-        return NullTracker(), None
-    return BackgroundTracker(GuardedTracker(mlflow_tracker)), mlflow_tracker
+        return NullTracker()
+
+
+def open_tracker(enabled: bool) -> Any:
+    """The run's tracker: MLflow, opened by a worker thread while the run goes on, or NullTracker."""
+    return BackgroundTracker(_open_mlflow) if enabled else NullTracker()
+
+
+def mlflow_tracker(tracker: Any) -> MlflowTracker | None:
+    """The MLflow tracker inside the wrappers, once everything queued is done; None when there is
+    none or its logging failed."""
+    layer = tracker
+    while not isinstance(layer, MlflowTracker):  # through the background and guard wrappers
+        if isinstance(layer, BackgroundTracker):
+            layer.wait()
+        if getattr(layer, "failed", None) or not hasattr(layer, "inner"):
+            return None
+        layer = layer.inner
+    return layer
 
 
 class GuardedTracker:
@@ -309,19 +324,25 @@ def log_bench(report: dict[str, Any], out_dir: Path) -> str | None:
 
 
 class BackgroundTracker:
-    """Sends image logging to one worker thread, so that PNG encoding and MLflow's round trips
-    overlap generation; every other call first waits for the queued images (order is kept)."""
+    """One worker thread opens the tracker (importing MLflow and checking the store take seconds),
+    starts the runs and logs the images, so that all of it overlaps generation; every other call
+    first waits for what is queued (order is kept)."""
 
-    QUEUED = ("log_reference_image", "log_candidate_image")
+    QUEUED = ("start_run", "start_candidate", "log_reference_image", "log_candidate_image")
 
-    def __init__(self, inner: Any):
+    def __init__(self, open_inner: Callable[[], Any]):
         import queue
         import threading
 
-        self.inner = inner
+        self.inner: Any = None
         self._queue: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
-        self._worker = threading.Thread(target=self._drain_forever, name="mlflow-images", daemon=True)
+        self._queue.put(("", (open_inner,)))
+        self._worker = threading.Thread(target=self._drain_forever, name="mlflow", daemon=True)
         self._worker.start()
+
+    def wait(self) -> None:
+        """Until everything queued is done."""
+        self._queue.join()
 
     @property
     def failed(self) -> str | None:
@@ -333,17 +354,19 @@ class BackgroundTracker:
             try:
                 if item is not None:
                     name, args = item
-                    getattr(self.inner, name)(*args)  # the guarded tracker: errors become one warning
+                    if not name:
+                        self.inner = args[0]()  # opening: never raises (NullTracker on failure)
+                    else:
+                        getattr(self.inner, name)(*args)  # the guarded tracker: errors become one warning
             finally:
                 self._queue.task_done()
 
     def __getattr__(self, name: str) -> Any:
         if name in self.QUEUED:
             return lambda *args: self._queue.put((name, args))
-        method = getattr(self.inner, name)
 
         def after_queue(*args: Any, **kwargs: Any) -> Any:
             self._queue.join()
-            return method(*args, **kwargs)
+            return getattr(self.inner, name)(*args, **kwargs)
 
         return after_queue
