@@ -5,13 +5,15 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from evals.metrics import METRICS, MetricInfo
 
 
 def psnr_per_image(candidate: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """PSNR in dB of each image pair (float NCHW in [0, 1]); identical images give +inf."""
+    # Imported here: torchmetrics takes seconds to import, which the scoring worker pays beside generation.
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
     if candidate.shape != reference.shape:
         raise ValueError(f"shape mismatch: candidate {tuple(candidate.shape)} vs reference {tuple(reference.shape)}")
     scores = peak_signal_noise_ratio(

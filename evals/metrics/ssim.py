@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from torchmetrics.functional.image import structural_similarity_index_measure
 
 from evals.metrics import METRICS, MetricInfo
 
@@ -20,6 +19,9 @@ def ssim_per_image(candidate: torch.Tensor, reference: torch.Tensor) -> torch.Te
     channels. torchmetrics averages the SSIM map over the reflect-padded border too; like skimage we
     crop the 5-pixel border, where the window reaches outside the image, before averaging.
     """
+    # Imported here: torchmetrics takes seconds to import, which the scoring worker pays beside generation.
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     if candidate.shape != reference.shape:
         raise ValueError(f"shape mismatch: candidate {tuple(candidate.shape)} vs reference {tuple(reference.shape)}")
     if min(candidate.shape[-2:]) <= 2 * BORDER:
