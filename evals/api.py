@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,9 +145,10 @@ def execute(
     request: RunRequest,
     runs_dir: Path | None = None,
     resume: tuple[Path, set[tuple[str, str]]] | None = None,
+    tracker: Any = None,
 ) -> Any:
     """Run candidates against the reference into a new run directory (or finish the one in `resume`,
-    skipping its finished samples); returns (RunOutcome, tracker)."""
+    skipping its finished samples); returns (RunOutcome, tracker). `tracker`: one opened earlier."""
     from evals.cache import ReferenceCache, default_cache_dir
     from evals.rundir import new_run_dir
     from evals.runner import SuiteRunner, git_commit
@@ -157,9 +160,10 @@ def execute(
     suite, model, shard = prepared.suite, prepared.model, prepared.shard
     cache = ReferenceCache(request.cache_dir or default_cache_dir()) if request.use_cache else None
     # Only rank 0 writes the run directory and talks to MLflow; the others compute and send.
-    start = time.perf_counter()
-    tracker = open_tracker(request.mlflow and shard.main)
-    prepared.startup["startup.mlflow"] = time.perf_counter() - start
+    if tracker is None:
+        start = time.perf_counter()
+        tracker = open_tracker(request.mlflow and shard.main)
+        prepared.startup["startup.mlflow"] = time.perf_counter() - start
     if resume:
         run_dir, done = resume[0], shard.broadcast(resume[1] if shard.main else None)
     else:
@@ -212,6 +216,29 @@ def execute(
     return outcome, tracker
 
 
+def _early_tracker(request: RunRequest) -> Any:
+    """The tracker, opened now by its worker thread while the model loads, if that creates nothing
+    (a bad input found later must leave no new store behind); else None: `execute` opens it."""
+    from evals.distributed import from_environment
+    from evals.tracking import open_tracker, store_exists
+
+    if request.mlflow and from_environment().main and store_exists():
+        return open_tracker(True)
+    return None
+
+
+@contextmanager
+def _settled_on_error(tracker: Any) -> Iterator[None]:
+    """On an error, let an early tracker finish opening (a store migration must not be cut off by
+    the exit) before it propagates."""
+    try:
+        yield
+    except BaseException:
+        if tracker is not None:
+            tracker.wait()
+        raise
+
+
 def _tracking_uri(tracker: Any) -> str | None:
     from evals.tracking import mlflow_tracker
 
@@ -234,9 +261,11 @@ def run_suite_file(request: RunRequest) -> tuple[Any, Any, str | None]:
             f"{request.suite}: no candidate; pass --policy or --candidate-checkpoint, or list `policies:` in the suite"
         )
     policies = [load_policy(name) for name in policy_names]
-    prepared = prepare(request, suite)
-    candidates = build_candidates(prepared, policies, request.candidate_checkpoints, request.compile)
-    outcome, tracker = execute(prepared, candidates, request)
+    tracker = _early_tracker(request)
+    with _settled_on_error(tracker):
+        prepared = prepare(request, suite)
+        candidates = build_candidates(prepared, policies, request.candidate_checkpoints, request.compile)
+    outcome, tracker = execute(prepared, candidates, request, tracker=tracker)
     return outcome, prepared.suite, _tracking_uri(tracker)
 
 
@@ -270,16 +299,20 @@ def resume_run(run_dir: Path, request: RunRequest) -> tuple[Any, Any, str | None
             "candidate_checkpoints": [Path(p["checkpoint"]) for p in policies_info if p.get("checkpoint")],
         }
     )
-    prepared = prepare(request, suite)
-    if prepared.model.fingerprint != run["model"]["fingerprint"]:
-        raise InputError(f"--resume {run_dir}: the model's files changed since the run started")
-    policies = [load_policy(p) for p in request.policies]
-    candidates = build_candidates(prepared, policies, request.candidate_checkpoints, request.compile)
-    if sorted(c.policy_sha256 for c in candidates if not c.noise_floor) != sorted(p["sha256"] for p in policies_info):
-        raise InputError(f"--resume {run_dir}: a candidate's policy or checkpoint changed since the run started")
-    records_path = run_dir / "records.jsonl"
-    if drop_torn_tail(records_path):
-        print("warning: dropped a half-written last record (the run was killed mid-write)", file=sys.stderr)
-    done = {(r.policy, r.sample_id) for r in read_records(records_path)} if records_path.is_file() else set()
-    outcome, tracker = execute(prepared, candidates, request, resume=(run_dir, done))
+    tracker = _early_tracker(request)
+    with _settled_on_error(tracker):
+        prepared = prepare(request, suite)
+        if prepared.model.fingerprint != run["model"]["fingerprint"]:
+            raise InputError(f"--resume {run_dir}: the model's files changed since the run started")
+        policies = [load_policy(p) for p in request.policies]
+        candidates = build_candidates(prepared, policies, request.candidate_checkpoints, request.compile)
+        if sorted(c.policy_sha256 for c in candidates if not c.noise_floor) != sorted(
+            p["sha256"] for p in policies_info
+        ):
+            raise InputError(f"--resume {run_dir}: a candidate's policy or checkpoint changed since the run started")
+        records_path = run_dir / "records.jsonl"
+        if drop_torn_tail(records_path):
+            print("warning: dropped a half-written last record (the run was killed mid-write)", file=sys.stderr)
+        done = {(r.policy, r.sample_id) for r in read_records(records_path)} if records_path.is_file() else set()
+    outcome, tracker = execute(prepared, candidates, request, resume=(run_dir, done), tracker=tracker)
     return outcome, suite, _tracking_uri(tracker)

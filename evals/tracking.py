@@ -253,6 +253,17 @@ def _open_mlflow() -> Any:
         return NullTracker()
 
 
+def store_exists() -> bool:
+    """Whether opening the MLflow store creates nothing: a tracking server, or a local sqlite file
+    that is already there (MLflow's default store is ./mlflow.db)."""
+    import os
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    if uri.startswith(("http://", "https://")):
+        return True
+    return uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).is_file()
+
+
 def open_tracker(enabled: bool) -> Any:
     """The run's tracker: MLflow, opened by a worker thread while the run goes on, or NullTracker."""
     return BackgroundTracker(_open_mlflow) if enabled else NullTracker()

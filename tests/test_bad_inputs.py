@@ -121,3 +121,23 @@ def test_bad_input(workdir: Path, capsys: pytest.CaptureFixture[str], suite_text
 
 def test_at_least_25_bad_inputs() -> None:
     assert len(CASES) >= 25
+
+
+def test_a_bad_model_adds_nothing_to_an_existing_store(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """With ./mlflow.db already there, MLflow is opened while the model loads; a model that fails
+    to load still leaves no run in the store and no files beside it."""
+    from mlflow import MlflowClient
+
+    from evals.tracking import MlflowTracker, store_exists
+
+    assert not store_exists()
+    MlflowTracker()  # creates the default store, ./mlflow.db
+    assert store_exists()
+    before = sorted(p.name for p in workdir.iterdir())
+    (workdir / "empty").mkdir()
+    assert main(["run", str(SUITES / "smoke.yaml"), "--model", str(workdir / "empty"), "--no-progress"]) == 2
+    assert "error: " in capsys.readouterr().err
+    assert sorted(p.name for p in workdir.iterdir()) == sorted([*before, "empty"])
+    client = MlflowClient("sqlite:///mlflow.db")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    assert client.search_runs(experiments) == []
