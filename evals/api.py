@@ -115,7 +115,7 @@ def build_candidates(
 ) -> list[Any]:
     """Candidates from loaded policies (rule typos surface here) and from quantized checkpoint files;
     their transformer blocks compiled when the request or the suite says `blocks`."""
-    from evals.runner import build_candidate, candidate_from_checkpoint
+    from evals.candidates import build_candidate, candidate_from_checkpoint
 
     start = time.perf_counter()
     candidates = [build_candidate(prepared.model, p, prepared.suite.generation) for p in policies]
@@ -126,7 +126,7 @@ def build_candidates(
         for candidate in candidates:  # before the noise floor, which may share the reference's transformer
             compile_blocks(candidate.pipeline.transformer)
     if prepared.suite.noise_floor:
-        from evals.runner import NOISE_FLOOR, noise_floor_candidate
+        from evals.candidates import NOISE_FLOOR, noise_floor_candidate
 
         if NOISE_FLOOR in [c.name for c in candidates]:
             raise InputError(f"{NOISE_FLOOR!r} names the suite's noise floor; rename that policy")

@@ -90,7 +90,7 @@ def _human_bytes(n: float) -> str:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from evals.runner import build_candidate
+    from evals.candidates import build_candidate
     from evals.suite import Generation, load_suite
     from models.checkpoints import save_quantized_transformer
     from models.precision import load_policy

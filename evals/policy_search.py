@@ -22,6 +22,7 @@ from evals.sensitivity import (
     variant_name,
 )
 from evals.sensitivity import write_json as write_sensitivity_json
+from evals.tracking import mlflow_tracker
 from evals.yamlspec import InputError
 from models.fp8 import Fp8Spec
 from models.precision import PrecisionPolicy, load_policy
@@ -56,9 +57,10 @@ def sweep(
     whole = outcome.summaries["whole-policy"].metrics[metric]["mean"]
     write_sensitivity_json(outcome.run_dir / "sensitivity.json", ranking, metric, whole)
     plot_sensitivity(ranking, metric, whole, outcome.run_dir / "sensitivity.png")
-    if tracker is not None and tracker.parent_id:
+    logged = mlflow_tracker(tracker)
+    if logged is not None and logged.parent_id:
         for name in ("sensitivity.json", "sensitivity.png"):
-            tracker.client.log_artifact(tracker.parent_id, str(outcome.run_dir / name))
+            logged.client.log_artifact(logged.parent_id, str(outcome.run_dir / name))
     return Sweep(outcome.run_dir, groups, ranking, whole, switch)
 
 

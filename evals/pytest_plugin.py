@@ -96,8 +96,8 @@ def reference_pipeline(request: pytest.FixtureRequest) -> Any:
 
 @pytest.fixture(scope="session")
 def candidate_pipeline(request: pytest.FixtureRequest, reference_pipeline: Any) -> Any:
-    """Factory: `candidate_pipeline("fp8-e4m3-rowwise")` -> `evals.runner.Candidate` (`.pipeline`, `.plan`)."""
-    from evals.runner import build_candidate
+    """Factory: `candidate_pipeline("fp8-e4m3-rowwise")` -> `evals.candidates.Candidate` (`.pipeline`, `.plan`)."""
+    from evals.candidates import build_candidate
     from evals.suite import load_suite
     from models.precision import load_policy
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from evals.runner import Candidate, _pipeline_with
+from evals.candidates import Candidate, _pipeline_with
 from evals.yamlspec import InputError
 from models.fp8 import Fp8Linear
 from models.precision import LayerPlan, PrecisionPolicy, resolve_plan

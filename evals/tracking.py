@@ -171,7 +171,7 @@ class MlflowTracker:
         for key, value in tags.items():
             self.client.set_tag(self.parent_id, key, value)
         if self._monitor is not None:
-            self._monitor.finish()
+            _stop_system_metrics(self._monitor)
             self._monitor = None
         for path in artifacts:
             self.client.log_artifact(self.parent_id, str(path))
@@ -227,10 +227,24 @@ def _system_metrics(run_id: str, tracking_uri: str) -> Any:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         monitor = SystemMetricsMonitor(run_id, sampling_interval=2, tracking_uri=tracking_uri)
+        monitor.first_step = monitor._logging_step  # type: ignore[attr-defined]
         monitor.start()
         return monitor
     except Exception:  # noqa: BLE001 - optional: psutil missing, or no way to sample here
         return None
+
+
+def _stop_system_metrics(monitor: Any) -> None:
+    """Stop MLflow's sampler. It publishes only after its first 2-second interval, so a shorter run
+    (MLflow opened beside the first batch) gets its one sample published here."""
+    monitor.finish()
+    try:
+        if monitor._logging_step == monitor.first_step:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+    except Exception:  # noqa: BLE001 - system metrics are a nicety; MLflow's internals may change
+        pass
 
 
 def _now_ms() -> int:

@@ -91,7 +91,7 @@ def test_wrong_scales_fail_the_psnr_gate(
         return out, plan
 
     monkeypatch.setattr(models.precision, "apply_policy", broken_scales)
-    monkeypatch.setattr("evals.runner.apply_policy", broken_scales)
+    monkeypatch.setattr("evals.candidates.apply_policy", broken_scales)
     assert main(["run", SMOKE, *FAST]) == 1
     out = capsys.readouterr().out
     assert "verdict: FAILED" in out
@@ -112,7 +112,7 @@ def test_nan_in_the_candidate_vae_is_caught_before_8_bit(workdir: Path, monkeypa
         out["vae"] = vae
         return out, plan
 
-    monkeypatch.setattr("evals.runner.apply_policy", nan_vae)
+    monkeypatch.setattr("evals.candidates.apply_policy", nan_vae)
     assert main(["run", SMOKE, *FAST]) == 1
     run_dir = only_run_dir(workdir)
     results = {r["subject"]: r for r in json.loads((run_dir / "verdict.json").read_text())["results"]}

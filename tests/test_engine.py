@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from evals.candidates import build_candidate, calibrate, candidate_from_checkpoint
 from evals.cli import main
-from evals.runner import build_candidate, calibrate, candidate_from_checkpoint, generate
+from evals.runner import generate
 from evals.suite import Case, Generation, Sample
 from evals.yamlspec import InputError
 from models.checkpoints import import_comfy_scaled_fp8, load_quantized_transformer, save_quantized_transformer

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from evals.candidates import build_candidate
 from evals.cli import main
-from evals.runner import build_candidate, generate
+from evals.runner import generate
 from evals.sensitivity import SwitchableCandidate, group_key, linear_groups
 from evals.suite import Case, Generation, Sample
 from models.precision import load_policy

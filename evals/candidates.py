@@ -1,0 +1,125 @@
+"""Candidates: a policy applied to the reference's components, the noise floor (the reference under
+a harmless change), or a quantized checkpoint file; each a pipeline that shares what it does not change."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evals.suite import Generation
+from models.precision import LayerPlan, PrecisionPolicy, apply_policy, backend_summary, resolve_plan
+from models.sources import LoadedModel
+
+
+@dataclass
+class Candidate:
+    name: str
+    """Policy name; names the candidate everywhere."""
+    pipeline: Any
+    """The candidate pipeline (shares unchanged components with the reference)."""
+    policy_sha256: str
+    """Hash of the policy file's content."""
+    plan: list[LayerPlan] = field(default_factory=list)
+    """The resolved per-layer plan."""
+    calibration: dict[str, float] | None = None
+    """Calibrated input amax per `component.layer`, for static activations."""
+    checkpoint: str | None = None
+    """The checkpoint file the candidate was loaded from, if any."""
+    activate: Callable[[], None] | None = None
+    """Called before each of its batches: variants of a sensitivity sweep share one pipeline."""
+    policy_path: str | None = None
+    """The policy file it was built from (recorded so that `--resume` can rebuild it)."""
+    images_per_call: int | None = None
+    """Generate this many images per pipeline call instead of the suite's batch (the noise floor)."""
+    noise_floor: str | None = None
+    """Set on the noise-floor pseudo-candidate: the harmless change it measures."""
+
+    @property
+    def backends(self) -> str:
+        return backend_summary(self.plan)
+
+
+def _pipeline_with(model: LoadedModel, components: dict[str, Any]) -> Any:
+    pipe = type(model.pipeline)(**components)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def calibrate(model: LoadedModel, policy: PrecisionPolicy, gen: Generation) -> dict[str, float]:
+    """Input amax of every static layer, from the reference on the policy's calibration prompts."""
+    from models.calibration import calibrate_input_amax
+
+    static: dict[str, list[str]] = {}
+    for layer in resolve_plan(policy, model.pipeline.components):
+        if layer.spec is not None and layer.spec.activations == "static":
+            static.setdefault(layer.component, []).append(layer.name)
+    cal = policy.calibration
+    return calibrate_input_amax(
+        model.pipeline,
+        static,
+        prompts=cal.prompts,
+        seed=cal.seed,
+        height=gen.height,
+        width=gen.width,
+        steps=gen.steps,
+        guidance=gen.guidance,
+        batch_size=gen.batch_size,
+    )
+
+
+def build_candidate(model: LoadedModel, policy: PrecisionPolicy, gen: Generation) -> Candidate:
+    amax = calibrate(model, policy, gen) if policy.needs_calibration else None
+    components, plan = apply_policy(policy, model.pipeline.components, amax)
+    return Candidate(
+        policy.name, _pipeline_with(model, components), policy.sha256, plan, calibration=amax, policy_path=policy.path
+    )
+
+
+NOISE_FLOOR = "noise-floor"
+"""Name of the pseudo-candidate that measures the reference against itself; never gated."""
+
+
+def noise_floor_candidate(model: LoadedModel, change: str) -> Candidate:
+    """The reference under a harmless change: one image per call (`batch`), or every component in
+    float32 (`float32`). Its scores show how far identical builds drift, beside every candidate's."""
+    import copy
+
+    if change == "batch":
+        pipeline = _pipeline_with(model, dict(model.pipeline.components))
+        return Candidate(NOISE_FLOOR, pipeline, f"noise-floor:{change}", images_per_call=1, noise_floor=change)
+    components = {
+        k: (copy.deepcopy(v).to(torch.float32) if isinstance(v, torch.nn.Module) else v)
+        for k, v in model.pipeline.components.items()
+    }
+    return Candidate(NOISE_FLOOR, _pipeline_with(model, components), f"noise-floor:{change}", noise_floor=change)
+
+
+def candidate_from_checkpoint(model: LoadedModel, path: Path) -> Candidate:
+    """A candidate whose transformer is a quantized checkpoint: ours, or a ComfyUI scaled-FP8 file."""
+    import hashlib
+
+    from models.checkpoints import import_comfy_scaled_fp8, is_comfy_scaled_fp8, load_quantized_transformer
+    from models.fp8 import Fp8Linear
+
+    reference = model.pipeline.transformer
+    device = next(reference.parameters()).device
+    if path.suffix == ".safetensors" and path.is_file() and is_comfy_scaled_fp8(path):
+        transformer, meta = import_comfy_scaled_fp8(path, reference, device)
+    else:
+        transformer, meta = load_quantized_transformer(path, reference, device)
+    plan = [
+        LayerPlan(
+            "transformer", name, (m.out_features, m.in_features), f"checkpoint {path.name}", m.spec, m.backend, 0, 0
+        )
+        for name, m in transformer.named_modules()
+        if isinstance(m, Fp8Linear)
+    ]
+    with path.open("rb") as f:
+        digest = meta.get("policy_sha256") or hashlib.sha256(f.read(1 << 24)).hexdigest()
+    components = dict(model.pipeline.components, transformer=transformer)
+    name = meta.get("policy", path.stem)
+    return Candidate(name, _pipeline_with(model, components), digest, plan, checkpoint=str(path))
