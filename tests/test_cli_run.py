@@ -28,8 +28,13 @@ def test_smoke_passes_logs_to_mlflow_and_reuses_the_reference(
     assert main(["run", SMOKE, "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "verdict: PASSED" in out and "psnr" in out and "reference images generated: 16" in out
+    assert "time: startup " in out and "; beside generation: metrics " in out
 
     run_dir = only_run_dir(workdir)
+    timings = json.loads((run_dir / "timings.json").read_text())
+    steps = ("startup", "startup.model", "startup.candidates", "startup.mlflow", "generation", "waiting", "finishing")
+    assert {*steps, "metrics", "detectors", "writing"} <= set(timings)
+    assert timings["startup"] >= timings["startup.model"] + timings["startup.candidates"] > 0
     for name in (
         "run.json",
         "records.jsonl",
