@@ -110,6 +110,14 @@ def prepare(request: RunRequest, suite: Any = None) -> Prepared:
     return Prepared(suite, model, device, reference_dtype, shard, {"startup.model": time.perf_counter() - start})
 
 
+def compile_mode(choice: str, device: str) -> str:
+    """`auto` resolved: the candidates' blocks are compiled on a GPU (inductor's CPU code is slow to
+    build and gains little there)."""
+    if choice == "auto":
+        return "blocks" if device.startswith("cuda") else "none"
+    return choice
+
+
 def build_candidates(
     prepared: Prepared, policies: list[Any], checkpoints: list[Path], request_compile: str | None = None
 ) -> list[Any]:
@@ -120,7 +128,7 @@ def build_candidates(
     start = time.perf_counter()
     candidates = [build_candidate(prepared.model, p, prepared.suite.generation) for p in policies]
     candidates += [candidate_from_checkpoint(prepared.model, path) for path in checkpoints]
-    if (request_compile or prepared.suite.compile) == "blocks":
+    if compile_mode(request_compile or prepared.suite.compile, prepared.device) == "blocks":
         from evals.compiling import compile_blocks
 
         for candidate in candidates:  # before the noise floor, which may share the reference's transformer
@@ -198,7 +206,7 @@ def execute(
         "device": prepared.device,
         "policies": ",".join(names),
         "samples": len(suite.samples()),
-        "compile": request.compile or suite.compile,
+        "compile": compile_mode(request.compile or suite.compile, prepared.device),
         **{k: runner.env[k] for k in ("torch", "diffusers", "transformers", "device_kind")},
     }
     tags = {"git_commit": git_commit(), "run_dir": str(run_dir), **ci_tags()}

@@ -53,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
         "--compile",
-        choices=("none", "blocks"),
-        help="compile the candidates' transformer blocks for generation (default: the suite's `compile`, none)",
+        choices=("auto", "none", "blocks"),
+        help="compile the candidates' transformer blocks for generation; auto: on a GPU "
+        "(default: the suite's `compile`, else auto)",
     )
     _weights_arg(run)
 

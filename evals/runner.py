@@ -388,9 +388,14 @@ class SuiteRunner:
                 raw = self._generate(cand.pipeline, batch, cand.images_per_call)
             except Exception as exc:
                 explained = explain_failure(exc)
-                if explained is exc:
-                    raise
-                raise explained from exc
+                if explained is not exc:
+                    raise explained from exc
+                if type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                    raise RuntimeError(
+                        f"compiling {cand.name}'s transformer blocks failed ({type(exc).__name__}: "
+                        f"{str(exc)[:300]}); `evals run --compile none` runs them eagerly"
+                    ) from exc
+                raise
             generated.candidates.append((cand, raw, (time.perf_counter() - start) / len(batch)))
         generated.notes = self.notes[noted:]
         return generated

@@ -15,7 +15,7 @@ from evals.yamlspec import YamlDoc, check_mapping, did_you_mean, expect, expect_
 
 METRIC_STATS = ("mean", "median", "min", "max", "p05", "p95")
 DETECTOR_STATS = ("count", "rate", "new_count")  # new_count: flagged where the reference is not
-COMPILE_CHOICES = ("none", "blocks")  # `compile:` of a suite, `evals run --compile`
+COMPILE_CHOICES = ("auto", "none", "blocks")  # `compile:` of a suite, `evals run --compile`
 BENCH_FIGURES = ("latency_ratio", "weights_ratio")  # candidate / reference, from the suite's `bench`
 BENCH_KEYS = {"resolution": 16, "batch": 1, "warmup": 0, "iters": 1}  # key -> smallest value
 OPS = (">=", "<=", ">", "<", "==", "!=")
@@ -138,9 +138,10 @@ class Suite:
     bench: dict[str, Any] | None = None
     """After the run, time each candidate's transformer step against the reference's (`evals bench`
     settings: resolution, batch, warmup, iters, compile) for bench gates; None: no bench."""
-    compile: str = "none"
+    compile: str = "auto"
     """`blocks`: the candidates' transformer blocks are compiled for generation (the fast FP8 path:
-    activation quantization fused by inductor); `none`: eager. The reference always runs as loaded."""
+    activation quantization fused by inductor); `none`: eager; `auto`: blocks on a GPU, else none.
+    The reference always runs as loaded."""
     noise_floor: str | None = None
     """Also score the reference against itself under a harmless change: `batch` (one image per call
     instead of the suite's batches) or `float32` (the reference recomputed in float32); None: off."""
@@ -442,7 +443,7 @@ def load_suite(path: str | Path) -> Suite:
         metric_options=_parse_metric_options(doc, d.get("metric_options", {}), metrics),
         noise_floor=_parse_noise_floor(doc, d.get("noise_floor", False), generation),
         bench=bench,
-        compile=expect_choice(doc, d.get("compile", "none"), ("compile",), COMPILE_CHOICES),
+        compile=expect_choice(doc, d.get("compile", "auto"), ("compile",), COMPILE_CHOICES),
         description=expect(doc, d.get("description", ""), ("description",), str, "a string"),
         tags=tuple(sorted({t for c in cases for t in c.tags})),
     )

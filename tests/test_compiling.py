@@ -99,3 +99,11 @@ def test_a_suite_run_with_compiled_candidate_blocks(workdir: Path, fresh_dynamo)
     assert eager_run["tracking"]["params"]["compile"] == "none"
     # Fused kernels round differently, so PSNR against the reference moves a little, never far.
     assert all(abs(compiled[k] - eager[k]) < 3.0 for k in eager), (eager, compiled)
+
+
+def test_compile_auto_means_blocks_on_a_gpu_only() -> None:
+    from evals.api import compile_mode
+
+    assert compile_mode("auto", "cuda") == compile_mode("auto", "cuda:1") == "blocks"
+    assert compile_mode("auto", "cpu") == "none"
+    assert compile_mode("none", "cuda") == "none" and compile_mode("blocks", "cpu") == "blocks"
