@@ -308,7 +308,6 @@ class SuiteRunner:
         order: a record never points at a missing image); at most one batch waits for it.
         """
         from concurrent.futures import Future, ThreadPoolExecutor
-        from contextlib import nullcontext
 
         from tqdm import tqdm
 
