@@ -1,6 +1,9 @@
 """Time one FP8 transformer step under variants of the activation quantization and of inductor's
 tuning, to choose the fast path (each variant recompiles the blocks). Earlier finding (H100): the
-reciprocal rewrite and coordinate-descent tuning changed nothing (110-111 ms).
+reciprocal rewrite and coordinate-descent tuning changed nothing (110-111 ms). With the fused
+feed-forward (H100, 2026-11-25): current 103.7 ms, multi_kernel 103.8, reciprocal + multi_kernel
+103.4, aggressive_fusion 104.5, split_reductions off 104.1, both 103.9, max_autotune_pointwise 103.9
+(and 27.7 s of compilation against 17.8 s): none of inductor's knobs is the missing 4-6 ms.
 
     python benchmarks/quant_variants.py --model models/configs/sd35-large
 """
@@ -53,6 +56,10 @@ def main() -> None:
         ("current", original, {}),
         ("multi_kernel (persistent reductions considered up to 16k)", original, {"triton.multi_kernel": 1}),
         ("reciprocal + multi_kernel", quantize_reciprocal, {"triton.multi_kernel": 1}),
+        ("aggressive_fusion", original, {"aggressive_fusion": True}),
+        ("split_reductions off", original, {"split_reductions": False}),
+        ("aggressive_fusion + split_reductions off", original, {"aggressive_fusion": True, "split_reductions": False}),
+        ("max_autotune_pointwise", original, {"max_autotune_pointwise": True}),
     ]
     for name, quantize, config in variants:
         torch._dynamo.reset()
