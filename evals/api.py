@@ -81,10 +81,15 @@ class Prepared:
     """This process's torchrun shard (`evals.distributed.Shard`)."""
     startup: dict[str, float] = field(default_factory=dict)
     """Seconds of each start-up step (`startup.model`, ...), for timings.json."""
+    started: float = 0.0
+    """Where the run's start-up is counted from (`evals.startup_origin`)."""
 
 
 def prepare(request: RunRequest, suite: Any = None) -> Prepared:
     """Validate the suite (unless already loaded), options and files, then load the reference model."""
+    from evals import startup_origin
+
+    started = startup_origin()
     from evals.suite import load_suite
 
     suite = suite or load_suite(request.suite)
@@ -107,7 +112,9 @@ def prepare(request: RunRequest, suite: Any = None) -> Prepared:
     model = load_source(
         request.model or suite.model, reference_dtype, device, config=request.model_config, drop_t5=request.no_t5
     )
-    return Prepared(suite, model, device, reference_dtype, shard, {"startup.model": time.perf_counter() - start})
+    return Prepared(
+        suite, model, device, reference_dtype, shard, {"startup.model": time.perf_counter() - start}, started
+    )
 
 
 def compile_mode(choice: str, device: str) -> str:
@@ -197,6 +204,7 @@ def execute(
         shard=shard,
     )
     runner.seconds.update(prepared.startup)
+    runner.started = prepared.started
     params = {
         "suite": suite.name,
         "suite_sha256": suite.sha256,

@@ -202,6 +202,7 @@ class SuiteRunner:
         self.reference_generated = 0
         self.candidate_generated = 0
         self.seconds: dict[str, float] = {}  # where this process's time went: generation, metrics, ...
+        self.started = time.perf_counter()  # where `startup` counts from; `execute` sets the run's origin
         self._seconds_lock = threading.Lock()
         self.images_per_call: int | None = None  # set below the batch size after a CUDA out-of-memory
         self.notes: list[str] = []  # what this process had to change (halved batches)
@@ -311,9 +312,7 @@ class SuiteRunner:
 
         from tqdm import tqdm
 
-        import evals
-
-        self.seconds["startup"] = time.perf_counter() - evals.STARTED  # imports, models, candidates
+        self.seconds["startup"] = time.perf_counter() - self.started  # imports, models, candidates
         shard = self.shard
         if shard.main:
             if self.done is None:

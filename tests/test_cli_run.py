@@ -35,6 +35,11 @@ def test_smoke_passes_logs_to_mlflow_and_reuses_the_reference(
     steps = ("startup", "startup.model", "startup.candidates", "startup.mlflow", "generation", "waiting", "finishing")
     assert {*steps, "metrics", "detectors", "writing"} <= set(timings)
     assert timings["startup"] >= timings["startup.model"] + timings["startup.candidates"] > 0
+    # A later run in the same process counts its start-up from its own call, not the process's start.
+    assert main(["run", SMOKE, "--no-progress", "--no-mlflow", "--runs-dir", "again"]) == 0
+    (again,) = (workdir / "again").iterdir()
+    again_timings = json.loads((again / "timings.json").read_text())
+    assert again_timings["startup"] < again_timings["startup.model"] + again_timings["startup.candidates"] + 5
     for name in (
         "run.json",
         "records.jsonl",
