@@ -83,6 +83,8 @@ class Prepared:
     """Seconds of each start-up step (`startup.model`, ...), for timings.json."""
     started: float = 0.0
     """Where the run's start-up is counted from (`evals.startup_origin`)."""
+    compile: str = "none"
+    """`blocks` or `none` for the candidates' transformer blocks (request, else suite; auto resolved)."""
 
 
 def prepare(request: RunRequest, suite: Any = None) -> Prepared:
@@ -112,9 +114,9 @@ def prepare(request: RunRequest, suite: Any = None) -> Prepared:
     model = load_source(
         request.model or suite.model, reference_dtype, device, config=request.model_config, drop_t5=request.no_t5
     )
-    return Prepared(
-        suite, model, device, reference_dtype, shard, {"startup.model": time.perf_counter() - start}, started
-    )
+    startup = {"startup.model": time.perf_counter() - start}
+    compiled = compile_mode(request.compile or suite.compile, device)
+    return Prepared(suite, model, device, reference_dtype, shard, startup, started, compiled)
 
 
 def compile_mode(choice: str, device: str) -> str:
@@ -125,17 +127,15 @@ def compile_mode(choice: str, device: str) -> str:
     return choice
 
 
-def build_candidates(
-    prepared: Prepared, policies: list[Any], checkpoints: list[Path], request_compile: str | None = None
-) -> list[Any]:
+def build_candidates(prepared: Prepared, policies: list[Any], checkpoints: list[Path]) -> list[Any]:
     """Candidates from loaded policies (rule typos surface here) and from quantized checkpoint files;
-    their transformer blocks compiled when the request or the suite says `blocks`."""
+    their transformer blocks compiled when `prepared.compile` says `blocks`."""
     from evals.candidates import build_candidate, candidate_from_checkpoint
 
     start = time.perf_counter()
     candidates = [build_candidate(prepared.model, p, prepared.suite.generation) for p in policies]
     candidates += [candidate_from_checkpoint(prepared.model, path) for path in checkpoints]
-    if compile_mode(request_compile or prepared.suite.compile, prepared.device) == "blocks":
+    if prepared.compile == "blocks":
         from evals.compiling import compile_blocks
 
         for candidate in candidates:  # before the noise floor, which may share the reference's transformer
@@ -202,9 +202,9 @@ def execute(
         weights=request.weights,
         done=done,
         shard=shard,
+        started=prepared.started,
+        startup=prepared.startup,
     )
-    runner.seconds.update(prepared.startup)
-    runner.started = prepared.started
     params = {
         "suite": suite.name,
         "suite_sha256": suite.sha256,
@@ -214,7 +214,7 @@ def execute(
         "device": prepared.device,
         "policies": ",".join(names),
         "samples": len(suite.samples()),
-        "compile": compile_mode(request.compile or suite.compile, prepared.device),
+        "compile": prepared.compile,
         **{k: runner.env[k] for k in ("torch", "diffusers", "transformers", "device_kind")},
     }
     tags = {"git_commit": git_commit(), "run_dir": str(run_dir), **ci_tags()}
@@ -280,7 +280,7 @@ def run_suite_file(request: RunRequest) -> tuple[Any, Any, str | None]:
     tracker = _early_tracker(request)
     with _settled_on_error(tracker):
         prepared = prepare(request, suite)
-        candidates = build_candidates(prepared, policies, request.candidate_checkpoints, request.compile)
+        candidates = build_candidates(prepared, policies, request.candidate_checkpoints)
     outcome, tracker = execute(prepared, candidates, request, tracker=tracker)
     return outcome, prepared.suite, _tracking_uri(tracker)
 
@@ -321,7 +321,7 @@ def resume_run(run_dir: Path, request: RunRequest) -> tuple[Any, Any, str | None
         if prepared.model.fingerprint != run["model"]["fingerprint"]:
             raise InputError(f"--resume {run_dir}: the model's files changed since the run started")
         policies = [load_policy(p) for p in request.policies]
-        candidates = build_candidates(prepared, policies, request.candidate_checkpoints, request.compile)
+        candidates = build_candidates(prepared, policies, request.candidate_checkpoints)
         if sorted(c.policy_sha256 for c in candidates if not c.noise_floor) != sorted(
             p["sha256"] for p in policies_info
         ):

@@ -177,6 +177,8 @@ class SuiteRunner:
         weights: dict[str, str] | None = None,
         done: set[tuple[str, str]] | None = None,
         shard: Shard | None = None,
+        started: float | None = None,
+        startup: dict[str, float] | None = None,
     ):
         self.shard = shard or Shard()
         self.suite = suite
@@ -201,8 +203,11 @@ class SuiteRunner:
                 print(f"warning: metric {name} unavailable: {exc}", file=sys.stderr)
         self.reference_generated = 0
         self.candidate_generated = 0
-        self.seconds: dict[str, float] = {}  # where this process's time went: generation, metrics, ...
-        self.started = time.perf_counter()  # where `startup` counts from; `execute` sets the run's origin
+        # Where this process's time went: the start-up steps measured before, then generation, metrics, ...
+        self.seconds: dict[str, float] = dict(startup or {})
+        self.started = time.perf_counter() if started is None else started  # where `startup` counts from
+        # The scoring worker's GPU kernels go to a stream of their own: they need not wait for generation's.
+        self._scoring_stream = torch.cuda.Stream(device) if device.startswith("cuda") else None
         self._seconds_lock = threading.Lock()
         self.images_per_call: int | None = None  # set below the batch size after a CUDA out-of-memory
         self.notes: list[str] = []  # what this process had to change (halved batches)
@@ -269,9 +274,10 @@ class SuiteRunner:
         raw = generated.reference_raw
         with self._timed("detectors"):
             images, findings = to_uint8(raw), _findings(raw, self.suite, self.device)
-        for key, image, found in zip(generated.reference_keys, images, findings, strict=False):
+        if generated.reference_keys:  # empty without a cache
             assert self.cache is not None
-            self.cache.put(key, image, {"detectors": found})
+            for key, image, found in zip(generated.reference_keys, images, findings, strict=True):
+                self.cache.put(key, image, {"detectors": found})
         return images, findings
 
     def _generate(self, pipe: Any, batch: list[Sample], images_per_call: int | None = None) -> torch.Tensor:
@@ -356,9 +362,8 @@ class SuiteRunner:
         write_json(self.run_dir / "timings.json", {k: round(v, 3) for k, v in self.seconds.items()})
 
     def _score_and_store(self, generated: GeneratedBatch | None, writer: RecordsWriter | None, bar: Any) -> None:
-        """The worker's part of a batch: scores and findings, then (rank 0) files, records, MLflow.
-        On a GPU its kernels go to a stream of their own, so they need not wait for generation's."""
-        stream = torch.cuda.Stream(self.device) if self.device.startswith("cuda") else None
+        """The worker's part of a batch: scores and findings, then (rank 0) files, records, MLflow."""
+        stream = self._scoring_stream
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
             mine = self._score_batch(generated) if generated is not None else None
         for result in self.shard.gather(mine):
