@@ -5,7 +5,7 @@ quantization, the rest) for the reference and a candidate, each with its blocks 
 
 Optionally under another SDPA backend (--attention cudnn|flash|efficient) to compare attention kernels;
 `--layers 6` profiles a 6-block model (quick); `--unfused` adds each candidate without the fused
-feed-forward of models/fp8_feedforward.py.
+blocks and feed-forwards of models/fp8_block.py and models/fp8_feedforward.py.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import contextlib
 from collections import defaultdict
 
 import torch
+from diffusers.models.attention import JointTransformerBlock
 from torch.profiler import ProfilerActivity, profile
 
+from models.fp8_block import Fp8JointTransformerBlock
 from models.fp8_feedforward import Fp8GeluFeedForward
 
 
@@ -69,7 +71,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--layers", type=int, help="keep only this many blocks (faster to build)")
-    parser.add_argument("--unfused", action="store_true", help="also each candidate without the fused feed-forward")
+    parser.add_argument("--unfused", action="store_true", help="also each candidate with diffusers' blocks")
     args = parser.parse_args()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -87,7 +89,9 @@ def main() -> None:
             for module in unfused.modules():
                 if isinstance(module, Fp8GeluFeedForward):
                     module.fused = False
-            variants.append((f"{name} (feed-forward unfused)", unfused))
+                if isinstance(module, Fp8JointTransformerBlock):
+                    module.__class__ = JointTransformerBlock  # diffusers' forward
+            variants.append((f"{name} (diffusers' blocks and feed-forwards)", unfused))
     with context:
         for name, transformer in variants:
             compile_blocks(transformer)

@@ -91,6 +91,9 @@ def _assemble(reference: Any, fp8_layers: dict[str, Fp8Linear], rest: dict[str, 
             f"{result.unexpected_keys[:3]}); is it for another SD3 variant?"
         )
     fuse_feed_forwards(module)
+    from models.fp8_block import fuse_blocks  # diffusers' block classes: imported when needed
+
+    fuse_blocks(module)
     return module
 
 

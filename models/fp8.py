@@ -207,10 +207,15 @@ class Fp8Linear(nn.Module):
         if self.backend == "weight_only":
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.dequantized_weight(x.dtype), bias)
-        lead = x.shape[:-1]
-        out = self.matmul(*self.quantize_input(x.reshape(-1, self.in_features)), x.dtype)
+        return self.from_quantized(*self.quantize_input(x.reshape(-1, self.in_features)), x.dtype, x.shape[:-1])
+
+    def from_quantized(
+        self, xq: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype, lead: tuple[int, ...] | torch.Size
+    ) -> torch.Tensor:
+        """The layer's output for an input quantized already (xq: (rows, in)), shaped (*lead, out)."""
+        out = self.matmul(xq, x_scale, dtype)
         if self.bias is not None:
-            out = out + self.bias.to(x.dtype)
+            out = out + self.bias.to(dtype)
         return out.reshape(*lead, self.out_features)
 
     def matmul(self, xq: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

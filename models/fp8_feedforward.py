@@ -28,13 +28,17 @@ def _fusable(module: nn.Module) -> bool:
     return (
         type(act).__name__ == "GELU"
         and getattr(act, "approximate", None) == "tanh"
-        and all(
-            isinstance(fc, Fp8Linear)
-            and fc.backend == "scaled_mm"
-            and fc.spec.activations == "dynamic_per_token"
-            and fc.input_scale is None
-            for fc in (fc1, fc2)
-        )
+        and all(per_token_gemm(fc) for fc in (fc1, fc2))
+    )
+
+
+def per_token_gemm(module: Any) -> bool:
+    """An FP8 linear that runs a real FP8 GEMM on inputs quantized per token (what the fused kernels feed)."""
+    return (
+        isinstance(module, Fp8Linear)
+        and module.backend == "scaled_mm"
+        and module.spec.activations == "dynamic_per_token"
+        and module.input_scale is None
     )
 
 
@@ -55,15 +59,19 @@ class Fp8GeluFeedForward(nn.Module):
         fc1 = act.proj
         if not (self.fused and fp8_kernels.available(hidden_states)):
             return fc2(dropout(act(hidden_states)))
-        lead = hidden_states.shape[:-1]
-        dtype = hidden_states.dtype
-        wide = fc1.matmul(*fc1.quantize_input(hidden_states.reshape(-1, fc1.in_features)), dtype)
+        xq, x_scale = fc1.quantize_input(hidden_states.reshape(-1, fc1.in_features))
+        return self.from_quantized(xq, x_scale, hidden_states.dtype, hidden_states.shape[:-1])
+
+    def from_quantized(
+        self, xq: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype, lead: tuple[int, ...] | torch.Size
+    ) -> torch.Tensor:
+        """The fused path for an input quantized per token already (xq: (rows, in)); CUDA only."""
+        net: Any = self.net
+        fc1, fc2 = net[0].proj, net[2]
+        wide = fc1.matmul(xq, x_scale, dtype)
         bias = None if fc1.bias is None else fc1.bias.to(dtype)
         q, scale = fp8_kernels.quantize_rows(wide, FORMATS[fc2.spec.format], bias=bias, gelu=True)
-        out = fc2.matmul(q, scale, dtype)
-        if fc2.bias is not None:
-            out = out + fc2.bias.to(dtype)
-        return out.reshape(*lead, fc2.out_features)
+        return fc2.from_quantized(q, scale, dtype, lead)
 
 
 def fuse_feed_forwards(module: nn.Module) -> int:

@@ -32,7 +32,7 @@ def register() -> None:
 
 
 @functools.cache
-def _ops() -> tuple[object, object]:
+def _ops() -> tuple[object, ...]:
     """Define the kernel and the op on first use (importing Triton is slow and CPU runs never need it)."""
     import triton
     import triton.language as tl
@@ -104,7 +104,178 @@ def _ops() -> tuple[object, object]:
         )
         return q, scale
 
-    return quantize_rows, quantize_rows_kernel
+    @triton.jit
+    def norm_quantize_kernel(
+        x_ptr,
+        delta_ptr,
+        delta_bias_ptr,
+        gate_ptr,
+        x_out_ptr,
+        shift_ptr,
+        scale_ptr,
+        shift2_ptr,
+        scale2_ptr,
+        q_ptr,
+        s_ptr,
+        q2_ptr,
+        s2_ptr,
+        tokens,
+        cols,
+        delta_stride_b,
+        delta_stride_t,
+        gate_stride,
+        shift_stride,
+        scale_stride,
+        shift2_stride,
+        scale2_stride,
+        FP8_MAX: tl.constexpr,
+        EPS: tl.constexpr,
+        HAS_DELTA: tl.constexpr,
+        HAS_DELTA_BIAS: tl.constexpr,
+        TWO: tl.constexpr,
+        BLOCK_COLS: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        b = row // tokens
+        col = tl.arange(0, BLOCK_COLS)
+        inside = col < cols
+        x = tl.load(x_ptr + row * cols + col, mask=inside, other=0.0)
+        if HAS_DELTA:  # the residual update of the stream: x + gate * (delta + bias), stored as the new x
+            delta = tl.load(
+                delta_ptr + b * delta_stride_b + (row - b * tokens) * delta_stride_t + col, mask=inside, other=0.0
+            )
+            if HAS_DELTA_BIAS:  # the bias of the GEMM that made delta, rounded as the eager code rounds it
+                bias = tl.load(delta_bias_ptr + col, mask=inside, other=0.0)
+                delta = (delta.to(tl.float32) + bias.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            gate = tl.load(gate_ptr + b * gate_stride + col, mask=inside, other=0.0)
+            x = (x.to(tl.float32) + gate.to(tl.float32) * delta.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            tl.store(x_out_ptr + row * cols + col, x, mask=inside)
+        value = x.to(tl.float32)
+        mean = tl.sum(value, axis=0) / cols
+        centred = tl.where(inside, value - mean, 0.0)
+        normed = centred * tl.rsqrt(tl.sum(centred * centred, axis=0) / cols + EPS)
+        # Modulation as the eager code rounds it (to the activation dtype), then one scale per row.
+        shift = tl.load(shift_ptr + b * shift_stride + col, mask=inside, other=0.0).to(tl.float32)
+        scale = tl.load(scale_ptr + b * scale_stride + col, mask=inside, other=0.0).to(tl.float32)
+        y = (normed * (1.0 + scale) + shift).to(x_ptr.dtype.element_ty).to(tl.float32)
+        step = tl.maximum(tl.max(tl.where(inside, tl.abs(y), 0.0), axis=0), 1e-12) / FP8_MAX
+        q = tl.clamp(y / step, -FP8_MAX, FP8_MAX).to(q_ptr.dtype.element_ty)
+        tl.store(q_ptr + row * cols + col, q, mask=inside)
+        tl.store(s_ptr + row, step)
+        if TWO:  # SD3.5-Medium's dual-attention blocks modulate the same normalized row twice
+            shift = tl.load(shift2_ptr + b * shift2_stride + col, mask=inside, other=0.0).to(tl.float32)
+            scale = tl.load(scale2_ptr + b * scale2_stride + col, mask=inside, other=0.0).to(tl.float32)
+            y = (normed * (1.0 + scale) + shift).to(x_ptr.dtype.element_ty).to(tl.float32)
+            step = tl.maximum(tl.max(tl.where(inside, tl.abs(y), 0.0), axis=0), 1e-12) / FP8_MAX
+            q = tl.clamp(y / step, -FP8_MAX, FP8_MAX).to(q2_ptr.dtype.element_ty)
+            tl.store(q2_ptr + row * cols + col, q, mask=inside)
+            tl.store(s2_ptr + row, step)
+
+    @torch.library.triton_op("evals_fp8::norm_quantize", mutates_args=())
+    def norm_quantize(
+        x: torch.Tensor,
+        delta: torch.Tensor | None,
+        delta_bias: torch.Tensor | None,
+        gate: torch.Tensor | None,
+        shift: torch.Tensor,
+        scale: torch.Tensor,
+        shift2: torch.Tensor | None,
+        scale2: torch.Tensor | None,
+        eps: float,
+        fp8_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, tokens, cols = x.shape
+        rows = batch * tokens
+        two = shift2 is not None and scale2 is not None
+        empty = lambda dtype: torch.empty(0, dtype=dtype, device=x.device)  # noqa: E731
+        x_out = torch.empty_like(x) if delta is not None else empty(x.dtype)
+        q = torch.empty((rows, cols), dtype=fp8_dtype, device=x.device)
+        s = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+        q2 = torch.empty((rows, cols), dtype=fp8_dtype, device=x.device) if two else empty(fp8_dtype)
+        s2 = torch.empty((rows, 1), dtype=torch.float32, device=x.device) if two else empty(torch.float32)
+        block_cols = triton.next_power_of_2(cols)
+        torch.library.wrap_triton(norm_quantize_kernel)[(rows,)](
+            x,
+            x if delta is None else delta,
+            x if delta_bias is None else delta_bias,
+            x if gate is None else gate,
+            x_out,
+            shift,
+            scale,
+            shift if shift2 is None else shift2,
+            scale if scale2 is None else scale2,
+            q,
+            s,
+            q2,
+            s2,
+            tokens,
+            cols,
+            0 if delta is None else delta.stride(0),
+            0 if delta is None else delta.stride(1),
+            0 if gate is None else gate.stride(0),
+            shift.stride(0),
+            scale.stride(0),
+            0 if shift2 is None else shift2.stride(0),
+            0 if scale2 is None else scale2.stride(0),
+            FP8_MAX=float(torch.finfo(fp8_dtype).max),
+            EPS=eps,
+            HAS_DELTA=delta is not None,
+            HAS_DELTA_BIAS=delta_bias is not None,
+            TWO=two,
+            BLOCK_COLS=block_cols,
+            num_warps=4 if block_cols <= 4096 else 8,
+        )
+        return x_out, q, s, q2, s2
+
+    @triton.jit
+    def quantize_heads_kernel(
+        x_ptr,
+        q_ptr,
+        s_ptr,
+        tokens,
+        cols,
+        stride_b,
+        stride_h,
+        stride_t,
+        FP8_MAX: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_COLS: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        b = row // tokens
+        col = tl.arange(0, BLOCK_COLS)
+        inside = col < cols
+        offset = b * stride_b + (row - b * tokens) * stride_t + (col // HEAD_DIM) * stride_h + col % HEAD_DIM
+        value = tl.load(x_ptr + offset, mask=inside, other=0.0).to(tl.float32)
+        step = tl.maximum(tl.max(tl.where(inside, tl.abs(value), 0.0), axis=0), 1e-12) / FP8_MAX
+        q = tl.clamp(value / step, -FP8_MAX, FP8_MAX).to(q_ptr.dtype.element_ty)
+        tl.store(q_ptr + row * cols + col, q, mask=inside)
+        tl.store(s_ptr + row, step)
+
+    @torch.library.triton_op("evals_fp8::quantize_heads", mutates_args=())
+    def quantize_heads(x: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, heads, tokens, head_dim = x.shape
+        rows, cols = batch * tokens, heads * head_dim
+        q = torch.empty((rows, cols), dtype=fp8_dtype, device=x.device)
+        s = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+        block_cols = triton.next_power_of_2(cols)
+        torch.library.wrap_triton(quantize_heads_kernel)[(rows,)](
+            x,
+            q,
+            s,
+            tokens,
+            cols,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            FP8_MAX=float(torch.finfo(fp8_dtype).max),
+            HEAD_DIM=head_dim,
+            BLOCK_COLS=block_cols,
+            num_warps=4 if block_cols <= 4096 else 8,
+        )
+        return q, s
+
+    return quantize_rows, quantize_rows_kernel, norm_quantize, norm_quantize_kernel, quantize_heads
 
 
 def quantize_rows(
@@ -117,3 +288,50 @@ def quantize_rows(
     if x.stride(-1) != 1:
         x = x.contiguous()
     return torch.ops.evals_fp8.quantize_rows(x, bias, gelu, fp8_dtype)
+
+
+QuantizedRows = tuple[torch.Tensor, torch.Tensor]
+"""(FP8 rows, float32 scales of shape (rows, 1)): an activation quantized per token."""
+
+
+def norm_quantize(
+    x: torch.Tensor,
+    modulations: list[tuple[torch.Tensor, torch.Tensor]],
+    fp8_dtype: torch.dtype,
+    eps: float,
+    residual: tuple[torch.Tensor, torch.Tensor] | None = None,
+    residual_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[QuantizedRows]]:
+    """LayerNorm (no affine) of each token of `x` (batch, tokens, channels), modulated by each
+    `(shift, scale)` pair (batch, channels) as `norm(x) * (1 + scale) + shift`, then quantized per
+    token: one pass over x in one kernel. With `residual=(delta, gate)`, x is first updated to
+    `x + gate * (delta + residual_bias)` and the updated x is returned (else x itself). One or two
+    modulations."""
+    if not torch.compiler.is_compiling():
+        register()
+    if not 1 <= len(modulations) <= 2:
+        raise ValueError(f"one or two modulations, got {len(modulations)}")
+
+    def rows(t: torch.Tensor) -> torch.Tensor:  # the kernels index (batch, channel) with unit channel stride
+        return t if t.stride(-1) == 1 else t.contiguous()
+
+    x = x.contiguous()
+    delta, gate = (None, None) if residual is None else (rows(residual[0]), rows(residual[1]))
+    (shift, scale), *second = [(rows(a), rows(b)) for a, b in modulations]
+    shift2, scale2 = second[0] if second else (None, None)
+    x_out, q, s, q2, s2 = torch.ops.evals_fp8.norm_quantize(
+        x, delta, residual_bias, gate, shift, scale, shift2, scale2, eps, fp8_dtype
+    )
+    quantized = [(q, s), (q2, s2)][: len(modulations)]
+    return (x if residual is None else x_out), quantized
+
+
+def quantize_heads(x: torch.Tensor, fp8_dtype: torch.dtype) -> QuantizedRows:
+    """Per-token FP8 quantization of an attention output (batch, heads, tokens, head_dim), any strides
+    with a unit last one (a slice of SDPA's output): rows (batch * tokens, heads * head_dim), read
+    in place instead of after a transposing copy."""
+    if not torch.compiler.is_compiling():
+        register()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return torch.ops.evals_fp8.quantize_heads(x, fp8_dtype)

@@ -326,6 +326,10 @@ def apply_policy(
             fp8 = Fp8Linear.from_linear(module.get_submodule(layer.name), layer.spec, layer.backend, amax)
             module.set_submodule(layer.name, fp8)
         fuse_feed_forwards(module)
+        if layers:
+            from models.fp8_block import fuse_blocks
+
+            fuse_blocks(module)
         out[comp_name] = module
     _cast_transformer_inputs_if_mixed(out, components)
     return out, plan
