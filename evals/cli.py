@@ -130,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3, help="untimed calls after the first (default 3)")
     bench.add_argument("--iters", type=int, default=10, help="timed transformer steps (default 10)")
     bench.add_argument("--compile", default="blocks", choices=("blocks", "none"), help="compile each block, or eager")
+    bench.add_argument(
+        "--cuda-graph", action="store_true", help="time each step as the replay of a CUDA graph (GPU; no launch gaps)"
+    )
     bench.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
     bench.add_argument("--reference-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     bench.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where the bench directory goes")

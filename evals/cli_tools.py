@@ -254,8 +254,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise InputError(f"--{key} {getattr(args, key)}: expected a positive integer")
     if args.resolution % 16:
         raise InputError(f"--resolution {args.resolution}: expected a multiple of 16 (latents are 1/8, patches 2)")
-    setup = BenchSetup(args.resolution, args.batch, args.warmup, args.iters, args.steps, args.compile)
+    setup = BenchSetup(args.resolution, args.batch, args.warmup, args.iters, args.steps, args.compile, args.cuda_graph)
     device = resolve_device(args.device)
+    if setup.cuda_graph and not device.startswith("cuda"):
+        raise InputError(f"--cuda-graph: CUDA graphs need a CUDA device, not {device}")
     results = run_bench(args.model, args.policy or ["fp8-e4m3-rowwise"], setup, device, args.reference_dtype)
     from evals.runner import environment
 

@@ -137,7 +137,7 @@ class Suite:
     """What the suite is for."""
     bench: dict[str, Any] | None = None
     """After the run, time each candidate's transformer step against the reference's (`evals bench`
-    settings: resolution, batch, warmup, iters, compile) for bench gates; None: no bench."""
+    settings: resolution, batch, warmup, iters, compile, cuda_graph) for bench gates; None: no bench."""
     compile: str = "auto"
     """`blocks`: the candidates' transformer blocks are compiled for generation (the fast FP8 path:
     activation quantization fused by inductor); `none`: eager; `auto`: blocks on a GPU, else none.
@@ -315,12 +315,14 @@ def _parse_gate(
 
 def _parse_bench(doc: YamlDoc, raw: Any) -> dict[str, Any]:
     path = ("bench",)
-    b = check_mapping(doc, raw, path, optional=(*BENCH_KEYS, "compile"))
+    b = check_mapping(doc, raw, path, optional=(*BENCH_KEYS, "compile", "cuda_graph"))
     out: dict[str, Any] = {k: _int(doc, v, path + (k,), BENCH_KEYS[k]) for k, v in b.items() if k in BENCH_KEYS}
     if "resolution" in out and out["resolution"] % SIDE_MULTIPLE:
         raise doc.error(path + ("resolution",), f"expected a multiple of {SIDE_MULTIPLE}")
     if "compile" in b:
         out["compile"] = expect_choice(doc, b["compile"], path + ("compile",), ("blocks", "none"))
+    if "cuda_graph" in b:
+        out["cuda_graph"] = expect(doc, b["cuda_graph"], path + ("cuda_graph",), bool, "true or false")
     return out
 
 

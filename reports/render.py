@@ -138,7 +138,8 @@ def bench_markdown(report: dict[str, Any]) -> str:
         rows.append(
             [
                 r["name"],
-                fmt(r["step_ms"], ".1f"),
+                fmt(r["step_ms"], ".1f")
+                + (f" ({r['step_ms_launched']:.1f} launched)" if r.get("step_ms_launched") is not None else ""),
                 fmt(ratio.get("latency_ratio"), ".3f"),
                 fmt(r["compile_s"], ".1f"),
                 fmt(r["weights_gib"], ".3g"),
@@ -165,7 +166,8 @@ def bench_markdown(report: dict[str, Any]) -> str:
             f"# bench: {report['model']}",
             "",
             f"{setup['resolution']}x{setup['resolution']}, transformer batch {setup['batch']}, compile "
-            f"{setup['compile']}, {setup['iters']} timed steps after {setup['warmup'] + 1} untimed; "
+            f"{setup['compile']}{', steps replayed from a CUDA graph' if setup.get('cuda_graph') else ''}, "
+            f"{setup['iters']} timed steps after {setup['warmup'] + 1} untimed; "
             f"{env.get('device_name', env['device'])}, torch {env['torch']}",
             "",
             markdown_table(rows, header),

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from evals.cli import main
 from tests.conftest import SUITES, write
@@ -43,3 +44,33 @@ def test_a_bench_gate_needs_a_bench_section(workdir: Path, capsys: pytest.Captur
     text = (SUITES / "smoke.yaml").read_text() + '  - {bench: latency_ratio, op: "<=", value: 0.8}\n'
     assert main(["validate", str(write(workdir / "s.yaml", text))]) == 2
     assert "needs the suite's 'bench' section" in capsys.readouterr().err
+
+
+def test_cuda_graph_settings_are_checked(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (SUITES / "smoke.yaml").read_text() + "bench: {cuda_graph: sometimes}\n"
+    assert main(["validate", str(write(workdir / "s.yaml", text))]) == 2
+    err = capsys.readouterr().err
+    assert "bench.cuda_graph" in err and "true or false" in err
+    assert main(["bench", "--model", "tiny", "--device", "cpu", "--cuda-graph", "--no-mlflow"]) == 2
+    assert "CUDA graphs need a CUDA device" in capsys.readouterr().err
+    assert not (workdir / "runs").exists()
+
+
+@pytest.mark.gpu
+def test_a_step_replayed_from_a_cuda_graph_computes_the_launched_step() -> None:
+    from evals.bench import BenchSetup, bench_transformer, capture_step, random_transformer, step_inputs
+    from tests.conftest import REPO
+
+    transformer = random_transformer(REPO / "models/configs/sd35-medium", torch.bfloat16, "cuda", num_layers=2)
+    setup = BenchSetup(resolution=256, batch=2, warmup=1, iters=3, compile="none", cuda_graph=True)
+    inputs = step_inputs(transformer, setup, "cuda")
+    with torch.inference_mode():
+        launched = transformer(**inputs, return_dict=False)[0].clone()
+        outputs = []
+        replay = capture_step(lambda: outputs.append(transformer(**inputs, return_dict=False)[0]))
+        outputs[-1].zero_()
+        replay()  # refills the captured step's output buffer
+        torch.cuda.synchronize()
+        assert torch.equal(outputs[-1], launched)
+    result = bench_transformer("reference", transformer, setup, "cuda")
+    assert result.cuda_graph and result.step_ms > 0 and result.step_ms_launched is not None
