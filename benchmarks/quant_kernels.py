@@ -1,7 +1,8 @@
 """Row-wise FP8 activation quantization on the GPU: inductor's fusion of the eager code against the
 Triton kernels of `models/fp8_kernels.py`, on SD3.5-Large's shapes (1024x1024, batch 2: 8858 tokens;
 rows of 2432 before attention and the MLP, 9728 between the MLP's GEMMs with bias and tanh-GELU).
-Prints milliseconds, effective bandwidth and whether the FP8 bytes and scales equal the eager code's.
+Prints milliseconds, effective bandwidth and whether the FP8 bytes and scales equal the eager code's;
+then the LayerNorm + modulation + quantization kernel of `models/fp8_block.py` against inductor's.
 
     python benchmarks/quant_kernels.py [--tokens 8858]
 """
@@ -14,7 +15,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 
-from evals.bench import BenchSetup, time_calls
+from evals.bench import BenchSetup, capture_step, time_calls
 from models import fp8, fp8_kernels
 
 
@@ -97,6 +98,36 @@ def main() -> None:
                 f"fp8 bytes equal: {same_q} ({mismatched:.2e} differ)  scales equal: {same_scale}"
             )
         sweep(x, bias, gelu, moved)
+    norm_kernels()
+
+
+def norm_kernels(batch: int = 2, tokens: int = 4096, cols: int = 2432) -> None:
+    """LayerNorm + modulation (+ the residual update before it) + row quantization of one Large image
+    stream: inductor's fusion of the eager code against `fp8_kernels.norm_quantize`, 20 calls replayed
+    from a CUDA graph per timing (GPU time, no Python dispatch: in a step both run inside a graph)."""
+    x = torch.randn(batch, tokens, cols, device="cuda", dtype=torch.bfloat16)
+    delta = torch.randn(batch, tokens + 333, cols, device="cuda", dtype=torch.bfloat16)[:, :tokens]
+    emb = torch.randn(batch, 6 * cols, device="cuda", dtype=torch.bfloat16)
+    shift, scale, gate = emb[:, :cols], emb[:, cols : 2 * cols], emb[:, 2 * cols : 3 * cols]
+    for residual in (False, True):
+        moved = x.numel() * (2 + 1 + (4 if residual else 0)) / 1e9  # read x (+delta), write fp8 (+x)
+
+        def eager_code(residual: bool = residual) -> tuple[torch.Tensor, ...]:
+            h = x + gate[:, None] * delta if residual else x  # the updated stream is an output too
+            y = F.layer_norm(h, (cols,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
+            return h, *fp8.quantize(y.reshape(-1, cols), "e4m3fn", per_row=True)
+
+        def kernel(residual: bool = residual) -> object:
+            return fp8_kernels.norm_quantize(
+                x, [(shift, scale)], torch.float8_e4m3fn, 1e-6, (delta, gate) if residual else None
+            )
+
+        label = f"norm+quantize {batch}x{tokens}x{cols}{' +residual' if residual else ''}"
+        for name, fn in (("inductor", torch.compile(eager_code, dynamic=False)), ("triton", kernel)):
+            fn()
+            replay = capture_step(lambda fn=fn: [fn() for _ in range(20)])
+            ms = milliseconds(replay, iters=10) / 20
+            print(f"{label:40s} {name:9s} {ms * 1000:7.1f} us {moved / ms:6.2f} TB/s")
 
 
 if __name__ == "__main__":
