@@ -28,7 +28,7 @@ QuantizedRows = fp8_kernels.QuantizedRows
 
 
 class Fp8JointTransformerBlock(JointTransformerBlock):
-    """A `JointTransformerBlock` whose linears (but its modulation's) are row-wise FP8 GEMMs."""
+    """A `JointTransformerBlock` whose linears behind LayerNorms and attention are row-wise FP8 GEMMs."""
 
     def forward(
         self,
@@ -141,6 +141,11 @@ def _plain_layer_norm(norm: Any) -> bool:
     return isinstance(norm, nn.LayerNorm) and not norm.elementwise_affine
 
 
+def _first_linear(feed_forward: Any) -> Any:
+    net = getattr(feed_forward, "net", None)
+    return getattr(net[0], "proj", None) if net else None
+
+
 def fusable(block: Any) -> bool:
     """Whether `block` is diffusers' SD3 joint block with every linear behind a LayerNorm a row-wise
     FP8 GEMM of one format, its feed-forwards fused, and the stock attention processor."""
@@ -157,6 +162,7 @@ def fusable(block: Any) -> bool:
     if not block.context_pre_only:
         norms.append(block.norm2_context)
         feed_forwards.append(block.ff_context)
+    linears += [_first_linear(ff) for ff in feed_forwards]  # their input is quantized in the block's format
     context_norm = "AdaLayerNormContinuous" if block.context_pre_only else "AdaLayerNormZero"
     return (
         all(per_token_gemm(linear) for linear in linears)

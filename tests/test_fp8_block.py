@@ -82,10 +82,10 @@ def test_every_row_wise_block_is_fused_and_keeps_its_names_and_cpu_result() -> N
         assert torch.equal(candidate(**inputs("cpu", torch.float32))[0], plain(**inputs("cpu", torch.float32))[0])
 
 
-def policy(tmp_path: Path, activations: str, keep: str = "") -> Path:
-    rules = f'    rules: [{{match: "{keep}", precision: keep}}]\n' if keep else ""
+def policy(tmp_path: Path, activations: str, keep: str = "", rule: str = "precision: keep") -> Path:
+    rules = f'    rules: [{{match: "{keep}", {rule}}}]\n' if keep else ""
     return write(
-        tmp_path / f"{activations}-{bool(keep)}.yaml",
+        tmp_path / f"{activations}-{len(keep)}-{len(rule)}.yaml",
         "name: test\ncomponents:\n  transformer:\n"
         f"    default: {{format: e4m3fn, weights: per_channel, activations: {activations}}}\n{rules}",
     )
@@ -98,6 +98,10 @@ def test_blocks_with_other_linears_are_left_alone(tmp_path: Path) -> None:
     one_kept = load_policy(str(policy(tmp_path, "dynamic_per_token", keep="transformer_blocks.1.attn.to_k")))
     candidate = apply_policy(one_kept, {"transformer": reference})[0]["transformer"]
     assert [type(b) is Fp8JointTransformerBlock for b in candidate.transformer_blocks] == [True, False, True]
+    other_format = load_policy(str(policy(tmp_path, "dynamic_per_token", "transformer_blocks.1.ff.*", "format: e5m2")))
+    candidate = apply_policy(other_format, {"transformer": reference})[0]["transformer"]
+    if candidate.transformer_blocks[1].ff.net[2].backend == "scaled_mm":  # e5m2 GEMMs run here: only the format differs
+        assert [type(b) is Fp8JointTransformerBlock for b in candidate.transformer_blocks] == [True, False, True]
     per_tensor = load_policy(str(policy(tmp_path, "dynamic_per_tensor")))
     candidate = apply_policy(per_tensor, {"transformer": reference})[0]["transformer"]
     assert not any(type(b) is Fp8JointTransformerBlock or fusable(b) for b in candidate.transformer_blocks)
