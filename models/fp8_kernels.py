@@ -6,8 +6,12 @@ registers. Numbers match `models.fp8.quantize` of the eager code (the bias sum a
 the activation dtype first, as eager does), but for the GELU's tanh, which is the GPU's
 approximate one (see the kernel).
 
-Registered as a `torch.library.triton_op`, so compiled blocks call it as a kernel inside their
-graph. `available(x)` says whether it runs for a tensor (CUDA and Triton present).
+Two more for the fused joint block (`models/fp8_block.py`): `norm_quantize` (optional residual
+update, LayerNorm, one or two modulations, per-token quantization: one pass per token) and
+`quantize_heads` (per-token quantization of an attention output read in SDPA's layout).
+
+Each is a `torch.library.triton_op`, so compiled blocks call it as a kernel inside their graph.
+`available(x)` says whether they run for a tensor (CUDA and Triton present).
 """
 
 from __future__ import annotations
