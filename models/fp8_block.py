@@ -179,12 +179,9 @@ def fusable(block: Any) -> bool:
 
 def fuse_blocks(transformer: Any) -> int:
     """Give every fusable block of `transformer` the fused forward (in place); returns how many."""
-    blocks = list(getattr(transformer, "transformer_blocks", ()))
-    count = 0
+    blocks = [b for b in getattr(transformer, "transformer_blocks", ()) if fusable(b)]
     for block in blocks:
-        if fusable(block):
-            block.__class__ = Fp8JointTransformerBlock
-            if fp8_kernels.HAS_TRITON:
-                fp8_kernels.register()
-            count += 1
-    return count
+        block.__class__ = Fp8JointTransformerBlock
+    if blocks and fp8_kernels.HAS_TRITON:
+        fp8_kernels.register()  # outside compiled code, once
+    return len(blocks)

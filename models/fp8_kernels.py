@@ -289,9 +289,7 @@ def quantize_rows(
     with x ~= q * scale, scale float32 of shape (rows, 1). In compiled code `register()` must have run."""
     if not torch.compiler.is_compiling():
         register()
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    return torch.ops.evals_fp8.quantize_rows(x, bias, gelu, fp8_dtype)
+    return torch.ops.evals_fp8.quantize_rows(_unit_stride(x), bias, gelu, fp8_dtype)
 
 
 QuantizedRows = tuple[torch.Tensor, torch.Tensor]
@@ -315,13 +313,9 @@ def norm_quantize(
         register()
     if not 1 <= len(modulations) <= 2:
         raise ValueError(f"one or two modulations, got {len(modulations)}")
-
-    def rows(t: torch.Tensor) -> torch.Tensor:  # the kernels index (batch, channel) with unit channel stride
-        return t if t.stride(-1) == 1 else t.contiguous()
-
     x = x.contiguous()
-    delta, gate = (None, None) if residual is None else (rows(residual[0]), rows(residual[1]))
-    (shift, scale), *second = [(rows(a), rows(b)) for a, b in modulations]
+    delta, gate = (None, None) if residual is None else (_unit_stride(residual[0]), _unit_stride(residual[1]))
+    (shift, scale), *second = [(_unit_stride(a), _unit_stride(b)) for a, b in modulations]
     shift2, scale2 = second[0] if second else (None, None)
     x_out, q, s, q2, s2 = torch.ops.evals_fp8.norm_quantize(
         x, delta, residual_bias, gate, shift, scale, shift2, scale2, eps, fp8_dtype
@@ -336,6 +330,10 @@ def quantize_heads(x: torch.Tensor, fp8_dtype: torch.dtype) -> QuantizedRows:
     in place instead of after a transposing copy."""
     if not torch.compiler.is_compiling():
         register()
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    return torch.ops.evals_fp8.quantize_heads(x, fp8_dtype)
+    return torch.ops.evals_fp8.quantize_heads(_unit_stride(x), fp8_dtype)
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """`t` itself when its last dimension is contiguous (the kernels take the other strides as
+    arguments), else a contiguous copy."""
+    return t if t.stride(-1) == 1 else t.contiguous()
