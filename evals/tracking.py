@@ -154,7 +154,6 @@ class MlflowTracker:
         set once per run. tests/test_tracking_images.py checks the names against log_image's own."""
         import shutil
         import tempfile
-        import time
         import uuid
 
         from mlflow.tracking.multimedia import compress_image_size
@@ -162,7 +161,7 @@ class MlflowTracker:
         from PIL import Image
 
         picture = Image.fromarray(image)
-        stem = f"{key.replace('/', '~')}+step+0+timestamp+{int(time.time() * 1000)}+{uuid.uuid4()}"
+        stem = f"{key.replace('/', '~')}+step+0+timestamp+{_now_ms()}+{uuid.uuid4()}"
         with tempfile.TemporaryDirectory(prefix="evals-image-") as tmp:
             if png is not None:
                 shutil.copyfile(png, Path(tmp) / f"{stem}.png")
