@@ -58,6 +58,9 @@ def main() -> None:
         cells = " | ".join(f"{parts.get(p, 0.0):.1f}" for p in PARTS)
         print(f"| {name} | {wall:.1f} | {cells} | {added:.1f} s ({added / wall:.1%}) |")
     print(f"second run / first run: {rows[1][1] / rows[0][1]:.1%} of the wall time")
+    for name, _, parts in rows:
+        steps = ", ".join(f"{k} {v:.2f}" for k, v in parts.items() if "." in k)
+        print(f"{name} run, steps of startup and finishing (s): {steps}")
     print("(metrics, detectors and writing run beside generation in a worker thread: only `waiting` and")
     print(" `finishing` add to the wall time)")
 

@@ -480,29 +480,33 @@ class SuiteRunner:
         return any(g.baseline is not None for g in self.suite.gates)
 
     def _finish(self, records_path: Path) -> RunOutcome:
-        records = list(read_records(records_path))
-        summaries = summarize(records)
+        with self._timed("finishing.summary"):
+            records = list(read_records(records_path))
+            summaries = summarize(records)
         if self.suite.bench is not None:
             self._bench(summaries)
-        names = [c.name for c in self.candidates if c.noise_floor is None]  # the noise floor is never gated
-        baselines = self.tracker.baselines(self.suite.name, names) if self._has_baseline_gates else None
-        verdict = evaluate_gates(summaries, self.suite.gates, names, self.unavailable, records, baselines)
-        write_atomic(self.run_dir / "summary.json", summary_to_json(summaries) + "\n")
-        write_json(self.run_dir / "verdict.json", verdict.to_dict())
-        if self.run_notes:
-            write_json(self.run_dir / "notes.json", self.run_notes)
-        self._write_timings()
-        from reports.html import write_reports
+        with self._timed("finishing.summary"):
+            names = [c.name for c in self.candidates if c.noise_floor is None]  # the noise floor is never gated
+            baselines = self.tracker.baselines(self.suite.name, names) if self._has_baseline_gates else None
+            verdict = evaluate_gates(summaries, self.suite.gates, names, self.unavailable, records, baselines)
+            write_atomic(self.run_dir / "summary.json", summary_to_json(summaries) + "\n")
+            write_json(self.run_dir / "verdict.json", verdict.to_dict())
+            if self.run_notes:
+                write_json(self.run_dir / "notes.json", self.run_notes)
+        with self._timed("finishing.reports"):
+            from reports.html import write_reports
 
-        write_reports(self.run_dir)
-        publish_results(
-            self.tracker,
-            self.run_dir,
-            [c.name for c in self.candidates],
-            self.suite.detectors,
-            records,
-            summaries,
-            verdict.to_dict(),
-        )
-        mark_logged(self.run_dir, self.tracker)
+            write_reports(self.run_dir)
+        self._write_timings()
+        with self._timed("finishing.mlflow"):
+            publish_results(
+                self.tracker,
+                self.run_dir,
+                [c.name for c in self.candidates],
+                self.suite.detectors,
+                records,
+                summaries,
+                verdict.to_dict(),
+            )
+            mark_logged(self.run_dir, self.tracker)
         return RunOutcome(self.run_dir, summaries, verdict, self.reference_generated, self.candidate_generated)

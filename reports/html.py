@@ -5,7 +5,6 @@ is also appended to `$GITHUB_STEP_SUMMARY` when that is set."""
 from __future__ import annotations
 
 import html
-import io
 import json
 import math
 import os
@@ -25,6 +24,7 @@ from reports.render import (
     threshold_text,
     write_summary_markdown,
 )
+from reports.svg import box_plot
 
 WORST = 4
 """Worst samples shown per candidate."""
@@ -76,34 +76,15 @@ def _gate_table(verdict: dict[str, Any], summary: dict[str, Any]) -> str:
 
 def _distribution_plots(records: list[SampleRecord]) -> str:
     """One box plot per metric output: its per-sample values for every candidate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     policies = sorted({r.policy for r in records})
     figures = []
     for metric in sorted({m for r in records for m in r.metrics}):
-        values = [
-            [r.metrics[metric] for r in records if r.policy == p and math.isfinite(r.metrics[metric])] for p in policies
+        rows = [
+            (p, [r.metrics[metric] for r in records if r.policy == p and math.isfinite(r.metrics[metric])])
+            for p in policies
         ]
-        if not any(values):
-            continue
-        fig, ax = plt.subplots(figsize=(6, 0.6 + 0.5 * len(policies)))
-        ax.boxplot(values, vert=False, tick_labels=policies)
-        ax.set_xlabel(metric)
-        ax.set_title(f"{metric} per sample (finite values)")
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=90)
-        plt.close(fig)
-        from PIL import Image
-
-        buffer.seek(0)
-        import numpy as np
-
-        image = np.asarray(Image.open(buffer).convert("RGB"))
-        figures.append(f'<img alt="{html.escape(metric)} distribution" src="{png_data_uri(image)}">')
+        if any(values for _, values in rows):
+            figures.append(box_plot(f"{metric} per sample (finite values)", metric, rows))
     return "\n".join(figures) or "<p>No finite metric values.</p>"
 
 
