@@ -1,8 +1,9 @@
-"""Failure detectors: pure functions over one image, returning a Finding. NumPy, except the stripe
-statistic (`evals.stripes`), which runs in torch on the run's device.
+"""Failure detectors, each over a batch of images at once, in torch on the run's device (the GPU
+in a GPU run: one pass per batch instead of NumPy per image on the CPU).
 
-Input is the float RGB image, HWC, on the 0..1 scale but *before* clamping or conversion to 8-bit:
-NaN and Inf must still be visible here, because the 8-bit conversion turns them into black.
+Input is the float RGB image on the 0..1 scale but *before* clamping or conversion to 8-bit: NaN
+and Inf must still be visible here, because the 8-bit conversion turns them into black. Statistics
+are in float64, as NumPy computed them before (quantiles interpolate as `np.percentile` does).
 Thresholds are keyword arguments with defaults; a suite overrides them under `detector_thresholds`.
 False-positive and recall rates of the defaults, measured on labelled photographs, are in the README
 (reproduce with `python benchmarks/detector_rates.py`).
@@ -10,15 +11,18 @@ False-positive and recall rates of the defaults, measured on labelled photograph
 
 from __future__ import annotations
 
+import functools
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 # Rec. 601 luma weights: brightness as people see it.
-LUMA = np.array([0.299, 0.587, 0.114])
+LUMA = (0.299, 0.587, 0.114)
 
 
 @dataclass(frozen=True)
@@ -39,106 +43,161 @@ class Finding:
         return asdict(self)
 
 
-def _finite_clipped(image: np.ndarray) -> np.ndarray:
-    return np.clip(np.nan_to_num(image.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
+class ImageBatch:
+    """(N, H, W, 3) float64 images on one device, and the planes several detectors share, made once."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        if images.ndim != 4 or images.shape[3] != 3:
+            raise ValueError(f"expected (N, H, W, 3) RGB images, got shape {tuple(images.shape)}")
+        self.images = images.to(torch.float64)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @functools.cached_property
+    def finite(self) -> torch.Tensor:
+        """NaN as 0, +Inf as 1, -Inf as 0; not clipped."""
+        return torch.nan_to_num(self.images, nan=0.0, posinf=1.0, neginf=0.0)
+
+    @functools.cached_property
+    def luma(self) -> torch.Tensor:
+        """(N, H, W) luma of the finite values clipped to 0..1."""
+        weights = torch.tensor(LUMA, dtype=torch.float64, device=self.images.device)
+        return self.finite.clamp(0.0, 1.0) @ weights
+
+    @functools.cached_property
+    def _sorted_luma(self) -> torch.Tensor:
+        return self.luma.flatten(1).sort(dim=1).values
+
+    def luma_percentiles(self, *qs: float) -> torch.Tensor:
+        """(N, len(qs)): luma percentiles, interpolated as `np.percentile`'s default (linear) does."""
+        ordered = self._sorted_luma
+        position = torch.tensor(qs, dtype=torch.float64, device=ordered.device) / 100 * (ordered.shape[1] - 1)
+        below = position.floor().long()
+        above = (below + 1).clamp(max=ordered.shape[1] - 1)
+        t = position - below
+        a, b = ordered[:, below], ordered[:, above]
+        # NumPy's lerp: from the nearer end, so that t = 1 gives b exactly.
+        return torch.where(t >= 0.5, b - (b - a) * (1 - t), a + (b - a) * t)
 
 
-def _luma(image: np.ndarray) -> np.ndarray:
-    return _finite_clipped(image) @ LUMA
-
-
-def nonfinite(image: np.ndarray) -> Finding:
+def nonfinite(batch: ImageBatch) -> list[Finding]:
     """Any NaN or Inf value. Score: the share of non-finite values."""
-    bad = ~np.isfinite(image)
-    count = int(bad.sum())
-    share = count / bad.size
-    if count:
-        kinds = [k for k, m in (("NaN", np.isnan(image)), ("Inf", np.isinf(image))) if m.any()]
-        return Finding(True, share, f"{count} non-finite values ({'/'.join(kinds)}, {share:.1%} of the image)")
-    return Finding(False, 0.0, "all values finite")
+    images = batch.images
+    stats = torch.stack(
+        [
+            (~torch.isfinite(images)).flatten(1).sum(1),
+            images.isnan().flatten(1).any(1),
+            images.isinf().flatten(1).any(1),
+        ]
+    )
+    size = images[0].numel()
+    found = []
+    for count, has_nan, has_inf in zip(*stats.tolist(), strict=True):
+        if count:
+            share = count / size
+            kinds = "/".join(k for k, present in (("NaN", has_nan), ("Inf", has_inf)) if present)
+            found.append(Finding(True, share, f"{count} non-finite values ({kinds}, {share:.1%} of the image)"))
+        else:
+            found.append(Finding(False, 0.0, "all values finite"))
+    return found
 
 
-def black_frame(image: np.ndarray, *, max_mean: float = 0.03, max_p99: float = 0.08) -> Finding:
+def black_frame(batch: ImageBatch, *, max_mean: float = 0.03, max_p99: float = 0.08) -> list[Finding]:
     """Black or near-black frame: mean luma below `max_mean` (~8/255) and 99th percentile below
     `max_p99` (~20/255): a night scene has lights, a black frame has none. Score: mean luma."""
-    luma = _luma(image)
-    mean = float(luma.mean())
-    p99 = float(np.percentile(luma, 99))
-    if mean < max_mean and p99 < max_p99:
-        return Finding(True, mean, f"near-black frame: mean luma {mean:.4f}, 99th percentile {p99:.4f}")
-    return Finding(False, mean, f"mean luma {mean:.4f}, 99th percentile {p99:.4f}")
+    stats = torch.stack([batch.luma.flatten(1).mean(1), batch.luma_percentiles(99)[:, 0]], dim=1)
+    found = []
+    for mean, p99 in stats.tolist():
+        if mean < max_mean and p99 < max_p99:
+            found.append(Finding(True, mean, f"near-black frame: mean luma {mean:.4f}, 99th percentile {p99:.4f}"))
+        else:
+            found.append(Finding(False, mean, f"mean luma {mean:.4f}, 99th percentile {p99:.4f}"))
+    return found
 
 
-def saturation(image: np.ndarray, *, max_share: float = 0.35) -> Finding:
+def saturation(batch: ImageBatch, *, max_share: float = 0.35) -> list[Finding]:
     """Blown-out image: share of pixels with every channel clipped (at or past 0 or 1, i.e. 0 or
     255 in 8-bit) above `max_share`. Score: that share."""
-    finite = np.nan_to_num(image.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0)
-    clipped = ((finite <= 0.5 / 255) | (finite >= 254.5 / 255)).all(axis=2)
-    share = float(clipped.mean())
-    high = float((finite >= 254.5 / 255).all(axis=2).mean())
-    detail = f"{share:.1%} of pixels clipped ({high:.1%} white, {share - high:.1%} black)"
-    return Finding(share > max_share, share, ("saturated: " if share > max_share else "") + detail)
+    high = batch.finite >= 254.5 / 255
+    clipped = ((batch.finite <= 0.5 / 255) | high).all(dim=3)
+    stats = torch.stack([clipped.flatten(1).double().mean(1), high.all(dim=3).flatten(1).double().mean(1)], dim=1)
+    found = []
+    for share, white in stats.tolist():
+        detail = f"{share:.1%} of pixels clipped ({white:.1%} white, {share - white:.1%} black)"
+        found.append(Finding(share > max_share, share, ("saturated: " if share > max_share else "") + detail))
+    return found
 
 
-def flat(image: np.ndarray, *, min_range: float = 0.06) -> Finding:
+def flat(batch: ImageBatch, *, min_range: float = 0.06) -> list[Finding]:
     """Washed-out or near-constant image: the luma range between the 1st and 99th percentile below
     `min_range` (~15/255). Score: that range."""
-    luma = _luma(image)
-    low, high = np.percentile(luma, [1, 99])
-    spread = float(high - low)
-    if spread < min_range:
-        return Finding(True, spread, f"flat image: luma spans only {spread * 255:.1f}/255 (1st-99th percentile)")
-    return Finding(False, spread, f"luma spans {spread * 255:.1f}/255 (1st-99th percentile)")
+    found = []
+    for low, high in batch.luma_percentiles(1, 99).tolist():
+        spread = high - low
+        if spread < min_range:
+            found.append(
+                Finding(True, spread, f"flat image: luma spans only {spread * 255:.1f}/255 (1st-99th percentile)")
+            )
+        else:
+            found.append(Finding(False, spread, f"luma spans {spread * 255:.1f}/255 (1st-99th percentile)"))
+    return found
 
 
 def stripe_noise(
-    image: np.ndarray,
-    *,
-    min_amplitude: float = 2 / 255,
-    min_z: float = 6.5,
-    max_period: int = 32,
-    device: str = "cpu",
-) -> Finding:
+    batch: ImageBatch, *, min_amplitude: float = 2 / 255, min_z: float = 6.5, max_period: int = 32
+) -> list[Finding]:
     """Periodic row or column banding of any period from 2 to `max_period` pixels: flagged when the
     banding pattern's amplitude (its standard deviation, 0..1 scale) is at least `min_amplitude` and
-    it is consistent across the image (z >= `min_z`). Score: the amplitude. The statistic
-    (`evals.stripes`) runs on `device`."""
+    it is consistent across the image (z >= `min_z`). Score: the amplitude. The statistic is
+    `evals.stripes`'."""
     from evals.stripes import row_patterns
 
-    luma = _luma(image)
-    # Natural structure may be more consistent than the banding but faint: the banding is the most
-    # consistent pattern among those large enough to see.
-    found = [
-        (amplitude >= min_amplitude and z >= min_z, z, amplitude, period, name)
-        for name, plane in (("row", luma), ("column", luma.T))
-        for amplitude, z, period in row_patterns(plane, max_period, device)
-    ]
-    if not found:
-        return Finding(False, 0.0, "image too small for the stripe test (8 pixels a side at least)")
-    flagged, z, amplitude, period, name = max(found, key=lambda f: (f[0], f[1]))
-    detail = f"{name} pattern of period {period}: amplitude {amplitude * 255:.2f}/255, z {z:.1f}"
-    return Finding(flagged, amplitude, ("stripes: " if flagged else "strongest ") + detail)
+    luma = batch.luma
+    per_orientation = [(name, *row_patterns(plane, max_period)) for name, plane in (("row", luma), ("column", luma.mT))]
+    if not any(periods for *_, periods in per_orientation):
+        return [Finding(False, 0.0, "image too small for the stripe test (8 pixels a side at least)")] * len(batch)
+    values = torch.cat([torch.cat([a, z], dim=1) for _, a, z, _ in per_orientation], dim=1).tolist()  # one wait
+    found = []
+    for row in values:
+        # Natural structure may be more consistent than the banding but faint: the banding is the
+        # most consistent pattern among those large enough to see.
+        candidates, offset = [], 0
+        for name, _, _, periods in per_orientation:
+            amplitudes, zs = row[offset : offset + len(periods)], row[offset + len(periods) : offset + 2 * len(periods)]
+            offset += 2 * len(periods)
+            for amplitude, z, period in zip(amplitudes, zs, periods, strict=True):
+                candidates.append((amplitude >= min_amplitude and z >= min_z, z, amplitude, period, name))
+        flagged, z, amplitude, period, name = max(candidates, key=lambda f: (f[0], f[1]))
+        detail = f"{name} pattern of period {period}: amplitude {amplitude * 255:.2f}/255, z {z:.1f}"
+        found.append(Finding(flagged, amplitude, ("stripes: " if flagged else "strongest ") + detail))
+    return found
 
 
-def checkerboard(image: np.ndarray, *, min_amplitude: float = 1.5 / 255, min_z: float = 6.5) -> Finding:
+def checkerboard(batch: ImageBatch, *, min_amplitude: float = 1.5 / 255, min_z: float = 6.5) -> list[Finding]:
     """2-pixel checkerboard (the (-1)^(x+y) pattern of upsampling artifacts): its amplitude per
     16x16 block, consistent in sign across blocks (z >= `min_z`) and at least `min_amplitude`.
     Score: the mean amplitude."""
-    luma = _luma(image)
-    rows, cols = (s - s % 16 for s in luma.shape)
+    luma = batch.luma
+    rows, cols = (s - s % 16 for s in luma.shape[1:])
     if rows < 16 or cols < 16:
-        return Finding(False, 0.0, "image smaller than one 16x16 block")
-    sign = np.where((np.add.outer(np.arange(rows), np.arange(cols)) % 2) == 0, 1.0, -1.0)
+        return [Finding(False, 0.0, "image smaller than one 16x16 block")] * len(batch)
+    x = torch.arange(rows, device=luma.device)[:, None] + torch.arange(cols, device=luma.device)[None, :]
+    sign = 1.0 - 2.0 * (x % 2).to(torch.float64)
     # Neighbour differences cancel smooth content; what survives in the (-1)^(x+y) direction is the pattern.
-    block = (luma[:rows, :cols] * sign).reshape(rows // 16, 16, cols // 16, 16).mean(axis=(1, 3)).ravel()
-    amplitude = float(block.mean())
-    z = abs(amplitude) / (float(block.std()) / np.sqrt(block.size) + 1e-12)
-    flagged = abs(amplitude) >= min_amplitude and z >= min_z
-    detail = f"amplitude {abs(amplitude) * 255:.2f}/255, z {z:.1f}"
-    return Finding(flagged, abs(amplitude), ("checkerboard: " if flagged else "") + detail)
+    shape = (len(batch), rows // 16, 16, cols // 16, 16)
+    block = (luma[:, :rows, :cols] * sign).reshape(shape).mean(dim=(2, 4)).flatten(1)
+    amplitude = block.mean(1)
+    z = amplitude.abs() / (block.std(1, unbiased=False) / math.sqrt(block.shape[1]) + 1e-12)
+    found = []
+    for a, zi in torch.stack([amplitude, z], dim=1).tolist():
+        flagged = abs(a) >= min_amplitude and zi >= min_z
+        detail = f"amplitude {abs(a) * 255:.2f}/255, z {zi:.1f}"
+        found.append(Finding(flagged, abs(a), ("checkerboard: " if flagged else "") + detail))
+    return found
 
 
-Detector = Callable[..., Finding]
+Detector = Callable[..., list[Finding]]
 
 DETECTORS: dict[str, Detector] = {
     "black_frame": black_frame,
@@ -154,7 +213,19 @@ def detector_params(name: str) -> dict[str, Any]:
     """The tunable thresholds of a detector and their defaults."""
     signature = inspect.signature(DETECTORS[name])
     params = signature.parameters.values()
-    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY and p.name != "device"}
+    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+
+
+def detect_batch(
+    images: torch.Tensor,
+    names: tuple[str, ...] | list[str],
+    thresholds: dict[str, dict[str, Any]] | None = None,
+) -> list[dict[str, Finding]]:
+    """Every named detector on each (H, W, 3) image of `images`, on their device."""
+    batch = ImageBatch(images)
+    thresholds = thresholds or {}
+    per_detector = {name: DETECTORS[name](batch, **thresholds.get(name, {})) for name in names}
+    return [{name: found[i] for name, found in per_detector.items()} for i in range(len(batch))]
 
 
 def run_detectors(
@@ -163,9 +234,7 @@ def run_detectors(
     thresholds: dict[str, dict[str, Any]] | None = None,
     device: str = "cpu",
 ) -> dict[str, Finding]:
-    """Every named detector on one image; the costly statistics run on `device`."""
+    """Every named detector on one HWC image, on `device`."""
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an HWC RGB image, got shape {image.shape}")
-    thresholds = thresholds or {}
-    extra = {"stripe_noise": {"device": device}}
-    return {name: DETECTORS[name](image, **thresholds.get(name, {}), **extra.get(name, {})) for name in names}
+    return detect_batch(torch.as_tensor(image, device=device)[None], names, thresholds)[0]

@@ -23,7 +23,7 @@ import torch
 from evals.cache import ReferenceCache, reference_key
 from evals.candidates import Candidate
 from evals.compiling import explain_failure
-from evals.detectors import run_detectors
+from evals.detectors import detect_batch
 from evals.distributed import Shard
 from evals.gates import Verdict, evaluate_gates
 from evals.metrics import load_metric
@@ -146,8 +146,7 @@ def from_uint8(images: np.ndarray) -> torch.Tensor:
 
 
 def _findings(raw: torch.Tensor, suite: Suite, device: str = "cpu") -> list[dict[str, dict[str, Any]]]:
-    hwc = raw.permute(0, 2, 3, 1).double().numpy()
-    found = [run_detectors(img, suite.detectors, suite.detector_thresholds, device) for img in hwc]
+    found = detect_batch(raw.to(device).permute(0, 2, 3, 1), suite.detectors, suite.detector_thresholds)
     return [{n: f.to_dict() for n, f in item.items()} for item in found]
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import math
 
-import numpy as np
 import torch
 
 # Each band of periods is tested after removing structure coarser than it (Gaussian sigma ~ p/2).
@@ -53,22 +52,22 @@ def _blur_matrix(rows: int, sigma: float, device: str) -> torch.Tensor:
 
 
 def _high_pass(luma: torch.Tensor, sigma: float) -> torch.Tensor:
-    """`luma` less its Gaussian blur along rows (axis 0)."""
-    return luma - _blur_matrix(luma.shape[0], sigma, str(luma.device)) @ luma
+    """(planes, rows, cols) `luma` less its Gaussian blur along rows."""
+    return luma - _blur_matrix(luma.shape[1], sigma, str(luma.device)) @ luma
 
 
 def _group_profiles(residual: torch.Tensor) -> torch.Tensor:
-    """(groups, rows): the median across each group's columns; groups as np.array_split makes them."""
-    rows, cols = residual.shape
+    """(planes, groups, rows): the median across each group's columns; groups as np.array_split makes them."""
+    planes, rows, cols = residual.shape
     groups = max(cols // GROUP_COLUMNS, 1)
     size, extra = divmod(cols, groups)  # the first `extra` groups hold one column more
     parts = []
     if extra:
-        wide = residual[:, : extra * (size + 1)].reshape(rows, extra, size + 1)
-        parts.append(_median(wide, 2))
-    narrow = residual[:, extra * (size + 1) :].reshape(rows, groups - extra, size)
-    parts.append(_median(narrow, 2))
-    return torch.cat(parts, dim=1).T
+        wide = residual[:, :, : extra * (size + 1)].reshape(planes, rows, extra, size + 1)
+        parts.append(_median(wide, 3))
+    narrow = residual[:, :, extra * (size + 1) :].reshape(planes, rows, groups - extra, size)
+    parts.append(_median(narrow, 3))
+    return torch.cat(parts, dim=2).transpose(1, 2)
 
 
 FULL_CYCLES = 16  # periods in the image from which z counts in full (32 px at 512 px)
@@ -76,10 +75,11 @@ HARMONICS = 3  # the first harmonics hold 95% of a square wave's energy, all of 
 
 
 def _harmonic_z(profiles: torch.Tensor, periods: list[int]) -> torch.Tensor:
-    """For each period, the largest robust z of the groups' Fourier coefficients at harmonics
-    h/period, h = 1..3, each over the whole periods the profile holds; all periods of a band in one
-    matrix product and one sort (on a GPU, one small kernel per period and harmonic was the cost)."""
-    groups, rows = profiles.shape
+    """(planes, periods): for each period, the largest robust z of the groups' Fourier coefficients
+    at harmonics h/period, h = 1..3, each over the whole periods the profile holds; all periods of a
+    band in one matrix product and one sort (on a GPU, one small kernel per period and harmonic was
+    the cost)."""
+    planes, groups, rows = profiles.shape
     x = torch.arange(rows, dtype=profiles.dtype, device=profiles.device)
     pairs = [(p, h) for p in periods for h in range(1, min(HARMONICS, p // 2) + 1)]
     period = torch.tensor([p for p, _ in pairs], dtype=profiles.dtype, device=profiles.device)
@@ -89,45 +89,47 @@ def _harmonic_z(profiles: torch.Tensor, periods: list[int]) -> torch.Tensor:
     inside = (x[:, None] < usable[None, :]).to(profiles.dtype) * (2 / usable)[None, :]
     nyquist = 2 * harmonic == period  # the sine term is zero there: the cosine's deviations stand in
     sine = torch.where(nyquist[None, :], torch.cos(angle), torch.sin(angle))
-    coefficients = profiles @ torch.cat([torch.cos(angle) * inside, sine * inside], dim=1)  # (groups, 2K)
-    shared = _median(coefficients, 0)
+    basis = torch.cat([torch.cos(angle) * inside, sine * inside], dim=1)
+    coefficients = profiles @ basis  # (planes, groups, 2K)
+    shared = _median(coefficients, 1)
     count = len(pairs)
-    norm = torch.hypot(shared[:count], torch.where(nyquist, 0.0, shared[count:]))
-    deviations = (coefficients - shared).abs()
-    pooled = torch.cat([deviations[:, :count], deviations[:, count:]], dim=0)  # (2 groups, K)
-    spread = 1.4826 * _median(pooled, 0) + 1e-12
+    norm = torch.hypot(shared[:, :count], torch.where(nyquist, 0.0, shared[:, count:]))
+    deviations = (coefficients - shared[:, None, :]).abs()
+    pooled = torch.cat([deviations[..., :count], deviations[..., count:]], dim=1)  # (planes, 2 groups, K)
+    spread = 1.4826 * _median(pooled, 1) + 1e-12
     z = norm / spread * math.sqrt(groups)
-    per_period = torch.full((len(periods), HARMONICS), -1.0, dtype=z.dtype, device=z.device)
+    per_period = torch.full((planes, len(periods), HARMONICS), -1.0, dtype=z.dtype, device=z.device)
     index = {p: i for i, p in enumerate(periods)}
     rows_of = torch.tensor([index[p] for p, _ in pairs], device=z.device)
     cols_of = torch.tensor([h - 1 for _, h in pairs], device=z.device)
-    per_period[rows_of, cols_of] = z
-    return per_period.max(dim=1).values
+    per_period[:, rows_of, cols_of] = z
+    return per_period.max(dim=2).values
 
 
-def row_patterns(luma: np.ndarray, max_period: int, device: str = "cpu") -> list[tuple[float, float, int]]:
-    """(amplitude, z, period) of the periodic row pattern of `luma` (rows along axis 0) at every
-    period from 2 to `max_period` (at most a quarter of the rows)."""
-    plane = torch.as_tensor(luma, dtype=torch.float64, device=device)
-    rows = plane.shape[0]
-    periods, amplitudes, zs = [], [], []
+def row_patterns(luma: torch.Tensor, max_period: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The periodic row pattern of each (rows, cols) plane of `luma` (rows along axis 1) at every
+    period from 2 to `max_period` (at most a quarter of the rows): amplitudes and z, both
+    (planes, periods) on `luma`'s device, and the periods."""
+    planes, rows, _ = luma.shape
+    periods: list[int] = []
+    amplitudes, zs = [], []
     for low, high, sigma in STRIPE_BANDS:
         top = min(high, max_period, rows // 4)
         if low > top:
             break
-        profiles = _group_profiles(_high_pass(plane, sigma))
-        groups = profiles.shape[0]
+        profiles = _group_profiles(_high_pass(luma, sigma))
+        groups = profiles.shape[1]
         band = list(range(low, top + 1))
         for period in band:
             usable = (rows // period) * period
-            folded = _median(profiles[:, :usable].reshape(groups, -1, period), 1)
-            pattern = _median(folded - folded.mean(dim=1, keepdim=True), 0)
-            amplitudes.append(pattern.std(unbiased=False))
+            folded = _median(profiles[..., :usable].reshape(planes, groups, -1, period), 2)
+            pattern = _median(folded - folded.mean(dim=2, keepdim=True), 1)
+            amplitudes.append(pattern.std(dim=1, unbiased=False))
         # Over few periods natural structure of that scale looks periodic too: z is discounted.
-        discount = torch.tensor([math.sqrt(min(rows / p / FULL_CYCLES, 1.0)) for p in band], device=plane.device)
-        zs.append(_harmonic_z(profiles, band) * discount)
+        discount = [math.sqrt(min(rows / p / FULL_CYCLES, 1.0)) for p in band]
+        zs.append(_harmonic_z(profiles, band) * torch.tensor(discount, dtype=luma.dtype, device=luma.device))
         periods += band
     if not periods:
-        return []
-    values = torch.stack([torch.stack(amplitudes), torch.cat(zs)]).tolist()  # one wait for the device
-    return list(zip(values[0], values[1], periods, strict=True))
+        empty = luma.new_zeros((planes, 0))
+        return empty, empty, []
+    return torch.stack(amplitudes, dim=1), torch.cat(zs, dim=1), periods

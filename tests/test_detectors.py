@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from skimage import data
 
-from evals.detectors import black_frame, nonfinite, run_detectors
+from evals.detectors import DETECTORS, Finding, detect_batch, run_detectors
+
+
+def black_frame(image: np.ndarray) -> Finding:
+    return run_detectors(image, ["black_frame"])["black_frame"]
+
+
+def nonfinite(image: np.ndarray) -> Finding:
+    return run_detectors(image, ["nonfinite"])["nonfinite"]
 
 
 def clean_photos() -> dict[str, np.ndarray]:
@@ -62,15 +71,35 @@ def test_input_shape_is_checked() -> None:
         run_detectors(np.zeros((3, 32, 32)), ["nonfinite"])
 
 
-@pytest.mark.gpu
-def test_the_stripe_statistic_is_the_same_on_the_gpu() -> None:
+def labelled_batch() -> torch.Tensor:
+    """Four 256 px images with different findings: clean, striped, black, with a NaN."""
     from benchmarks.labelled_images import photo, with_stripes
-    from evals.detectors import _luma
-    from evals.stripes import row_patterns
 
-    luma = _luma(with_stripes(photo("brick", 256), 4 / 255, 16, 0))
-    cpu, gpu = row_patterns(luma, 32, "cpu"), row_patterns(luma, 32, "cuda")
-    assert [p for _, _, p in gpu] == [p for _, _, p in cpu] == list(range(2, 33))
-    assert [a for a, _, _ in gpu] == pytest.approx([a for a, _, _ in cpu], rel=1e-9)
-    assert [z for _, z, _ in gpu] == pytest.approx([z for _, z, _ in cpu], rel=1e-6)
-    assert max(cpu, key=lambda f: f[1])[2] == 16
+    clean = photo("brick", 256)
+    nan = photo("coffee", 256).copy()
+    nan[5, 7, 0] = np.nan
+    images = [clean, with_stripes(clean, 4 / 255, 16, 0), np.zeros_like(clean), nan]
+    return torch.as_tensor(np.stack(images))
+
+
+def test_a_batch_gives_each_image_its_own_findings() -> None:
+    images = labelled_batch()
+    batched = detect_batch(images, list(DETECTORS))
+    for image, found in zip(images.numpy(), batched, strict=True):
+        alone = run_detectors(image, list(DETECTORS))
+        for name in DETECTORS:
+            assert found[name].flagged == alone[name].flagged
+            assert found[name].score == pytest.approx(alone[name].score, rel=1e-9, abs=1e-12)
+    flagged = [sorted(n for n, f in found.items() if f.flagged) for found in batched]
+    assert flagged == [[], ["stripe_noise"], ["black_frame", "flat", "saturation"], ["nonfinite"]]
+
+
+@pytest.mark.gpu
+def test_the_detectors_find_the_same_on_the_gpu() -> None:
+    images = labelled_batch()
+    cpu, gpu = detect_batch(images, list(DETECTORS)), detect_batch(images.cuda(), list(DETECTORS))
+    for on_cpu, on_gpu in zip(cpu, gpu, strict=True):
+        for name in DETECTORS:
+            assert on_gpu[name].flagged == on_cpu[name].flagged
+            assert on_gpu[name].score == pytest.approx(on_cpu[name].score, rel=1e-6, abs=1e-12)
+    assert gpu[1]["stripe_noise"].reason.startswith("stripes: row pattern of period 16")
