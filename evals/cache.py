@@ -66,6 +66,10 @@ class ReferenceCache:
         folder = self.root / key[:2]
         return folder / f"{key}.png", folder / f"{key}.json"
 
+    def png_path(self, key: str) -> Path:
+        """Where the entry's PNG is (or would be): a run copies it rather than encoding it again."""
+        return self._paths(key)[0]
+
     def get(self, key: str) -> tuple[np.ndarray, dict[str, Any]] | None:
         png, meta = self._paths(key)
         if not (png.is_file() and meta.is_file()):

@@ -50,6 +50,16 @@ def save_png(path: Path, image_u8: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def copy_png(source: Path, path: Path) -> None:
+    """An encoded PNG copied into place as save_png writes one: never half-written."""
+    import shutil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
+
+
 def load_png(path: Path) -> np.ndarray:
     from PIL import Image
 

@@ -29,7 +29,7 @@ from evals.gates import Verdict, evaluate_gates
 from evals.metrics import load_metric
 from evals.publish import candidate_params, mark_logged, publish_results
 from evals.records import PolicySummary, RecordsWriter, SampleRecord, read_records, summarize, summary_to_json
-from evals.rundir import save_png, write_atomic, write_json
+from evals.rundir import copy_png, save_png, write_atomic, write_json
 from evals.suite import Generation, Sample, Suite
 from evals.tracking import Tracker
 from evals.weights import MissingWeights
@@ -44,6 +44,8 @@ class BatchResult:
     """Sample ids of the batch, in order."""
     reference: list[np.ndarray] = field(default_factory=list)
     """Reference images (HWC uint8) of the batch; empty when nothing was left to do."""
+    reference_files: list[Path] = field(default_factory=list)
+    """Their PNG files in the reference cache, when they came from it (copied, not encoded again)."""
     samples: list[tuple[np.ndarray, SampleRecord]] = field(default_factory=list)
     """(candidate image, its record) for each unfinished sample of each candidate."""
     reference_generated: int = 0
@@ -65,6 +67,8 @@ class GeneratedBatch:
     """Generated reference images; None when they came from the cache."""
     cached: tuple[np.ndarray, list[dict[str, Any]]] | None = None
     """(8-bit reference images, their findings) from the cache."""
+    cached_files: list[Path] = field(default_factory=list)
+    """The cache's PNG files of those images."""
     candidates: list[tuple[Candidate, torch.Tensor, float]] = field(default_factory=list)
     """(candidate, its raw images, seconds per image)."""
     notes: list[str] = field(default_factory=list)
@@ -261,6 +265,7 @@ class SuiteRunner:
         hits = [self.cache.get(k) for k in keys] if self.cache else [None] * len(batch)
         if all(h is not None for h in hits):
             generated.cached = np.stack([h[0] for h in hits if h]), [h[1]["detectors"] for h in hits if h]
+            generated.cached_files = [self.cache.png_path(k) for k in keys] if self.cache else []
             return
         generated.reference_keys = keys if self.cache else []
         generated.reference_raw = self._generate(self.model.pipeline, batch)
@@ -411,6 +416,7 @@ class SuiteRunner:
         ref_u8, ref_findings = self._reference_scored(generated)
         result.reference_generated = 0 if generated.cached is not None else len(batch)
         result.reference = list(ref_u8)
+        result.reference_files = generated.cached_files
         ref_paths = [f"images/ref/{s.id}.png" for s in batch]
         ref = from_uint8(ref_u8)
         for cand, raw, seconds in generated.candidates:
@@ -445,9 +451,16 @@ class SuiteRunner:
         self.reference_generated += result.reference_generated
         self.candidate_generated += result.candidate_generated
         self.run_notes.extend(result.notes)
-        for sample_id, image in zip(result.ids, result.reference, strict=False):
+        cached: list[Path | None] = [*result.reference_files] or [None] * len(result.reference)
+        for sample_id, image, source in zip(result.ids, result.reference, cached, strict=False):
             path = self.run_dir / "images" / "ref" / f"{sample_id}.png"
-            save_png(path, image)
+            if source is None:
+                save_png(path, image)
+            else:
+                try:
+                    copy_png(source, path)  # this very image, already encoded by the cache
+                except OSError:  # the entry went away meanwhile
+                    save_png(path, image)
             self.tracker.log_reference_image(sample_id, path)
         for image, record in result.samples:
             path = self.run_dir / record.image

@@ -11,6 +11,7 @@ import torch
 
 import models.precision
 from evals.cli import main
+from evals.rundir import save_png
 from tests.conftest import SUITES, write
 
 SMOKE = str(SUITES / "smoke.yaml")
@@ -23,7 +24,7 @@ def only_run_dir(workdir: Path) -> Path:
 
 
 def test_smoke_passes_logs_to_mlflow_and_reuses_the_reference(
-    workdir: Path, capsys: pytest.CaptureFixture[str]
+    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert main(["run", SMOKE, "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -34,6 +35,8 @@ def test_smoke_passes_logs_to_mlflow_and_reuses_the_reference(
     timings = json.loads((run_dir / "timings.json").read_text())
     steps = ("startup", "startup.model", "startup.candidates", "startup.mlflow", "generation", "waiting", "finishing")
     assert {*steps, "metrics", "detectors", "writing"} <= set(timings)
+    finishing = ("finishing.summary", "finishing.reports", "finishing.mlflow")
+    assert timings["finishing"] >= sum(timings[k] for k in finishing) > 0
     assert timings["startup"] >= timings["startup.model"] + timings["startup.candidates"] > 0
     # A later run in the same process counts its start-up from its own call, not the process's start.
     assert main(["run", SMOKE, "--no-progress", "--no-mlflow", "--runs-dir", "again"]) == 0
@@ -79,12 +82,19 @@ def test_smoke_passes_logs_to_mlflow_and_reuses_the_reference(
     assert len(client.list_artifacts(child.info.run_id, "images")) >= 16
     assert {"records.jsonl", "verdict.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
 
-    # Second run of the same suite: references come from the cache, identical scores.
+    # Second run of the same suite: references come from the cache, identical scores; their PNGs are
+    # the cache's files, copied: only the 16 candidate images are encoded.
+    encoded = []
+    monkeypatch.setattr("evals.runner.save_png", lambda path, image: encoded.append(path) or save_png(path, image))
     assert main(["run", SMOKE, *FAST]) == 0
     assert "reference images generated: 0" in capsys.readouterr().out
     second = max((workdir / "runs").iterdir())
     again = [json.loads(line) for line in (second / "records.jsonl").read_text().splitlines()]
     assert [r["metrics"] for r in again] == [r["metrics"] for r in records]
+    assert len(encoded) == 16 and all(p.parent.name == "fp8-e4m3-rowwise" for p in encoded)
+    references = sorted((run_dir / "images" / "ref").iterdir())
+    assert len(references) == 16
+    assert all((second / "images" / "ref" / p.name).read_bytes() == p.read_bytes() for p in references)
 
 
 def test_wrong_scales_fail_the_psnr_gate(
