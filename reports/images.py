@@ -25,9 +25,9 @@ def comparison_grid(reference: np.ndarray, candidate: np.ndarray, gap: int = 4) 
     return np.concatenate(panels, axis=1)
 
 
-def png_data_uri(image: np.ndarray) -> str:
+def png_data_uri(image: np.ndarray, compress_level: int = 6) -> str:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=compress_level)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
