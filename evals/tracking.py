@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -108,6 +109,7 @@ class MlflowTracker:
         self.candidate_ids: dict[str, str] = {}
         self._monitor: Any = None
         self._runs_with_images: set[str] = set()
+        self._images_lock = threading.Lock()  # images may be logged from several threads
 
     def start_run(self, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         with sqlite_store_lock(self.tracking_uri):
@@ -169,9 +171,10 @@ class MlflowTracker:
                 picture.save(Path(tmp) / f"{stem}.png", compress_level=1)
             compress_image_size(picture).save(Path(tmp) / f"{stem}+compressed.webp")
             self.client.log_artifacts(run_id, tmp, "images")
-        if run_id not in self._runs_with_images:
-            self.client.set_tag(run_id, MLFLOW_LOGGED_IMAGES, True)
-            self._runs_with_images.add(run_id)
+        with self._images_lock:
+            if run_id not in self._runs_with_images:
+                self.client.set_tag(run_id, MLFLOW_LOGGED_IMAGES, True)
+                self._runs_with_images.add(run_id)
 
     def finish_candidate(
         self,
@@ -378,19 +381,24 @@ def log_bench(report: dict[str, Any], out_dir: Path) -> str | None:
 
 
 class BackgroundTracker:
-    """One worker thread opens the tracker (importing MLflow and checking the store take seconds),
-    starts the runs and logs the images, so that all of it overlaps generation; every other call
-    first waits for what is queued (order is kept)."""
+    """One worker thread opens the tracker (importing MLflow and checking the store take seconds)
+    and starts the runs, in order; the images go to a few threads of their own (decoding, encoding
+    and copying release the GIL), so that all of it overlaps generation. Every other call first
+    waits for everything queued, images included."""
 
     QUEUED = ("start_run", "start_candidate", "log_reference_image", "log_candidate_image")
+    IMAGES = ("log_reference_image", "log_candidate_image")
+    IMAGE_THREADS = 4
 
     def __init__(self, open_inner: Callable[[], Any]):
         import queue
         import threading
+        from concurrent.futures import ThreadPoolExecutor
 
         self.inner: Any = None
         self._queue: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
         self._queue.put(("", (open_inner,)))
+        self._images = ThreadPoolExecutor(max_workers=self.IMAGE_THREADS, thread_name_prefix="mlflow-images")
         self._worker = threading.Thread(target=self._drain_forever, name="mlflow", daemon=True)
         self._worker.start()
 
@@ -405,15 +413,21 @@ class BackgroundTracker:
     def _drain_forever(self) -> None:
         while True:
             item = self._queue.get()
+            done_later = False
             try:
                 if item is not None:
                     name, args = item
                     if not name:
                         self.inner = args[0]()  # opening: never raises (NullTracker on failure)
+                    elif name in self.IMAGES:  # the runs they go to are started: the queue is in order
+                        future = self._images.submit(getattr(self.inner, name), *args)
+                        future.add_done_callback(lambda _: self._queue.task_done())  # joins wait for it
+                        done_later = True
                     else:
                         getattr(self.inner, name)(*args)  # the guarded tracker: errors become one warning
             finally:
-                self._queue.task_done()
+                if not done_later:
+                    self._queue.task_done()
 
     def __getattr__(self, name: str) -> Any:
         if name in self.QUEUED:

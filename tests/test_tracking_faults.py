@@ -90,3 +90,51 @@ def test_log_refuses_an_unfinished_run(workdir: Path, capsys: pytest.CaptureFixt
     assert main(["log", str(run_dir)]) == 2
     err = capsys.readouterr().err
     assert "verdict.json is missing" in err and "--resume" in err
+
+
+class SlowImages:
+    """A tracker whose image logging takes a while; it records what ran when, and how many at once."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.events: list[str] = []
+        self.running = 0
+        self.most_at_once = 0
+        self._lock = threading.Lock()
+
+    def start_run(self, *args: object) -> None:
+        self.events.append("start_run")
+
+    def start_candidate(self, policy: str, params: object) -> None:
+        self.events.append(f"start {policy}")
+
+    def log_candidate_image(self, policy: str, sample_id: str, path: object, reference: object) -> None:
+        import time
+
+        assert f"start {policy}" in self.events  # its run exists before an image goes to it
+        with self._lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        time.sleep(0.05)
+        with self._lock:
+            self.running -= 1
+            self.events.append(f"image {sample_id}")
+
+    def finish_candidate(self, policy: str, *args: object) -> None:
+        self.events.append(f"finish {policy}")
+
+
+def test_background_tracking_logs_images_side_by_side_and_finishes_after_them() -> None:
+    from evals.tracking import BackgroundTracker
+
+    inner = SlowImages()
+    tracker = BackgroundTracker(lambda: inner)
+    tracker.start_run("suite", "run", {}, {})
+    tracker.start_candidate("fp8", {})
+    for i in range(8):
+        tracker.log_candidate_image("fp8", f"s{i}", None, None)
+    tracker.finish_candidate("fp8", {}, {}, [], {})  # waits for everything queued, images included
+    assert inner.events[-1] == "finish fp8"
+    assert sorted(e for e in inner.events if e.startswith("image")) == [f"image s{i}" for i in range(8)]
+    assert inner.most_at_once > 1
