@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention import JointTransformerBlock
 
-from models.fp8 import quantize
 from models.fp8_block import Fp8JointTransformerBlock, fusable, fuse_blocks
 from models.precision import apply_policy, load_policy
 from tests.conftest import write
+from tests.kernel_checks import check_norm_quantize, check_quantize_heads
 
 
 def sd3_transformer(device: str, dtype: torch.dtype, dual: tuple[int, ...] = (0,)) -> torch.nn.Module:
@@ -109,57 +108,12 @@ def test_blocks_with_other_linears_are_left_alone(tmp_path: Path) -> None:
 
 @pytest.mark.gpu
 def test_norm_quantize_kernel_matches_the_torch_code() -> None:
-    from models import fp8_kernels
-
-    torch.manual_seed(0)
-    b, t, c = 2, 300, 2432
-    x = torch.randn(b, t, c, device="cuda", dtype=torch.bfloat16) * 3
-    wide = torch.randn(b, t + 33, c, device="cuda", dtype=torch.bfloat16)
-    delta = wide[:, :t]  # a slice, as the attention output is split between the streams
-    emb = torch.randn(b, 9 * c, device="cuda", dtype=torch.bfloat16)
-    gate, shift, scale, shift2, scale2 = emb[:, :c], *emb[:, c:].chunk(8, dim=1)[:4]
-    bias = torch.randn(c, device="cuda", dtype=torch.bfloat16)
-    for residual, residual_bias, modulations in (
-        (None, None, [(shift, scale)]),
-        ((delta, gate), None, [(shift, scale)]),
-        ((delta, gate), bias, [(shift, scale)]),
-        (None, None, [(shift, scale), (shift2, scale2)]),
-    ):
-        exact = x.float()
-        if residual is not None:  # delta + bias is rounded to bf16 first, as the eager code rounds it
-            update = residual[0] if residual_bias is None else residual[0] + residual_bias
-            exact = x.float() + residual[1][:, None].float() * update.float()
-        normed = F.layer_norm(exact.to(torch.bfloat16).float(), (c,), eps=1e-6)
-        got_x, rows = fp8_kernels.norm_quantize(x, modulations, torch.float8_e4m3fn, 1e-6, residual, residual_bias)
-        assert len(rows) == len(modulations)
-        if residual is None:
-            assert got_x is x
-        else:  # the exact update rounded once to bf16 (half a unit in the last place)
-            assert ((got_x.float() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()
-        for (q, s), (sh, sc) in zip(rows, modulations, strict=True):
-            want = (normed * (1 + sc.float()[:, None]) + sh.float()[:, None]).to(torch.bfloat16).reshape(-1, c)
-            want_q, want_s = quantize(want, "e4m3fn", per_row=True)
-            assert q.shape == (b * t, c) and s.shape == (b * t, 1)
-            assert torch.allclose(s, want_s, rtol=1e-2)
-            # Within half an FP8 step of the exact modulated row: a missing shift, scale or update is far off.
-            error = ((q.float() * s - want.float()).abs() / want.float().abs().amax(1, keepdim=True)).max().item()
-            assert error <= 2**-4 + 1e-2, error
-            differ = (q.view(torch.uint8) != want_q.view(torch.uint8)).float().mean().item()
-            assert differ < 2e-2, differ
+    check_norm_quantize("cuda", exact=True)
 
 
 @pytest.mark.gpu
 def test_head_quantization_reads_a_slice_of_the_attention_output() -> None:
-    from models import fp8_kernels
-
-    torch.manual_seed(0)
-    out = torch.randn(2, 4, 300, 64, device="cuda", dtype=torch.bfloat16) * 5  # (batch, heads, tokens, head_dim)
-    for part in (out[:, :, :250], out[:, :, 250:]):
-        rows = part.transpose(1, 2).reshape(-1, 4 * 64)
-        want_q, want_s = quantize(rows, "e4m3fn", per_row=True)
-        q, s = fp8_kernels.quantize_heads(part, torch.float8_e4m3fn)
-        assert torch.equal(s, want_s)
-        assert (q.view(torch.uint8) != want_q.view(torch.uint8)).float().mean().item() < 1e-4
+    check_quantize_heads("cuda", exact=True)
 
 
 @pytest.mark.gpu

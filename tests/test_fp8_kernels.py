@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from models.fp8 import Fp8Linear, Fp8Spec, quantize
+from models.fp8 import Fp8Linear, Fp8Spec
 from models.fp8_feedforward import Fp8GeluFeedForward, fuse_feed_forwards
 from models.precision import apply_policy, load_policy
+from tests.kernel_checks import check_quantize_rows
 
 
 def feed_forward(dim: int = 64, device: str = "cpu", dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -56,28 +56,7 @@ def test_fusing_keeps_names_and_the_cpu_result(tiny_model) -> None:
 
 @pytest.mark.gpu
 def test_row_quantization_kernel_matches_the_torch_code() -> None:
-    from models import fp8_kernels
-
-    torch.manual_seed(0)
-    x = torch.randn(300, 2432, device="cuda", dtype=torch.bfloat16) * 4
-    bias = torch.randn(2432, device="cuda", dtype=torch.bfloat16)
-    for with_bias, gelu in ((False, False), (True, True)):
-        want_in = x + bias if with_bias else x
-        want_in = F.gelu(want_in, approximate="tanh") if gelu else want_in
-        want_q, want_scale = quantize(want_in, "e4m3fn", per_row=True)
-        q, scale = fp8_kernels.quantize_rows(x, torch.float8_e4m3fn, bias if with_bias else None, gelu)
-        assert q.shape == want_q.shape and scale.shape == want_scale.shape == (300, 1)
-        differ = (q.view(torch.uint8) != want_q.view(torch.uint8)).float().mean().item()
-        got_values, want_values = q.float() * scale, want_q.float() * want_scale
-        # Within half an FP8 step (2^-4 of the row's amax) of the exact input: a missing bias or GELU is far off.
-        error = ((got_values - want_in.float()).abs() / want_in.float().abs().amax(1, keepdim=True)).max().item()
-        assert error <= 2**-4 + 1e-3, (with_bias, gelu, error)
-        if gelu:  # the approximate tanh moves some values across a bf16 rounding boundary (and some amax)
-            assert differ < 2e-2, differ
-            assert torch.allclose(scale, want_scale, rtol=1e-2)
-            assert torch.allclose(got_values, want_values, rtol=0.13, atol=float(want_scale.max()) * 2)
-        else:
-            assert differ < 1e-4 and torch.equal(scale, want_scale), differ
+    check_quantize_rows("cuda", exact=True)
 
 
 @pytest.mark.gpu
