@@ -24,11 +24,18 @@ CHECKS = {
 }
 
 
-@pytest.mark.parametrize("kernel", list(CHECKS))
-def test_kernel_matches_the_torch_code_in_the_interpreter(kernel: str) -> None:
-    code = f"from tests.kernel_checks import *\n{CHECKS[kernel]}\n"
+def interpreted(code: str) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh Python with Triton's interpreter on (it is chosen when kernels are defined)."""
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if "wrap_triton only works on functions annotated" in done.stderr:
+        pytest.skip("this torch's wrap_triton refuses interpreted kernels (torch 2.11 did; 2.14 takes them)")
+    return done
+
+
+@pytest.mark.parametrize("kernel", list(CHECKS))
+def test_kernel_matches_the_torch_code_in_the_interpreter(kernel: str) -> None:
+    done = interpreted(f"from tests.kernel_checks import *\n{CHECKS[kernel]}\n")
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -41,6 +48,5 @@ def test_a_wrong_kernel_fails_the_check() -> None:
         "from tests.kernel_checks import check_quantize_rows\n"
         "check_quantize_rows('cpu', exact=False, rows=37, cols=300, gelu=False)\n"
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    done = interpreted(code)
     assert done.returncode != 0 and "AssertionError" in done.stderr
