@@ -15,10 +15,9 @@ import contextlib
 from collections import defaultdict
 
 import torch
-from diffusers.models.attention import JointTransformerBlock
 from torch.profiler import ProfilerActivity, profile
 
-from models.fp8_block import Fp8JointTransformerBlock
+from models.fp8_block import unfuse_blocks
 from models.fp8_feedforward import Fp8GeluFeedForward
 
 
@@ -89,8 +88,7 @@ def main() -> None:
             for module in unfused.modules():
                 if isinstance(module, Fp8GeluFeedForward):
                     module.fused = False
-                if isinstance(module, Fp8JointTransformerBlock):
-                    module.__class__ = JointTransformerBlock  # diffusers' forward
+            unfuse_blocks(unfused)  # diffusers' forward
             variants.append((f"{name} (diffusers' blocks and feed-forwards)", unfused))
     with context:
         for name, transformer in variants:

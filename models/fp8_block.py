@@ -185,3 +185,13 @@ def fuse_blocks(transformer: Any) -> int:
     if blocks and fp8_kernels.HAS_TRITON:
         fp8_kernels.register()  # outside compiled code, once
     return len(blocks)
+
+
+def unfuse_blocks(transformer: Any) -> int:
+    """Give fused blocks diffusers' forward back (in place; for comparisons); returns how many."""
+    blocks: list[Any] = [
+        b for b in getattr(transformer, "transformer_blocks", ()) if type(b) is Fp8JointTransformerBlock
+    ]
+    for block in blocks:
+        block.__class__ = JointTransformerBlock
+    return len(blocks)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers.models.attention import JointTransformerBlock
 
-from models.fp8_block import Fp8JointTransformerBlock, fusable, fuse_blocks
+from models.fp8_block import Fp8JointTransformerBlock, fusable, fuse_blocks, unfuse_blocks
 from models.precision import apply_policy, load_policy
 from tests.conftest import write
 from tests.kernel_checks import check_norm_quantize, check_quantize_heads
@@ -63,9 +63,7 @@ needs_cpu_fp8_gemm = pytest.mark.skipif(not fp8_gemm_on_cpu(), reason="torch._sc
 
 
 def unfused(transformer: torch.nn.Module) -> torch.nn.Module:
-    for block in transformer.transformer_blocks:
-        if isinstance(block, Fp8JointTransformerBlock):
-            block.__class__ = JointTransformerBlock
+    unfuse_blocks(transformer)
     return transformer
 
 
@@ -75,7 +73,9 @@ def test_every_row_wise_block_is_fused_and_keeps_its_names_and_cpu_result() -> N
     candidate = rowwise(reference)
     assert all(type(b) is Fp8JointTransformerBlock for b in candidate.transformer_blocks)
     assert fuse_blocks(candidate) == 0  # fused once
-    plain = unfused(rowwise(reference))
+    plain = rowwise(reference)
+    assert unfuse_blocks(plain) == 3 and unfuse_blocks(plain) == 0
+    assert all(type(b) is JointTransformerBlock for b in plain.transformer_blocks)
     assert list(candidate.state_dict()) == list(plain.state_dict())
     with torch.inference_mode():  # on the CPU the block runs diffusers' code
         assert torch.equal(candidate(**inputs("cpu", torch.float32))[0], plain(**inputs("cpu", torch.float32))[0])
