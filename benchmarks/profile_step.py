@@ -23,10 +23,10 @@ from models.fp8_feedforward import Fp8GeluFeedForward
 
 def kind(kernel: str) -> str:
     k = kernel.lower()
-    if "quantize_rows" in k:
-        return "fp8 quantization (models/fp8_kernels.py)"
     if k.startswith("triton"):  # inductor's kernels; their names list the ops fused, GEMMs included
         return "fused elementwise/reduction (triton)"
+    if "quantize" in k:  # quantize_rows_kernel, norm_quantize_kernel, quantize_heads_kernel
+        return "fp8 quantization (models/fp8_kernels.py)"
     if any(s in k for s in ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")):
         return "attention"
     if any(s in k for s in ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "scaled_mm", "cublas")):
