@@ -290,7 +290,12 @@ def timings_line(parts: dict[str, float]) -> str:
     only `waiting` (generation done, the worker not yet) adds to the wall time."""
     first = ("startup", "generation", "waiting", "finishing")
     order = [k for k in first if k in parts] + [k for k in parts if k not in first and k not in OVERLAPPED]
-    main = ", ".join(f"{k} {parts[k]:.1f} s" for k in order)
+
+    def part(key: str) -> str:  # a part with its steps (`startup.model`, ...) in brackets
+        steps = [f"{k.split('.', 1)[1]} {parts[k]:.1f}" for k in parts if k.startswith(key + ".")]
+        return f"{key} {parts[key]:.1f} s" + (f" ({', '.join(steps)})" if steps else "")
+
+    main = ", ".join(part(k) for k in order if "." not in k)
     worker = ", ".join(f"{k} {parts[k]:.1f} s" for k in OVERLAPPED if k in parts)
     return f"time: {main}" + (f"; beside generation: {worker}" if worker else "")
 

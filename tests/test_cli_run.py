@@ -213,3 +213,14 @@ def test_bad_arguments_exit_2(workdir: Path, capsys: pytest.CaptureFixture[str])
 def test_validate_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", SMOKE, str(Path(models.precision.POLICY_DIR) / "fp8-e4m3-rowwise.yaml")]) == 0
     assert "16 samples" in capsys.readouterr().out
+
+
+def test_the_timings_line_puts_steps_beside_their_part() -> None:
+    from evals.cli import timings_line
+
+    parts = {"startup": 5.3, "startup.model": 3.9, "generation": 4.7, "waiting": 0.2, "finishing": 0.4}
+    parts |= {"finishing.reports": 0.1, "finishing.mlflow": 0.3, "metrics": 3.0, "detectors": 0.2}
+    assert timings_line(parts) == (
+        "time: startup 5.3 s (model 3.9), generation 4.7 s, waiting 0.2 s, finishing 0.4 s (reports 0.1, mlflow 0.3)"
+        "; beside generation: metrics 3.0 s, detectors 0.2 s"
+    )
