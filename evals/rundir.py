@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,23 +43,28 @@ def write_json(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
+@contextmanager
+def _renamed_into(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` to write; renamed onto `path` once written (never half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    yield tmp
+    os.replace(tmp, path)
+
+
 def save_png(path: Path, image_u8: np.ndarray) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image_u8).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with _renamed_into(path) as tmp:
+        Image.fromarray(image_u8).save(tmp, format="PNG")
 
 
 def copy_png(source: Path, path: Path) -> None:
-    """An encoded PNG copied into place as save_png writes one: never half-written."""
+    """An encoded PNG copied into place as save_png writes one."""
     import shutil
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, path)
+    with _renamed_into(path) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def load_png(path: Path) -> np.ndarray:

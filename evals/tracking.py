@@ -392,7 +392,6 @@ class BackgroundTracker:
 
     def __init__(self, open_inner: Callable[[], Any]):
         import queue
-        import threading
         from concurrent.futures import ThreadPoolExecutor
 
         self.inner: Any = None

@@ -106,7 +106,7 @@ def _worst_samples(run_dir: Path, records: list[SampleRecord]) -> str:
     shown = [r for rs in chosen.values() for r in rs]
     # PNG decoding and encoding release the GIL: the grids are made side by side.
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(shown), os.cpu_count() or 1))) as pool:
-        uris = dict(zip(map(id, shown), pool.map(lambda r: _grid_uri(run_dir, r), shown), strict=True))
+        uris = iter(list(pool.map(lambda r: _grid_uri(run_dir, r), shown)))  # in the order of `shown`
     parts = []
     for policy, rs in chosen.items():
         parts.append(f"<h3>{html.escape(policy)}</h3>")
@@ -114,7 +114,7 @@ def _worst_samples(run_dir: Path, records: list[SampleRecord]) -> str:
             scores = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(r.metrics.items()))
             flagged = [d for d, f in r.detectors.items() if f["flagged"]]
             parts.append(
-                f'<div class="sample"><img alt="{html.escape(r.sample_id)}" src="{uris[id(r)]}">'
+                f'<div class="sample"><img alt="{html.escape(r.sample_id)}" src="{next(uris)}">'
                 f'<div class="caption"><b>{html.escape(r.sample_id)}</b>: {html.escape(r.prompt)}<br>{scores}'
                 f"{'; flagged: ' + html.escape(', '.join(flagged)) if flagged else ''}"
                 "<br>reference | candidate | difference (black: equal, yellow: 32/255 or more)</div></div>"
