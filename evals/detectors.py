@@ -154,21 +154,21 @@ def stripe_noise(
     from evals.stripes import row_patterns
 
     luma = batch.luma
-    per_orientation = [(name, *row_patterns(plane, max_period)) for name, plane in (("row", luma), ("column", luma.mT))]
-    if not any(periods for *_, periods in per_orientation):
+    patterns = {name: row_patterns(plane, max_period) for name, plane in (("row", luma), ("column", luma.mT))}
+    labels = [(name, period) for name, (_, _, periods) in patterns.items() for period in periods]
+    if not labels:
         return [Finding(False, 0.0, "image too small for the stripe test (8 pixels a side at least)")] * len(batch)
-    values = torch.cat([torch.cat([a, z], dim=1) for _, a, z, _ in per_orientation], dim=1).tolist()  # one wait
+    amplitudes = torch.cat([a for a, _, _ in patterns.values()], dim=1)
+    zs = torch.cat([z for _, z, _ in patterns.values()], dim=1)
     found = []
-    for row in values:
+    for image_amplitudes, image_zs in zip(*torch.stack([amplitudes, zs]).tolist(), strict=True):  # one wait
         # Natural structure may be more consistent than the banding but faint: the banding is the
         # most consistent pattern among those large enough to see.
-        candidates, offset = [], 0
-        for name, _, _, periods in per_orientation:
-            amplitudes, zs = row[offset : offset + len(periods)], row[offset + len(periods) : offset + 2 * len(periods)]
-            offset += 2 * len(periods)
-            for amplitude, z, period in zip(amplitudes, zs, periods, strict=True):
-                candidates.append((amplitude >= min_amplitude and z >= min_z, z, amplitude, period, name))
-        flagged, z, amplitude, period, name = max(candidates, key=lambda f: (f[0], f[1]))
+        candidates = [
+            (a >= min_amplitude and zi >= min_z, zi, a, label)
+            for a, zi, label in zip(image_amplitudes, image_zs, labels, strict=True)
+        ]
+        flagged, z, amplitude, (name, period) = max(candidates, key=lambda f: (f[0], f[1]))
         detail = f"{name} pattern of period {period}: amplitude {amplitude * 255:.2f}/255, z {z:.1f}"
         found.append(Finding(flagged, amplitude, ("stripes: " if flagged else "strongest ") + detail))
     return found
