@@ -36,7 +36,8 @@ def test_smoke_passes_logs_to_mlflow_and_reuses_the_reference(
     steps = ("startup", "startup.model", "startup.candidates", "startup.mlflow", "generation", "waiting", "finishing")
     assert {*steps, "metrics", "detectors", "writing"} <= set(timings)
     finishing = ("finishing.summary", "finishing.reports", "finishing.mlflow")
-    assert timings["finishing"] >= sum(timings[k] for k in finishing) > 0
+    # Each figure is rounded to the millisecond on its own: the steps' sum may pass the whole by 1.5 ms.
+    assert timings["finishing"] + 0.0015 >= sum(timings[k] for k in finishing) > 0
     assert timings["startup"] >= timings["startup.model"] + timings["startup.candidates"] > 0
     # A later run in the same process counts its start-up from its own call, not the process's start.
     assert main(["run", SMOKE, "--no-progress", "--no-mlflow", "--runs-dir", "again"]) == 0
