@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,14 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def from_uint8(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+
+
+def _cuda_index(device: str) -> int | None:
+    """The CUDA device `device` names (plain `cuda`: the current one); None off CUDA."""
+    if not device.startswith("cuda"):
+        return None
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
 
 
 def _findings(raw: torch.Tensor, suite: Suite, device: str = "cpu") -> list[dict[str, dict[str, Any]]]:
@@ -342,7 +351,11 @@ class SuiteRunner:
         records_path = self.run_dir / "records.jsonl"
         with RecordsWriter(records_path) if shard.main else nullcontext() as writer:
             # Leaving this block (also on an error or Ctrl-C) waits for the batch being written.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring") as worker:
+            # A new thread's current CUDA device is cuda:0; NCCL's object collectives (the shard's
+            # gather) stage through the current device, which must be the one this rank's group uses.
+            index = _cuda_index(self.device)
+            on_device = None if index is None else partial(torch.cuda.set_device, index)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring", initializer=on_device) as worker:
                 pending: Future[None] | None = None
                 for first in range(0, len(batches), shard.world):
                     index = first + shard.rank

@@ -61,3 +61,25 @@ def test_two_gloo_processes_give_the_records_of_one(workdir: Path) -> None:
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 2  # one parent and one candidate: the worker logged nothing
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_two_gpus_through_nccl_give_the_records_of_one(workdir: Path) -> None:
+    """The same on two GPUs: each rank generates on its own GPU, and the scoring thread's gather goes
+    through NCCL from that GPU (a fresh thread starts on cuda:0, which NCCL refused for rank 1)."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA GPUs")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    two = run_evals(torchrun, workdir, "two", "--no-cache", "--no-mlflow")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "(2 processes)" in two.stderr
+    one = run_evals([sys.executable], workdir, "one", "--no-cache", "--no-mlflow")
+    assert one.returncode == 0, one.stderr[-3000:]
+    records_two, images_two = contents(workdir / "two")
+    records_one, images_one = contents(workdir / "one")
+    assert len(records_one) == 16 and len(images_one) == 32
+    assert records_two == records_one
+    assert images_two == images_one
