@@ -21,7 +21,6 @@ import torch
 
 from evals.yamlspec import InputError
 from models.fp8 import FORMATS, Fp8Linear, Fp8Spec, resolve_backend
-from models.fp8_feedforward import fuse_feed_forwards
 
 FORMAT_MARKER = "sd35-fp8-gate/quantized-transformer"
 FORMAT_VERSION = "1"
@@ -90,10 +89,9 @@ def _assemble(reference: Any, fp8_layers: dict[str, Fp8Linear], rest: dict[str, 
             f"{source}: does not fit this model's transformer (missing {missing[:3]}, unexpected "
             f"{result.unexpected_keys[:3]}); is it for another SD3 variant?"
         )
-    fuse_feed_forwards(module)
-    from models.fp8_block import fuse_blocks  # diffusers' block classes: imported when needed
+    from models.fp8_block import fuse_fp8_modules  # diffusers' block classes: imported when needed
 
-    fuse_blocks(module)
+    fuse_fp8_modules(module)
     return module
 
 

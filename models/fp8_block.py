@@ -22,7 +22,7 @@ from torch import nn
 
 from models import fp8_kernels
 from models.fp8 import FORMATS
-from models.fp8_feedforward import Fp8GeluFeedForward, per_token_gemm
+from models.fp8_feedforward import Fp8GeluFeedForward, fuse_feed_forwards, per_token_gemm
 
 QuantizedRows = fp8_kernels.QuantizedRows
 
@@ -185,6 +185,13 @@ def fuse_blocks(transformer: Any) -> int:
     if blocks and fp8_kernels.HAS_TRITON:
         fp8_kernels.register()  # outside compiled code, once
     return len(blocks)
+
+
+def fuse_fp8_modules(transformer: Any) -> None:
+    """Every fused FP8 path of `transformer`, in place: feed-forwards first (a block fuses only with
+    its feed-forwards fused), then the blocks."""
+    fuse_feed_forwards(transformer)
+    fuse_blocks(transformer)
 
 
 def unfuse_blocks(transformer: Any) -> int:

@@ -298,7 +298,6 @@ def apply_policy(
     import torch
 
     from models.fp8 import Fp8Linear
-    from models.fp8_feedforward import fuse_feed_forwards
 
     plan = resolve_plan(policy, components)
     out = dict(components)
@@ -325,11 +324,10 @@ def apply_policy(
                 amax = input_amax[key]
             fp8 = Fp8Linear.from_linear(module.get_submodule(layer.name), layer.spec, layer.backend, amax)
             module.set_submodule(layer.name, fp8)
-        fuse_feed_forwards(module)
         if layers:
-            from models.fp8_block import fuse_blocks
+            from models.fp8_block import fuse_fp8_modules
 
-            fuse_blocks(module)
+            fuse_fp8_modules(module)
         out[comp_name] = module
     _cast_transformer_inputs_if_mixed(out, components)
     return out, plan
