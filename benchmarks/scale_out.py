@@ -38,9 +38,9 @@ def timed_run(launcher: list[str], suite: Path, work: Path, extra: list[str]) ->
     return wall
 
 
-def contents(work: Path) -> tuple[list[dict], dict[str, str], dict[str, float]]:
-    """Records without their timing, a digest of every image, and timings.json, of the run in `work`."""
-    (run_dir,) = (work / "runs").iterdir()
+def contents(runs: Path) -> tuple[list[dict], dict[str, str]]:
+    """Records without their timing, and a digest of every image, of the one run under `runs`."""
+    (run_dir,) = runs.iterdir()
     records = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
     for record in records:
         record.pop("seconds_per_image")
@@ -48,7 +48,12 @@ def contents(work: Path) -> tuple[list[dict], dict[str, str], dict[str, float]]:
         p.relative_to(run_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted((run_dir / "images").rglob("*.png"))
     }
-    return records, images, json.loads((run_dir / "timings.json").read_text())
+    return records, images
+
+
+def timings(runs: Path) -> dict[str, float]:
+    (run_dir,) = runs.iterdir()
+    return json.loads((run_dir / "timings.json").read_text())
 
 
 def main() -> None:
@@ -63,14 +68,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         one_wall = timed_run([sys.executable], suite, Path(tmp) / "one", extra)
         many_wall = timed_run(torchrun, suite, Path(tmp) / "many", extra)
-        one, many = contents(Path(tmp) / "one"), contents(Path(tmp) / "many")
+        one, many = contents(Path(tmp) / "one" / "runs"), contents(Path(tmp) / "many" / "runs")
+        one_parts, many_parts = timings(Path(tmp) / "one" / "runs"), timings(Path(tmp) / "many" / "runs")
     print(f"suite {suite.name}, evals run {' '.join(extra)}; {len(one[0])} records, {len(one[1])} images")
     print("| processes | wall s | startup | generation | finishing |")
     print("|---|---|---|---|---|")
-    for n, wall, (_, _, timings) in ((1, one_wall, one), (args.nproc, many_wall, many)):
-        parts = " | ".join(f"{timings.get(p, 0.0):.1f}" for p in ("startup", "generation", "finishing"))
-        print(f"| {n} | {wall:.1f} | {parts} |")
-    print(f"speed-up: {one_wall / many_wall:.2f}x wall, {one[2]['generation'] / many[2]['generation']:.2f}x generation")
+    for n, wall, parts in ((1, one_wall, one_parts), (args.nproc, many_wall, many_parts)):
+        cells = " | ".join(f"{parts.get(p, 0.0):.1f}" for p in ("startup", "generation", "finishing"))
+        print(f"| {n} | {wall:.1f} | {cells} |")
+    generation = one_parts["generation"] / many_parts["generation"]
+    print(f"speed-up: {one_wall / many_wall:.2f}x wall, {generation:.2f}x generation")
     same_records, same_images = one[0] == many[0], one[1] == many[1]
     print(f"records equal: {same_records}; image bytes equal: {same_images}")
     if not (same_records and same_images):

@@ -3,8 +3,6 @@ and rank 0 alone writes the run directory and MLflow."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.scale_out import contents
 from tests.conftest import SUITES
 
 
@@ -23,19 +22,6 @@ def run_evals(launcher: list[str], workdir: Path, runs: str, *extra: str) -> sub
     return subprocess.run(
         [*command, *extra], cwd=workdir, env=env, capture_output=True, text=True, timeout=600, check=False
     )
-
-
-def contents(runs: Path) -> tuple[list[dict], dict[str, str]]:
-    """Records without their timing, and a digest of every image, of the one run under `runs`."""
-    (run_dir,) = runs.iterdir()
-    records = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
-    for record in records:
-        record.pop("seconds_per_image")
-    images = {
-        p.relative_to(run_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted((run_dir / "images").rglob("*.png"))
-    }
-    return records, images
 
 
 @pytest.mark.slow
