@@ -353,8 +353,8 @@ class SuiteRunner:
             # Leaving this block (also on an error or Ctrl-C) waits for the batch being written.
             # A new thread's current CUDA device is cuda:0; NCCL's object collectives (the shard's
             # gather) stage through the current device, which must be the one this rank's group uses.
-            index = _cuda_index(self.device)
-            on_device = None if index is None else partial(torch.cuda.set_device, index)
+            cuda_index = _cuda_index(self.device)
+            on_device = None if cuda_index is None else partial(torch.cuda.set_device, cuda_index)
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring", initializer=on_device) as worker:
                 pending: Future[None] | None = None
                 for first in range(0, len(batches), shard.world):
