@@ -10,10 +10,13 @@ to quantize Q, K and V for it, and each one's error against float32 SDPA.
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
+
+from evals.bench import BenchSetup, time_calls
 
 # (name, heads, tokens): 4096 image tokens; joint attention adds 333 text tokens (77 CLIP + 256 T5);
 # Medium's second attention in its dual-attention blocks sees the image tokens alone.
@@ -21,18 +24,9 @@ SHAPES = [("Medium joint", 24, 4429), ("Medium image-only", 24, 4096), ("Large j
 BATCH, HEAD_DIM = 2, 64
 
 
-def median_ms(fn, repeats: int = 30) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+def median_ms(fn) -> float:
+    """Median of 30 CUDA-event timings after a warm-up, as `evals bench` times a step."""
+    return statistics.median(time_calls(fn, BenchSetup(warmup=5, iters=30), "cuda")[1])
 
 
 def projections(heads: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
