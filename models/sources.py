@@ -131,12 +131,29 @@ def _locate(source: str, config: str | None) -> tuple[Path, Path | None]:
     return path, None
 
 
+def is_tiny(source: str) -> bool:
+    return source in ("tiny", "tiny-random") or source.startswith(("tiny:", "tiny-random:"))
+
+
+def _tiny_seed(source: str) -> int | None:
+    """None for the trained `tiny`; the seed of `tiny-random[:SEED]` (random weights)."""
+    if source == "tiny":
+        return None
+    name, _, seed_text = source.partition(":")
+    if name != "tiny-random" or not (seed_text or "0").isdigit():
+        raise InputError(
+            f"model source {source!r}: expected `tiny` (the trained CI model) or `tiny-random[:SEED]` "
+            "(its architecture with random weights, SEED an integer)"
+        )
+    return int(seed_text or "0")
+
+
 def load_source(
     source: str, dtype_name: str = "auto", device: str = "cpu", *, config: str | None = None, drop_t5: bool = False
 ) -> LoadedModel:
     """Load the reference pipeline; every missing file is an InputError naming it.
 
-    `source`: `tiny`, `tiny:SEED`, `random:sd35-medium[:SEED]` / `random:sd35-large` (real
+    `source`: `tiny` (trained), `tiny-random[:SEED]`, `random:sd35-medium[:SEED]` / `random:sd35-large` (real
     architecture, random weights, for timing), a local diffusers folder, a Hub repository id already in the
     Hugging Face cache (read with HF_HUB_OFFLINE=1), or a single `.safetensors` transformer
     checkpoint (original SD3 or diffusers key names) with `config` naming a local diffusers folder
@@ -145,14 +162,12 @@ def load_source(
     import torch
 
     dtype = resolve_dtype(dtype_name, device)
-    if source == "tiny" or source.startswith("tiny:"):
+    if is_tiny(source):
         from models.tiny import build_tiny_pipeline, tiny_fingerprint
 
-        seed_text = source.partition(":")[2] or "0"
-        if not seed_text.isdigit():
-            raise InputError(f"model source {source!r}: expected `tiny` or `tiny:SEED` with an integer seed")
-        pipe = build_tiny_pipeline(int(seed_text))
-        fingerprint = tiny_fingerprint(int(seed_text))
+        seed = _tiny_seed(source)
+        pipe = build_tiny_pipeline(seed)
+        fingerprint = tiny_fingerprint(seed)
         if dtype != torch.float32:  # built in float32; diffusers warns on a no-op cast
             pipe.to(dtype=dtype)
         pipe.to(device)
@@ -204,7 +219,7 @@ def load_transformer_skeleton(source: str, dtype_name: str, *, config: str | Non
     import torch
 
     dtype = resolve_dtype(dtype_name, "cuda")  # auto: what a GPU deployment uses
-    if source == "tiny" or source.startswith("tiny:"):
+    if is_tiny(source):
         return load_source(source, dtype_name="float32").pipeline.transformer.to(dtype)
     folder, _ = _locate(source, config)
     config_file = folder / "transformer" / "config.json"
