@@ -14,6 +14,28 @@ from typing import Any
 from evals.yamlspec import InputError
 
 
+@dataclass(frozen=True)
+class CheckpointArg:
+    path: Path
+    """A quantized transformer file."""
+    name: str | None = None
+    """The candidate's name (default: the policy its metadata names, else the file's name)."""
+
+    @classmethod
+    def parse(cls, text: str) -> CheckpointArg:
+        """`FILE` or `NAME=FILE`."""
+        name, sep, rest = text.partition("=")
+        if sep and name and "/" not in name and os.sep not in name:
+            from evals.candidates import CANDIDATE_NAME
+
+            if not CANDIDATE_NAME.match(name):
+                raise InputError(
+                    f"--candidate-checkpoint {text}: the name {name!r} must match {CANDIDATE_NAME.pattern}"
+                )
+            return cls(Path(rest), name)
+        return cls(Path(text))
+
+
 @dataclass
 class RunRequest:
     suite: Path
@@ -26,8 +48,10 @@ class RunRequest:
     """Load the model without T5."""
     policies: list[str] = field(default_factory=list)
     """Candidate policies; empty takes the suite's (unless checkpoints are given)."""
-    candidate_checkpoints: list[Path] = field(default_factory=list)
-    """Quantized transformer files evaluated as they are."""
+    candidate_checkpoints: list[CheckpointArg] = field(default_factory=list)
+    """Quantized transformer files evaluated as they are, each optionally named."""
+    baseline: str | None = None
+    """Compare every candidate's baseline gates with this policy's baseline instead of its own."""
     device: str = "auto"
     """auto, cpu, cuda, cuda:N."""
     reference_dtype: str | None = None
@@ -95,7 +119,8 @@ def prepare(request: RunRequest, suite: Any = None) -> Prepared:
     from evals.suite import load_suite
 
     suite = suite or load_suite(request.suite)
-    for path in request.candidate_checkpoints:
+    for checkpoint in request.candidate_checkpoints:
+        path = checkpoint.path
         if path.suffix != ".safetensors" or not path.is_file():
             raise InputError(f"--candidate-checkpoint {path}: expected an existing .safetensors file (never pickle)")
     for name, weights_file in request.weights.items():
@@ -127,14 +152,26 @@ def compile_mode(choice: str, device: str) -> str:
     return choice
 
 
-def build_candidates(prepared: Prepared, policies: list[Any], checkpoints: list[Path]) -> list[Any]:
+def build_candidates(
+    prepared: Prepared, policies: list[Any], checkpoints: list[CheckpointArg], baseline: str | None = None
+) -> list[Any]:
     """Candidates from loaded policies (rule typos surface here) and from quantized checkpoint files;
-    their transformer blocks compiled when `prepared.compile` says `blocks`."""
+    their transformer blocks compiled when `prepared.compile` says `blocks`. `baseline`: the policy
+    whose baseline every candidate is compared with (default: each its own)."""
     from evals.candidates import build_candidate, candidate_from_checkpoint
 
     start = time.perf_counter()
     candidates = [build_candidate(prepared.model, p, prepared.suite.generation) for p in policies]
-    candidates += [candidate_from_checkpoint(prepared.model, path) for path in checkpoints]
+    candidates += [candidate_from_checkpoint(prepared.model, c.path, c.name) for c in checkpoints]
+    names = [c.name for c in candidates]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise InputError(
+            f"two candidates are named {', '.join(twice)}: name checkpoints with --candidate-checkpoint NAME=FILE"
+        )
+    if baseline:
+        for candidate in candidates:
+            candidate.baseline_of = baseline
     if prepared.compile == "blocks":
         from evals.compiling import compile_blocks
 
@@ -280,7 +317,7 @@ def run_suite_file(request: RunRequest) -> tuple[Any, Any, str | None]:
     tracker = _early_tracker(request)
     with _settled_on_error(tracker):
         prepared = prepare(request, suite)
-        candidates = build_candidates(prepared, policies, request.candidate_checkpoints)
+        candidates = build_candidates(prepared, policies, request.candidate_checkpoints, request.baseline)
     outcome, tracker = execute(prepared, candidates, request, tracker=tracker)
     return outcome, prepared.suite, _tracking_uri(tracker)
 
@@ -312,7 +349,9 @@ def resume_run(run_dir: Path, request: RunRequest) -> tuple[Any, Any, str | None
             "model": run["model"]["source"],
             "reference_dtype": run["reference_dtype"],
             "policies": [p["policy_path"] for p in policies_info if p.get("policy_path")],
-            "candidate_checkpoints": [Path(p["checkpoint"]) for p in policies_info if p.get("checkpoint")],
+            "candidate_checkpoints": [
+                CheckpointArg(Path(p["checkpoint"]), p["name"]) for p in policies_info if p.get("checkpoint")
+            ],
         }
     )
     tracker = _early_tracker(request)
@@ -321,7 +360,7 @@ def resume_run(run_dir: Path, request: RunRequest) -> tuple[Any, Any, str | None
         if prepared.model.fingerprint != run["model"]["fingerprint"]:
             raise InputError(f"--resume {run_dir}: the model's files changed since the run started")
         policies = [load_policy(p) for p in request.policies]
-        candidates = build_candidates(prepared, policies, request.candidate_checkpoints)
+        candidates = build_candidates(prepared, policies, request.candidate_checkpoints, request.baseline)
         if sorted(c.policy_sha256 for c in candidates if not c.noise_floor) != sorted(
             p["sha256"] for p in policies_info
         ):

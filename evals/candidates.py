@@ -3,6 +3,7 @@ a harmless change), or a quantized checkpoint file; each a pipeline that shares 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,8 @@ from typing import Any
 
 import torch
 
-from evals.suite import Generation
+from evals.suite import CASE_ID, Generation
+from evals.yamlspec import InputError
 from models.precision import LayerPlan, PrecisionPolicy, apply_policy, backend_summary, resolve_plan
 from models.sources import LoadedModel
 
@@ -37,6 +39,12 @@ class Candidate:
     """Generate this many images per pipeline call instead of the suite's batch (the noise floor)."""
     noise_floor: str | None = None
     """Set on the noise-floor pseudo-candidate: the harmless change it measures."""
+    baseline_of: str = ""
+    """The policy whose baseline its baseline gates compare with (empty: its own name)."""
+
+    @property
+    def baseline_policy(self) -> str:
+        return self.baseline_of or self.name
 
     @property
     def backends(self) -> str:
@@ -79,6 +87,9 @@ def build_candidate(model: LoadedModel, policy: PrecisionPolicy, gen: Generation
     )
 
 
+CANDIDATE_NAME = CASE_ID
+"""What a candidate's name may be: it becomes a folder and file name in the run directory."""
+
 NOISE_FLOOR = "noise-floor"
 """Name of the pseudo-candidate that measures the reference against itself; never gated."""
 
@@ -98,8 +109,9 @@ def noise_floor_candidate(model: LoadedModel, change: str) -> Candidate:
     return Candidate(NOISE_FLOOR, _pipeline_with(model, components), f"noise-floor:{change}", noise_floor=change)
 
 
-def candidate_from_checkpoint(model: LoadedModel, path: Path) -> Candidate:
-    """A candidate whose transformer is a quantized checkpoint: ours, or a ComfyUI scaled-FP8 file."""
+def candidate_from_checkpoint(model: LoadedModel, path: Path, name: str | None = None) -> Candidate:
+    """A candidate whose transformer is a quantized checkpoint: ours, or a ComfyUI scaled-FP8 file.
+    Named `name`, else after the policy its metadata names, else the file; its baseline is that policy's."""
     import hashlib
 
     from models.checkpoints import import_comfy_scaled_fp8, is_comfy_scaled_fp8, load_quantized_transformer
@@ -121,5 +133,14 @@ def candidate_from_checkpoint(model: LoadedModel, path: Path) -> Candidate:
     with path.open("rb") as f:
         digest = meta.get("policy_sha256") or hashlib.sha256(f.read(1 << 24)).hexdigest()
     components = dict(model.pipeline.components, transformer=transformer)
-    name = meta.get("policy", path.stem)
-    return Candidate(name, _pipeline_with(model, components), digest, plan, checkpoint=str(path))
+    # a file's own name is made tame; a name from its metadata (untrusted) must already be
+    source_policy = str(meta.get("policy") or re.sub(r"[^a-z0-9_.-]+", "-", path.stem.lower()).strip("-._"))
+    display = name or source_policy
+    if not CANDIDATE_NAME.match(display):
+        raise InputError(
+            f"--candidate-checkpoint {path}: candidate name {display!r} must match {CANDIDATE_NAME.pattern} "
+            "(it names files in the run directory); name it with NAME=FILE"
+        )
+    return Candidate(
+        display, _pipeline_with(model, components), digest, plan, checkpoint=str(path), baseline_of=source_policy
+    )

@@ -32,10 +32,16 @@ def _parser() -> argparse.ArgumentParser:
         "--candidate-checkpoint",
         action="append",
         default=[],
-        type=Path,
-        metavar="FILE",
+        metavar="[NAME=]FILE",
         help="a quantized transformer (.safetensors written by `evals quantize`, or a ComfyUI scaled-FP8 file) "
-        "to evaluate as it is; repeatable, combinable with --policy",
+        "to evaluate as it is, named NAME (default: the policy its metadata names); repeatable, combinable "
+        "with --policy",
+    )
+    run.add_argument(
+        "--baseline",
+        metavar="POLICY",
+        help="compare every candidate's baseline gates with POLICY's baseline (default: each candidate its own "
+        "policy's; a checkpoint, the policy it was made from)",
     )
     _model_args(run)
     run.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
@@ -148,6 +154,12 @@ def _parser() -> argparse.ArgumentParser:
     from evals.cli_review import add_review_commands
 
     add_review_commands(sub)
+    from evals.cli_baseline import add_baseline_commands
+
+    add_baseline_commands(sub)
+    from evals.cli_gates import add_gates_commands
+
+    add_gates_commands(sub)
     validate = sub.add_parser("validate", help="check suites and policies without running anything")
     validate.add_argument("files", nargs="+", type=Path, help="suite or policy YAML files")
     return parser
@@ -232,7 +244,7 @@ def _model_args(parser: argparse.ArgumentParser, default: str | None = None) -> 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from evals.api import RunRequest, run_suite_file
+    from evals.api import CheckpointArg, RunRequest, run_suite_file
     from reports.render import gate_table_text
 
     if (args.suite is None) == (args.resume is None):
@@ -244,7 +256,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         model_config=args.model_config,
         no_t5=args.no_t5,
         policies=args.policy,
-        candidate_checkpoints=args.candidate_checkpoint,
+        candidate_checkpoints=[CheckpointArg.parse(text) for text in args.candidate_checkpoint],
+        baseline=args.baseline,
         device=args.device,
         reference_dtype=args.reference_dtype,
         runs_dir=args.runs_dir,
@@ -357,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
 
     handlers.update(REVIEW_HANDLERS)
     try:
-        return handlers[args.command](args)
+        handler = getattr(args, "func", None) or handlers[args.command]
+        return handler(args)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

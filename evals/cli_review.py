@@ -31,11 +31,11 @@ def cmd_accept(args: argparse.Namespace) -> int:
     run_id = _mlflow_run_id(args.run)
     tracker = MlflowTracker()
     try:
-        accepted = tracker.accept(run_id)
+        accepted = tracker.accept(run_id, force=args.force)
     except Exception as exc:
-        raise InputError(f"cannot accept {args.run}: {exc}") from exc
-    for policy, candidate_id in accepted:
-        print(f"baseline of {policy}: run {candidate_id}")
+        raise InputError(f"cannot accept {args.run}: {exc} (--force accepts it anyway)") from exc
+    for policy, candidate_id, replaced in accepted:
+        print(f"baseline of {policy}: run {candidate_id}" + (f" (replaces run {replaced})" if replaced else ""))
     return 0
 
 
@@ -121,6 +121,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def add_review_commands(sub: Any) -> None:
     accept = sub.add_parser("accept", help="make a run the baseline of its suite for each of its policies (MLflow)")
     accept.add_argument("run", metavar="RUN", help="a run directory, or an MLflow run id (parent or candidate)")
+    accept.add_argument("--force", action="store_true", help="accept candidates that failed their gates")
     compare = sub.add_parser("compare", help="metric differences between two runs")
     compare.add_argument("run_a", metavar="RUN_A", help="run directory or MLflow run id")
     compare.add_argument("run_b", metavar="RUN_B", help="run directory or MLflow run id")

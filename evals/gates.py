@@ -39,8 +39,8 @@ class GateResult:
     reason: str
     """Why it failed or was not evaluated, or empty."""
     evaluated: bool = True
-    """False for an optional gate whose metric could not be computed here, or a baseline gate
-    with no accepted baseline."""
+    """False for an optional gate whose metric could not be computed here, or an optional baseline
+    gate with no baseline."""
     baseline: float | None = None
     """The accepted baseline's value, for a regression gate."""
 
@@ -102,7 +102,10 @@ class Verdict:
         return {"passed": self.passed, "results": [r.to_dict() for r in self.results]}
 
 
-NO_BASELINE = "no accepted baseline for this suite and policy (`evals accept RUN_ID` sets one)"
+NO_BASELINE = (
+    "no baseline for this policy on this platform: `evals baseline update RUN_DIR` writes one for the "
+    "repository (or `evals accept RUN_ID` marks one in MLflow)"
+)
 
 
 def _drop(gate: GateSpec, actual: float, base: float) -> float:
@@ -138,9 +141,15 @@ def evaluate_gate(
     if math.isnan(actual):
         return GateResult(policy, gate, actual, False, f"{gate.subject} {gate.stat} is NaN (broken or missing)")
     if gate.baseline is not None:
-        base = (baseline or {}).get(gate.subject if gate.bench else f"{gate.subject}_{gate.stat}")
+        key = gate.subject if gate.bench else f"{gate.subject}_{gate.stat}"
+        base = (baseline or {}).get(key)
         if base is None:
-            return GateResult(policy, gate, actual, True, f"not evaluated: {NO_BASELINE}", evaluated=False)
+            # A regression gate that silently does not run is the worst failure a gate can have: it
+            # fails, unless the suite opted into skipping it (`optional: true`), which is shown.
+            why = NO_BASELINE if baseline is None else f"the baseline has no {key}; update it"
+            if gate.optional:
+                return GateResult(policy, gate, actual, True, f"not evaluated: {why}", evaluated=False)
+            return GateResult(policy, gate, actual, False, why)
         drop = _drop(gate, actual, base)
         passed = drop <= gate.baseline[1]
         reason = "" if passed else f"{gate.subject} {gate.stat} = {actual:.4g} vs baseline {base:.4g}: drop {drop:.4g}"

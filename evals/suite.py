@@ -88,7 +88,7 @@ class GateSpec:
     tags: tuple[str, ...] = ()
     """Apply the gate to the samples of cases with any of these tags only (empty: every sample)."""
     baseline: tuple[str, float] | None = None
-    """Regression gate: ("max_drop", x) or ("max_rel_drop", x) against the accepted baseline run of
+    """Regression gate: ("max_drop", x) or ("max_rel_drop", x) against the committed (or accepted) baseline of
     the same suite and policy, instead of op/value; a drop is a change for the worse."""
 
     @property
@@ -135,6 +135,8 @@ class Suite:
     """Metric name -> options, e.g. `{lpips: {net: vgg}}`."""
     description: str = ""
     """What the suite is for."""
+    baselines: str | None = None
+    """Folder of committed baselines, relative to the suite file (default `baselines/<name>/` beside it)."""
     bench: dict[str, Any] | None = None
     """After the run, time each candidate's transformer step against the reference's (`evals bench`
     settings: resolution, batch, warmup, iters, compile, cuda_graph) for bench gates; None: no bench."""
@@ -409,6 +411,7 @@ def load_suite(path: str | Path) -> Suite:
             "noise_floor",
             "bench",
             "compile",
+            "baselines",
         ),
     )
     name = expect(doc, d["name"], ("name",), str, "a string")
@@ -447,5 +450,6 @@ def load_suite(path: str | Path) -> Suite:
         bench=bench,
         compile=expect_choice(doc, d.get("compile", "auto"), ("compile",), COMPILE_CHOICES),
         description=expect(doc, d.get("description", ""), ("description",), str, "a string"),
+        baselines=expect(doc, d.get("baselines", ""), ("baselines",), str, "a folder path") or None,
         tags=tuple(sorted({t for c in cases for t in c.tags})),
     )

@@ -226,10 +226,10 @@ class MlflowTracker:
                 out[policy] = dict(runs[0].data.metrics)
         return out
 
-    def accept(self, run_id: str) -> list[tuple[str, str]]:
+    def accept(self, run_id: str, force: bool = False) -> list[tuple[str, str, str | None]]:
         """Make a run the baseline of its suite for each of its policies (a parent run: all its
-        candidates; a candidate run: its policy); the previous baselines are unmarked.
-        Returns (policy, candidate run id) pairs."""
+        candidates; a candidate run: its policy); the previous baselines are unmarked. A candidate
+        whose verdict failed is refused unless `force`. Returns (policy, run id, replaced run id)."""
         run = self.client.get_run(run_id)
         if "policy" in run.data.tags:
             candidates = [run]
@@ -239,6 +239,9 @@ class MlflowTracker:
             )
         if not candidates:
             raise ValueError(f"run {run_id} has no candidate runs to accept")
+        failed = sorted(c.data.tags["policy"] for c in candidates if c.data.tags.get("verdict") == "fail")
+        if failed and not force:
+            raise ValueError(f"{', '.join(failed)} failed gates in this run; a baseline must be a build you accept")
         accepted = []
         for candidate in candidates:
             policy = candidate.data.tags["policy"]
@@ -248,7 +251,8 @@ class MlflowTracker:
             for old in previous:
                 self.client.set_tag(old.info.run_id, "baseline", "false")
             self.client.set_tag(candidate.info.run_id, "baseline", "true")
-            accepted.append((policy, candidate.info.run_id))
+            replaced = next((o.info.run_id for o in previous if o.info.run_id != candidate.info.run_id), None)
+            accepted.append((policy, candidate.info.run_id, replaced))
         return accepted
 
 

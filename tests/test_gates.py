@@ -134,7 +134,24 @@ def test_baseline_gates_measure_the_drop_in_the_metrics_direction(
     assert result.passed is passed and result.baseline == baseline
 
 
-def test_a_baseline_gate_without_a_baseline_is_not_evaluated() -> None:
+def test_a_baseline_gate_without_a_baseline_fails_and_says_how_to_get_one() -> None:
+    """A regression gate must never pass silently because nothing was there to compare with."""
     gate = GateSpec("mean", "<=", 0.5, metric="psnr", baseline=("max_drop", 0.5))
-    (result,) = evaluate_gates({"fp8": summary(35.0)}, (gate,), ["fp8"], baselines={}).results
-    assert result.status == "not evaluated" and "evals accept" in result.reason
+    for baselines in ({}, None):
+        verdict = evaluate_gates({"fp8": summary(35.0)}, (gate,), ["fp8"], baselines=baselines)
+        (result,) = verdict.results
+        assert result.status == "fail" and not verdict.passed
+        assert "evals baseline update" in result.reason and "evals accept" in result.reason
+
+
+def test_an_optional_baseline_gate_without_a_baseline_is_shown_as_not_evaluated() -> None:
+    gate = GateSpec("mean", "<=", 0.5, metric="psnr", baseline=("max_drop", 0.5), optional=True)
+    verdict = evaluate_gates({"fp8": summary(35.0)}, (gate,), ["fp8"], baselines={})
+    assert verdict.passed and verdict.results[0].status == "not evaluated"
+    assert "evals baseline update" in verdict.results[0].reason
+
+
+def test_a_baseline_without_the_gated_statistic_fails() -> None:
+    gate = GateSpec("min", "<=", 0.5, metric="psnr", baseline=("max_drop", 0.5))
+    verdict = evaluate_gates({"fp8": summary(35.0)}, (gate,), ["fp8"], baselines={"fp8": {"psnr_mean": 35.0}})
+    assert not verdict.passed and "no psnr_min" in verdict.results[0].reason

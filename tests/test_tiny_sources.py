@@ -23,7 +23,7 @@ def test_tiny_is_deterministic_and_seed_sensitive(tiny_model) -> None:
     assert torch.equal(first, again)
     other_seed = [Sample(BATCH[0].case, 1), BATCH[1]]
     assert not torch.equal(first[0], generate(tiny_model.pipeline, other_seed, GEN)[0])
-    assert not torch.equal(first, generate(load_source("tiny:1", "float32", "cpu").pipeline, BATCH, GEN))
+    assert not torch.equal(first, generate(load_source("tiny-random:1", "float32", "cpu").pipeline, BATCH, GEN))
     assert first.shape == (2, 3, 64, 64) and torch.isfinite(first).all()
     assert first.std() > 0.05  # an image, not a constant
 
@@ -71,8 +71,10 @@ def test_missing_or_broken_folders_name_the_file(tmp_path: Path, tiny_model) -> 
 
 
 def test_bad_tiny_seed() -> None:
-    with pytest.raises(InputError, match="tiny:SEED"):
+    with pytest.raises(InputError, match=r"tiny-random\[:SEED\]"):
         load_source("tiny:x")
+    with pytest.raises(InputError, match=r"tiny-random\[:SEED\]"):
+        load_source("tiny-random:x")
 
 
 @pytest.mark.parametrize("source", ["random:sd35-huge", "random:sd35-medium:x"])

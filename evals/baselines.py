@@ -1,0 +1,136 @@
+"""Committed baselines: per suite and policy, the summary metrics of an accepted run, kept in the
+repository and reviewed like code. No torch.
+
+Layout: `<suite's baselines folder>/<policy>.json` (default folder: `baselines/<suite name>/` beside
+the suite file; a suite's `baselines:` key names another), one entry per platform, since a CPU run
+in float32 and a GPU run in bfloat16 score differently:
+
+    {"version": 1, "suite": "smoke", "policy": "fp8-e4m3-rowwise",
+     "platforms": {"cpu-float32": {"metrics": {"psnr_mean": 41.2, ...}, "run": "...", "git_commit": "...",
+                                   "torch": "2.14.1", "created": "2026-11-29T08:00:00Z"}}}
+
+`evals baseline update RUN_DIR` writes them from a passing run; a baseline gate compares a
+candidate's summary with the entry of its baseline policy for the run's platform.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evals.yamlspec import InputError
+
+BASELINE_VERSION = 1
+HEADLINE = ("psnr_mean", "psnr_min", "ssim_mean", "lpips_mean", "clip_score_delta_mean")
+
+
+def platform_key(device: str, reference_dtype: str) -> str:
+    """`cpu-float32`, `cuda-bfloat16`: runs on one platform are compared with each other only."""
+    return f"{device.split(':')[0]}-{reference_dtype}"
+
+
+def baselines_folder(suite_path: str, suite_name: str, configured: str | None) -> Path:
+    base = Path(suite_path).resolve().parent
+    return base / configured if configured else base / "baselines" / suite_name
+
+
+@dataclass(frozen=True)
+class Baseline:
+    policy: str
+    """The policy whose accepted run this is."""
+    metrics: dict[str, float]
+    """Flat summary metrics (`psnr_mean`, `black_frame_count`, ...)."""
+    source: str
+    """Where it came from, for messages: the file and platform, or the MLflow run."""
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable baseline file ({exc})") from exc
+    if (
+        not isinstance(data, dict)
+        or data.get("version") != BASELINE_VERSION
+        or not isinstance(data.get("platforms"), dict)
+    ):
+        raise InputError(f"{path}: expected a baseline file of version {BASELINE_VERSION} with a 'platforms' mapping")
+    return data
+
+
+def load_committed(folder: Path, policy: str, platform: str) -> Baseline | None:
+    """The committed baseline of `policy` for `platform`, or None when there is none."""
+    path = folder / f"{policy}.json"
+    if not path.is_file():
+        return None
+    entry = _read(path)["platforms"].get(platform)
+    if entry is None:
+        return None
+    metrics = entry.get("metrics")
+    if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
+        raise InputError(f"{path}: platforms.{platform}.metrics must map metric names to numbers")
+    return Baseline(policy, {k: float(v) for k, v in metrics.items()}, f"{path} [{platform}]")
+
+
+def missing_message(policy: str, folder: Path, platform: str) -> str:
+    return (
+        f"no baseline of {policy!r} for {platform} in {folder} (nor accepted in MLflow): "
+        f"run the suite with that policy, then `evals baseline update RUN_DIR` and commit the file"
+    )
+
+
+@dataclass(frozen=True)
+class Change:
+    policy: str
+    path: Path
+    previous: dict[str, float] | None
+    """The platform's metrics this replaces, or None for a new entry."""
+    current: dict[str, float]
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    """JSON has no NaN or infinity: identical images give PSNR +inf, kept as 1e9 (as MLflow does)."""
+    return {k: (1e9 if v == math.inf else v) for k, v in metrics.items() if not math.isnan(v)}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def update(
+    folder: Path,
+    suite: str,
+    platform: str,
+    summaries: dict[str, dict[str, float]],
+    provenance: dict[str, str],
+    policies: Iterable[str],
+) -> list[Change]:
+    """Write each policy's flat summary metrics as its baseline for `platform`; other platforms'
+    entries are kept. Returns what changed."""
+    changes = []
+    for policy in policies:
+        path = folder / f"{policy}.json"
+        data = _read(path) if path.is_file() else {"version": BASELINE_VERSION, "suite": suite, "policy": policy}
+        data.setdefault("platforms", {})
+        old = data["platforms"].get(platform)
+        current = _finite(summaries[policy])
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        data["platforms"][platform] = {"metrics": current, **provenance, "created": stamp}
+        _write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        changes.append(Change(policy, path, old["metrics"] if old else None, current))
+    return changes

@@ -1,0 +1,76 @@
+"""`evals baseline update RUN_DIR`: write a passing run's summaries as the suite's committed baselines."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from evals.yamlspec import InputError
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read it ({exc}); is this a finished run directory?") from exc
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.4g}"
+
+
+def cmd_baseline_update(args: argparse.Namespace) -> int:
+    from evals import baselines
+    from evals.records import PolicySummary
+    from evals.suite import load_suite
+
+    run_dir: Path = args.run_dir
+    run = _read_json(run_dir / "run.json")
+    summary = _read_json(run_dir / "summary.json")
+    verdict = _read_json(run_dir / "verdict.json")
+    suite = load_suite(Path(run["suite"]["path"]))
+    if suite.sha256 != run["suite"]["sha256"] and not args.force:
+        raise InputError(f"{run['suite']['path']} changed since {run_dir} ran: run it again (or --force)")
+    gated = [p["name"] for p in run["policies"] if not p.get("noise_floor")]
+    chosen = args.policy or gated
+    unknown = sorted(set(chosen) - set(gated))
+    if unknown:
+        raise InputError(f"--policy {', '.join(unknown)}: not a candidate of {run_dir} (it has {', '.join(gated)})")
+    failed = sorted({r["policy"] for r in verdict["results"] if r["status"] == "fail" and r["policy"] in chosen})
+    if failed and not args.force:
+        raise InputError(
+            f"{run_dir}: {', '.join(failed)} failed gates in this run; a baseline must be a build you accept "
+            "(fix it, or --force if you mean it)"
+        )
+    platform = baselines.platform_key(run["environment"]["device"], run["reference_dtype"])
+    folder = baselines.baselines_folder(suite.path, suite.name, suite.baselines)
+    flat = {name: PolicySummary(**summary["policies"][name]).flat() for name in chosen}
+    provenance = {
+        "run": run_dir.name,
+        "git_commit": str(run.get("git_commit") or ""),
+        "torch": str(run["environment"].get("torch", "")),
+        "model": run["model"]["fingerprint"],
+    }
+    for change in baselines.update(folder, suite.name, platform, flat, provenance, chosen):
+        print(f"{change.path} [{platform}]: {'replaced' if change.previous else 'new'}")
+        for key in baselines.HEADLINE:
+            if key in change.current:
+                before = (change.previous or {}).get(key)
+                print(f"  {key}: {_fmt(before)} -> {_fmt(change.current[key])}")
+    print("review the change and commit it: the suite's baseline gates compare with these files")
+    return 0
+
+
+def add_baseline_commands(sub: Any) -> None:
+    baseline = sub.add_parser("baseline", help="the suite baselines committed in the repository")
+    actions = baseline.add_subparsers(dest="baseline_command", required=True)
+    update = actions.add_parser(
+        "update", help="write a passing run's summaries as its suite's baselines (one file per policy and platform)"
+    )
+    update.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    update.add_argument("--policy", action="append", default=[], help="only this candidate (repeatable)")
+    update.add_argument("--force", action="store_true", help="accept failed candidates or a changed suite")
+    update.set_defaults(func=cmd_baseline_update)

@@ -1,0 +1,127 @@
+"""Committed baselines: `evals baseline update`, the files it writes, and how runs find them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from evals import baselines
+from evals.api import CheckpointArg
+from evals.cli import main
+from evals.records import PolicySummary, summary_to_json
+from evals.yamlspec import InputError
+from tests.conftest import SUITES, write
+
+SUITE = """name: mini
+model: tiny
+generation: {height: 64, width: 64, steps: 2, guidance: 4.5, batch_size: 2}
+cases:
+  - {id: a, prompt: "a red circle", seeds: [0]}
+metrics: [psnr]
+gates:
+  - {metric: psnr, stat: mean, baseline: {max_drop: 1.0}}
+"""
+
+
+def fake_run(tmp_path: Path, results: dict[str, tuple[float, bool]], device: str = "cpu") -> Path:
+    """A finished run directory as `evals run` leaves it: run.json, summary.json, verdict.json."""
+    suite = write(tmp_path / "suites" / "mini.yaml", SUITE)
+    from evals.suite import load_suite
+
+    loaded = load_suite(suite)
+    run = tmp_path / "runs" / "20261129T000000Z-mini"
+    summaries = {p: PolicySummary(n=2, metrics={"psnr": {"mean": v, "min": v - 3}}) for p, (v, _) in results.items()}
+    write(run / "summary.json", summary_to_json(summaries))
+    gate = {"status": "", "policy": ""}
+    verdict = [{**gate, "policy": p, "status": "pass" if ok else "fail"} for p, (_, ok) in results.items()]
+    write(run / "verdict.json", json.dumps({"passed": all(ok for _, ok in results.values()), "results": verdict}))
+    info = {
+        "suite": {"name": "mini", "path": str(suite), "sha256": loaded.sha256},
+        "model": {"source": "tiny", "fingerprint": "tiny-sd3-v2:trained:x"},
+        "reference_dtype": "float32",
+        "policies": [{"name": p} for p in results] + [{"name": "noise-floor", "noise_floor": "batch"}],
+        "environment": {"device": device, "torch": "2.14.1"},
+        "git_commit": "abc",
+    }
+    write(run / "run.json", json.dumps(info))
+    return run
+
+
+def test_update_writes_one_file_per_policy_and_platform(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = fake_run(tmp_path, {"fp8-a": (33.0, True), "fp8-b": (35.0, True)})
+    assert main(["baseline", "update", str(run)]) == 0
+    folder = tmp_path / "suites" / "baselines" / "mini"
+    assert sorted(p.name for p in folder.iterdir()) == ["fp8-a.json", "fp8-b.json"]
+    entry = json.loads((folder / "fp8-a.json").read_text())["platforms"]["cpu-float32"]
+    assert entry["metrics"]["psnr_mean"] == 33.0 and entry["git_commit"] == "abc"
+    assert "noise-floor" not in capsys.readouterr().out
+    loaded = baselines.load_committed(folder, "fp8-a", "cpu-float32")
+    assert loaded is not None and loaded.metrics["psnr_min"] == 30.0
+    assert baselines.load_committed(folder, "fp8-a", "cuda-bfloat16") is None  # another platform: none
+    assert baselines.load_committed(folder, "other", "cpu-float32") is None
+
+
+def test_a_second_update_says_what_it_replaces_and_keeps_other_platforms(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(["baseline", "update", str(fake_run(tmp_path, {"fp8-a": (33.0, True)}, device="cuda:1"))])
+    main(["baseline", "update", str(fake_run(tmp_path, {"fp8-a": (33.0, True)}))])
+    capsys.readouterr()
+    assert main(["baseline", "update", str(fake_run(tmp_path, {"fp8-a": (31.5, True)}))]) == 0
+    out = capsys.readouterr().out
+    assert "replaced" in out and "psnr_mean: 33 -> 31.5" in out
+    data = json.loads((tmp_path / "suites" / "baselines" / "mini" / "fp8-a.json").read_text())
+    assert sorted(data["platforms"]) == ["cpu-float32", "cuda-float32"]
+    assert data["platforms"]["cpu-float32"]["metrics"]["psnr_mean"] == 31.5
+
+
+def test_a_failed_candidate_is_refused_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = fake_run(tmp_path, {"fp8-a": (33.0, True), "fp8-bad": (20.0, False)})
+    assert main(["baseline", "update", str(run)]) == 2
+    assert "fp8-bad failed gates" in capsys.readouterr().err
+    assert not (tmp_path / "suites" / "baselines").exists()  # nothing written
+    assert main(["baseline", "update", str(run), "--policy", "fp8-a"]) == 0
+    assert main(["baseline", "update", str(run), "--force"]) == 0
+    assert (tmp_path / "suites" / "baselines" / "mini" / "fp8-bad.json").is_file()
+
+
+@pytest.mark.parametrize("broken", ["missing", "not json", "wrong version"])
+def test_bad_baseline_files_and_run_dirs_are_input_errors(tmp_path: Path, broken: str) -> None:
+    if broken == "missing":
+        assert main(["baseline", "update", str(tmp_path / "nowhere")]) == 2
+        return
+    path = tmp_path / "fp8.json"
+    path.write_text("{" if broken == "not json" else json.dumps({"version": 99, "platforms": {}}))
+    with pytest.raises(InputError, match=str(path)):
+        baselines.load_committed(tmp_path, "fp8", "cpu-float32")
+
+
+def test_shipped_smoke_baselines_cover_every_policy_the_suite_gates() -> None:
+    """The CI gate compares with committed files: one per default policy, for the CI platform."""
+    from evals.suite import load_suite
+
+    suite = load_suite(SUITES / "smoke.yaml")
+    folder = baselines.baselines_folder(suite.path, suite.name, suite.baselines)
+    for policy in suite.policies:
+        found = baselines.load_committed(folder, policy, "cpu-float32")
+        assert found is not None, f"no committed baseline for {policy}"
+        assert {"psnr_mean", "psnr_min", "ssim_mean"} <= set(found.metrics)
+
+
+@pytest.mark.parametrize(
+    ("text", "name", "path"),
+    [
+        ("model.safetensors", None, "model.safetensors"),
+        ("mine=model.safetensors", "mine", "model.safetensors"),
+        ("dir/a=b.safetensors", None, "dir/a=b.safetensors"),  # a path with '=' in it stays a path
+    ],
+)
+def test_candidate_checkpoints_can_be_named(text: str, name: str | None, path: str) -> None:
+    assert CheckpointArg.parse(text) == CheckpointArg(Path(path), name)
+
+
+def test_a_bad_candidate_name_is_an_input_error() -> None:
+    with pytest.raises(InputError, match="must match"):
+        CheckpointArg.parse("Bad Name=model.safetensors")
