@@ -47,6 +47,8 @@ class Baseline:
     """The policy whose accepted run this is."""
     metrics: dict[str, float]
     """Flat summary metrics (`psnr_mean`, `black_frame_count`, ...)."""
+    samples: dict[str, dict[str, float]]
+    """Metric -> sample id -> value, for `per_sample` gates."""
     source: str
     """Where it came from, for messages: the file and platform, or the MLflow run."""
 
@@ -76,7 +78,18 @@ def load_committed(folder: Path, policy: str, platform: str) -> Baseline | None:
     metrics = entry.get("metrics")
     if not isinstance(metrics, dict) or not all(isinstance(v, (int, float)) for v in metrics.values()):
         raise InputError(f"{path}: platforms.{platform}.metrics must map metric names to numbers")
-    return Baseline(policy, {k: float(v) for k, v in metrics.items()}, f"{path} [{platform}]")
+    samples = entry.get("samples", {})
+    if not isinstance(samples, dict) or not all(
+        isinstance(values, dict) and all(isinstance(v, (int, float)) for v in values.values())
+        for values in samples.values()
+    ):
+        raise InputError(f"{path}: platforms.{platform}.samples must map metric names to {{sample id: number}}")
+    return Baseline(
+        policy,
+        {k: float(v) for k, v in metrics.items()},
+        {m: {sid: float(v) for sid, v in values.items()} for m, values in samples.items()},
+        f"{path} [{platform}]",
+    )
 
 
 def missing_message(policy: str, folder: Path, platform: str) -> str:
@@ -117,11 +130,12 @@ def update(
     suite: str,
     platform: str,
     summaries: dict[str, dict[str, float]],
+    samples: dict[str, dict[str, dict[str, float]]],
     provenance: dict[str, str],
     policies: Iterable[str],
 ) -> list[Change]:
-    """Write each policy's flat summary metrics as its baseline for `platform`; other platforms'
-    entries are kept. Returns what changed."""
+    """Write each policy's flat summary metrics and per-sample values (metric -> sample id -> value)
+    as its baseline for `platform`; other platforms' entries are kept. Returns what changed."""
     changes = []
     for policy in policies:
         path = folder / f"{policy}.json"
@@ -130,7 +144,8 @@ def update(
         old = data["platforms"].get(platform)
         current = _finite(summaries[policy])
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        data["platforms"][platform] = {"metrics": current, **provenance, "created": stamp}
+        per_sample = {m: _finite(values) for m, values in samples.get(policy, {}).items()}
+        data["platforms"][platform] = {"metrics": current, "samples": per_sample, **provenance, "created": stamp}
         _write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
         changes.append(Change(policy, path, old["metrics"] if old else None, current))
     return changes

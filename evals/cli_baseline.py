@@ -24,7 +24,7 @@ def _fmt(value: float | None) -> str:
 
 def cmd_baseline_update(args: argparse.Namespace) -> int:
     from evals import baselines
-    from evals.records import PolicySummary
+    from evals.records import PolicySummary, read_records
     from evals.suite import load_suite
 
     run_dir: Path = args.run_dir
@@ -39,7 +39,14 @@ def cmd_baseline_update(args: argparse.Namespace) -> int:
     unknown = sorted(set(chosen) - set(gated))
     if unknown:
         raise InputError(f"--policy {', '.join(unknown)}: not a candidate of {run_dir} (it has {', '.join(gated)})")
-    failed = sorted({r["policy"] for r in verdict["results"] if r["status"] == "fail" and r["policy"] in chosen})
+
+    # A baseline gate that failed for want of a baseline is what this command mends; any other failure,
+    # a regression against an existing baseline included, is a build nobody should accept by default.
+    def blocks(r: dict[str, Any]) -> bool:
+        wants_baseline = bool(r.get("baseline_gate")) and r["baseline"] is None
+        return r["status"] == "fail" and r["policy"] in chosen and not wants_baseline
+
+    failed = sorted({r["policy"] for r in verdict["results"] if blocks(r)})
     if failed and not args.force:
         raise InputError(
             f"{run_dir}: {', '.join(failed)} failed gates in this run; a baseline must be a build you accept "
@@ -48,13 +55,21 @@ def cmd_baseline_update(args: argparse.Namespace) -> int:
     platform = baselines.platform_key(run["environment"]["device"], run["reference_dtype"])
     folder = baselines.baselines_folder(suite.path, suite.name, suite.baselines)
     flat = {name: PolicySummary(**summary["policies"][name]).flat() for name in chosen}
+    samples: dict[str, dict[str, dict[str, float]]] = {name: {} for name in chosen}
+    try:
+        for record in read_records(run_dir / "records.jsonl"):
+            if record.policy in samples:
+                for metric, value in record.metrics.items():
+                    samples[record.policy].setdefault(metric, {})[record.sample_id] = value
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{run_dir / 'records.jsonl'}: cannot read its records ({exc})") from exc
     provenance = {
         "run": run_dir.name,
         "git_commit": str(run.get("git_commit") or ""),
         "torch": str(run["environment"].get("torch", "")),
         "model": run["model"]["fingerprint"],
     }
-    for change in baselines.update(folder, suite.name, platform, flat, provenance, chosen):
+    for change in baselines.update(folder, suite.name, platform, flat, samples, provenance, chosen):
         print(f"{change.path} [{platform}]: {'replaced' if change.previous else 'new'}")
         for key in baselines.HEADLINE:
             if key in change.current:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from evals.metrics import METRICS, OUTPUTS
 from evals.records import PolicySummary, SampleRecord, summarize
-from evals.suite import GateSpec
+from evals.suite import PER_SAMPLE, GateSpec
 
 EXIT_PASS = 0
 EXIT_GATE_FAILED = 1
@@ -72,6 +72,7 @@ class GateResult:
             "severity": self.gate.severity,
             "tags": list(self.gate.tags),
             "baseline": self.baseline,
+            "baseline_gate": self.gate.baseline is not None,
             "reason": self.reason,
         }
 
@@ -125,9 +126,12 @@ def evaluate_gate(
     gate: GateSpec,
     unavailable: Mapping[str, str] | None = None,
     baseline: Mapping[str, float] | None = None,
+    records: Sequence[SampleRecord] = (),
+    baseline_samples: Mapping[str, Mapping[str, float]] | None = None,
 ) -> GateResult:
     """One gate on one candidate. `baseline`: the flat metrics of the policy's accepted baseline run
-    (None: there is none), for regression gates."""
+    (None: there is none), for regression gates; `baseline_samples`: its per-sample values (metric ->
+    sample id -> value), with the candidate's `records`, for `per_sample` gates."""
     missing = (unavailable or {}).get(OUTPUTS.get(gate.metric or "", ""), "") if gate.metric else ""
     if missing:
         if gate.optional:
@@ -136,6 +140,8 @@ def evaluate_gate(
     if summary is None:
         why = "no samples with these tags" if gate.tags else "no samples were scored"
         return GateResult(policy, gate, math.nan, False, why)
+    if gate.baseline is not None and gate.stat == PER_SAMPLE:
+        return _per_sample_gate(policy, gate, records, baseline_samples)
     kind = "metric" if gate.metric else ("bench" if gate.bench else "detector")
     actual = summary.value(kind, gate.subject, gate.stat)
     if math.isnan(actual):
@@ -159,6 +165,37 @@ def evaluate_gate(
     return GateResult(policy, gate, actual, passed, reason)
 
 
+def _per_sample_gate(
+    policy: str,
+    gate: GateSpec,
+    records: Sequence[SampleRecord],
+    baseline_samples: Mapping[str, Mapping[str, float]] | None,
+) -> GateResult:
+    """Each sample's value against the same sample's in the baseline; the worst drop is gated. On one
+    platform the same build gives the same images, so any real change to a build moves some sample."""
+    mine = {r.sample_id: r.metrics.get(gate.subject, math.nan) for r in records if r.policy == policy}
+    base = (baseline_samples or {}).get(gate.subject)
+    if not base:
+        why = NO_BASELINE if baseline_samples is None else f"the baseline has no per-sample {gate.subject}; update it"
+        if gate.optional:
+            return GateResult(policy, gate, math.nan, True, f"not evaluated: {why}", evaluated=False)
+        return GateResult(policy, gate, math.nan, False, why)
+    missing = sorted(set(mine) - set(base))
+    if missing:
+        why = f"the baseline has no {gate.subject} for {', '.join(missing[:3])}: the suite changed; update it"
+        return GateResult(policy, gate, math.nan, False, why)
+    if not mine:
+        return GateResult(policy, gate, math.nan, False, "no samples were scored")
+    drops = {sid: _drop(gate, value, base[sid]) for sid, value in mine.items()}
+    worst = max(drops, key=lambda sid: math.inf if math.isnan(drops[sid]) else drops[sid])
+    actual = drops[worst]
+    passed = not math.isnan(actual) and actual <= gate.baseline[1]  # type: ignore[index]
+    reason = "" if passed else (
+        f"{gate.subject} of {worst} = {mine[worst]:.4g} vs baseline {base[worst]:.4g}: drop {actual:.4g}"
+    )  # fmt: skip
+    return GateResult(policy, gate, actual, passed, reason, baseline=base[worst])
+
+
 def evaluate_gates(
     summaries: Mapping[str, PolicySummary],
     gates: tuple[GateSpec, ...],
@@ -166,11 +203,13 @@ def evaluate_gates(
     unavailable: Mapping[str, str] | None = None,
     records: Sequence[SampleRecord] = (),
     baselines: Mapping[str, Mapping[str, float]] | None = None,
+    baseline_samples: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
 ) -> Verdict:
     """Apply every gate to every candidate policy. A policy with no summary fails every gate; a gate
     on a metric listed in `unavailable` (name -> why) fails, or is not evaluated when optional.
     Gates with tags are applied to a summary of the `records` of those cases; regression gates
-    compare with `baselines` (policy -> flat metrics of its accepted baseline run)."""
+    compare with `baselines` (policy -> flat metrics of its accepted baseline run) and `per_sample`
+    gates with `baseline_samples` (policy -> metric -> sample id -> value)."""
     results = []
     for policy in policies:
         for gate in gates:
@@ -178,5 +217,7 @@ def evaluate_gates(
             if gate.tags:
                 chosen = [r for r in records if r.policy == policy and set(r.tags) & set(gate.tags)]
                 summary = summarize(chosen).get(policy)
-            results.append(evaluate_gate(policy, summary, gate, unavailable, (baselines or {}).get(policy)))
+            base = (baselines or {}).get(policy)
+            samples = (baseline_samples or {}).get(policy)
+            results.append(evaluate_gate(policy, summary, gate, unavailable, base, records, samples))
     return Verdict(tuple(results))

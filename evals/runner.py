@@ -505,19 +505,21 @@ class SuiteRunner:
     def _has_baseline_gates(self) -> bool:
         return any(g.baseline is not None for g in self.suite.gates)
 
-    def _baselines(self) -> dict[str, dict[str, float]]:
+    def _baselines(self) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
         """Candidate -> flat metrics of its baseline policy's committed baseline for this platform, else
-        of the run MLflow holds as accepted; a candidate with neither is left out (its gates fail)."""
+        of the run MLflow holds as accepted; a candidate with neither is left out (its gates fail).
+        Also candidate -> per-sample values (committed baselines only)."""
         from evals.baselines import baselines_folder, load_committed, missing_message, platform_key
 
         folder = baselines_folder(self.suite.path, self.suite.name, self.suite.baselines)
         platform = platform_key(self.device, self.reference_dtype)
         gated = [c for c in self.candidates if c.noise_floor is None]
         found: dict[str, dict[str, float]] = {}
+        samples: dict[str, dict[str, dict[str, float]]] = {}
         for c in gated:
             committed = load_committed(folder, c.baseline_policy, platform)
             if committed is not None:
-                found[c.name] = committed.metrics
+                found[c.name], samples[c.name] = committed.metrics, committed.samples
         rest = sorted({c.baseline_policy for c in gated if c.name not in found})
         accepted = (self.tracker.baselines(self.suite.name, rest) or {}) if rest else {}
         for c in gated:
@@ -525,7 +527,7 @@ class SuiteRunner:
                 found[c.name] = accepted[c.baseline_policy]
             elif c.name not in found:
                 print(f"warning: {c.name}: {missing_message(c.baseline_policy, folder, platform)}", file=sys.stderr)
-        return found
+        return found, samples
 
     def _finish(self, records_path: Path) -> RunOutcome:
         with self._timed("finishing.summary"):
@@ -535,8 +537,8 @@ class SuiteRunner:
             self._bench(summaries)
         with self._timed("finishing.summary"):
             names = [c.name for c in self.candidates if c.noise_floor is None]  # the noise floor is never gated
-            baselines = self._baselines() if self._has_baseline_gates else None
-            verdict = evaluate_gates(summaries, self.suite.gates, names, self.unavailable, records, baselines)
+            baselines, samples = self._baselines() if self._has_baseline_gates else (None, None)
+            verdict = evaluate_gates(summaries, self.suite.gates, names, self.unavailable, records, baselines, samples)
             write_atomic(self.run_dir / "summary.json", summary_to_json(summaries) + "\n")
             write_json(self.run_dir / "verdict.json", verdict.to_dict())
             if self.run_notes:

@@ -14,6 +14,8 @@ from evals.metrics import METRICS, OUTPUTS
 from evals.yamlspec import YamlDoc, check_mapping, did_you_mean, expect, expect_choice, load_yaml
 
 METRIC_STATS = ("mean", "median", "min", "max", "p05", "p95")
+PER_SAMPLE = "per_sample"
+"""Baseline gates only: every sample against the same sample of the baseline; the worst drop is gated."""
 DETECTOR_STATS = ("count", "rate", "new_count")  # new_count: flagged where the reference is not
 COMPILE_CHOICES = ("auto", "none", "blocks")  # `compile:` of a suite, `evals run --compile`
 BENCH_FIGURES = ("latency_ratio", "weights_ratio")  # candidate / reference, from the suite's `bench`
@@ -268,7 +270,7 @@ def _parse_gate(
         subject = expect_choice(doc, g["metric"], path + ("metric",), OUTPUTS)
         if OUTPUTS[subject] not in metrics:
             raise doc.error(path + ("metric",), f"metric {OUTPUTS[subject]!r} is gated but not listed in 'metrics'")
-        stats = METRIC_STATS
+        stats = (*METRIC_STATS, PER_SAMPLE) if "baseline" in g else METRIC_STATS
     else:
         subject = expect_choice(doc, g["detector"], path + ("detector",), DETECTORS)
         if subject not in detectors:

@@ -10,7 +10,9 @@ import pytest
 from evals import baselines
 from evals.api import CheckpointArg
 from evals.cli import main
-from evals.records import PolicySummary, summary_to_json
+from evals.gates import evaluate_gates
+from evals.records import PolicySummary, RecordsWriter, SampleRecord, summarize, summary_to_json
+from evals.suite import GateSpec
 from evals.yamlspec import InputError
 from tests.conftest import SUITES, write
 
@@ -25,6 +27,10 @@ gates:
 """
 
 
+def record(policy: str, sample_id: str, psnr: float) -> SampleRecord:
+    return SampleRecord(policy, sample_id, "a", "a red circle", 0, (), {"psnr": psnr}, {}, {}, "x.png", "r.png", 0.1)
+
+
 def fake_run(tmp_path: Path, results: dict[str, tuple[float, bool]], device: str = "cpu") -> Path:
     """A finished run directory as `evals run` leaves it: run.json, summary.json, verdict.json."""
     suite = write(tmp_path / "suites" / "mini.yaml", SUITE)
@@ -34,6 +40,10 @@ def fake_run(tmp_path: Path, results: dict[str, tuple[float, bool]], device: str
     run = tmp_path / "runs" / "20261129T000000Z-mini"
     summaries = {p: PolicySummary(n=2, metrics={"psnr": {"mean": v, "min": v - 3}}) for p, (v, _) in results.items()}
     write(run / "summary.json", summary_to_json(summaries))
+    with RecordsWriter(run / "records.jsonl") as writer:
+        for policy, (value, _) in results.items():
+            for sample_id, psnr in (("a-s0", value - 3), ("a-s1", value + 3)):
+                writer.write(record(policy, sample_id, psnr))
     gate = {"status": "", "policy": ""}
     verdict = [{**gate, "policy": p, "status": "pass" if ok else "fail"} for p, (_, ok) in results.items()]
     write(run / "verdict.json", json.dumps({"passed": all(ok for _, ok in results.values()), "results": verdict}))
@@ -59,6 +69,7 @@ def test_update_writes_one_file_per_policy_and_platform(tmp_path: Path, capsys: 
     assert "noise-floor" not in capsys.readouterr().out
     loaded = baselines.load_committed(folder, "fp8-a", "cpu-float32")
     assert loaded is not None and loaded.metrics["psnr_min"] == 30.0
+    assert loaded.samples == {"psnr": {"a-s0": 30.0, "a-s1": 36.0}}
     assert baselines.load_committed(folder, "fp8-a", "cuda-bfloat16") is None  # another platform: none
     assert baselines.load_committed(folder, "other", "cpu-float32") is None
 
@@ -85,6 +96,17 @@ def test_a_failed_candidate_is_refused_unless_forced(tmp_path: Path, capsys: pyt
     assert main(["baseline", "update", str(run), "--policy", "fp8-a"]) == 0
     assert main(["baseline", "update", str(run), "--force"]) == 0
     assert (tmp_path / "suites" / "baselines" / "mini" / "fp8-bad.json").is_file()
+
+
+def test_a_run_failing_only_for_want_of_a_baseline_can_make_the_first_one(tmp_path: Path) -> None:
+    run = fake_run(tmp_path, {"fp8-a": (33.0, False)})
+    verdict = json.loads((run / "verdict.json").read_text())
+    verdict["results"] = [{"policy": "fp8-a", "status": "fail", "baseline_gate": True, "baseline": None}]
+    (run / "verdict.json").write_text(json.dumps(verdict))
+    assert main(["baseline", "update", str(run)]) == 0
+    verdict["results"][0]["baseline"] = 35.0  # a regression against an existing baseline: refused
+    (run / "verdict.json").write_text(json.dumps(verdict))
+    assert main(["baseline", "update", str(run)]) == 2
 
 
 @pytest.mark.parametrize("broken", ["missing", "not json", "wrong version"])
@@ -125,3 +147,37 @@ def test_candidate_checkpoints_can_be_named(text: str, name: str | None, path: s
 def test_a_bad_candidate_name_is_an_input_error() -> None:
     with pytest.raises(InputError, match="must match"):
         CheckpointArg.parse("Bad Name=model.safetensors")
+
+
+PER_SAMPLE_GATE = GateSpec("per_sample", "<=", 1.0, metric="psnr", baseline=("max_drop", 1.0))
+
+
+def test_a_per_sample_gate_catches_one_sample_that_moved() -> None:
+    """The mean hides a drop in one image; the per-sample gate names it."""
+    base = {"psnr": {"a-s0": 30.0, "a-s1": 36.0, "b-s0": 40.0}}
+    same = [record("fp8", "a-s0", 30.0), record("fp8", "a-s1", 36.0), record("fp8", "b-s0", 40.0)]
+    moved = [record("fp8", "a-s0", 32.5), record("fp8", "a-s1", 36.0), record("fp8", "b-s0", 37.5)]  # mean equal
+
+    def verdict(records: list[SampleRecord], samples: dict | None):
+        return evaluate_gates(summarize(records), (PER_SAMPLE_GATE,), ["fp8"], records=records,
+                              baselines={"fp8": {}}, baseline_samples=None if samples is None else {"fp8": samples})  # fmt: skip
+
+    assert verdict(same, base).passed
+    failed = verdict(moved, base)
+    assert not failed.passed and failed.results[0].actual == pytest.approx(2.5)
+    assert "b-s0" in failed.results[0].reason
+    assert not verdict(same, None).passed  # no baseline: fails, never skips
+    assert "the suite changed" in verdict(same, {"psnr": {"a-s0": 30.0}}).results[0].reason
+    nan = [record("fp8", "a-s0", float("nan")), *same[1:]]
+    assert not verdict(nan, base).passed
+
+
+def test_per_sample_is_only_a_baseline_statistic(tmp_path: Path) -> None:
+    from evals.suite import load_suite
+
+    bad = write(tmp_path / "s.yaml", SUITE.replace("baseline: {max_drop: 1.0}", 'op: ">=", value: 1').replace(
+        "stat: mean", "stat: per_sample"))  # fmt: skip
+    with pytest.raises(InputError, match="per_sample"):
+        load_suite(bad)
+    good = write(tmp_path / "g.yaml", SUITE.replace("stat: mean", "stat: per_sample"))
+    assert load_suite(good).gates[0].stat == "per_sample"
