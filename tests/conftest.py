@@ -14,6 +14,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = REPO / "suites"
+TEST_SUITES = REPO / "tests" / "suites"
+"""The tests' light suites: `smoke.yaml` there is a few-second copy of the CI gate for engine tests."""
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from evals.cli import main
-from tests.conftest import SUITES, write
+from tests.conftest import TEST_SUITES, write
 
-SMOKE = (SUITES / "smoke.yaml").read_text()
+SMOKE = (TEST_SUITES / "smoke.yaml").read_text()
 ROWWISE = (Path(__file__).resolve().parents[1] / "models" / "policies" / "fp8-e4m3-rowwise.yaml").read_text()
 LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
@@ -59,28 +59,28 @@ CASES = [
     ("missing suite file", "MISSING", None, [], "suite file not found"),
     (
         "gate tag no case has",
-        suite_with('op: ">=", value: 40}', 'op: ">=", value: 40, tags: [drak]}'),
+        suite_with('op: ">=", value: 30}', 'op: ">=", value: 30, tags: [drak]}'),
         None,
         [],
         "no case has tag 'drak'",
     ),
     (
         "gate severity unknown",
-        suite_with('op: ">=", value: 40}', 'op: ">=", value: 40, severity: fatal}'),
+        suite_with('op: ">=", value: 30}', 'op: ">=", value: 30, severity: fatal}'),
         None,
         [],
         "unknown value 'fatal'",
     ),
     (
         "baseline gate with op",
-        suite_with('op: ">=", value: 40}', 'op: ">=", value: 40, baseline: {max_drop: 1}}'),
+        suite_with('op: ">=", value: 30}', 'op: ">=", value: 30, baseline: {max_drop: 1}}'),
         None,
         [],
         "a baseline gate has no 'op'",
     ),
     (
         "baseline gate two drops",
-        suite_with('op: ">=", value: 40}', "baseline: {max_drop: 1, max_rel_drop: 0.1}}"),
+        suite_with('op: ">=", value: 30}', "baseline: {max_drop: 1, max_rel_drop: 0.1}}"),
         None,
         [],
         "exactly one of max_drop",
@@ -135,7 +135,7 @@ def test_a_bad_model_adds_nothing_to_an_existing_store(workdir: Path, capsys: py
     assert store_exists()
     before = sorted(p.name for p in workdir.iterdir())
     (workdir / "empty").mkdir()
-    assert main(["run", str(SUITES / "smoke.yaml"), "--model", str(workdir / "empty"), "--no-progress"]) == 2
+    assert main(["run", str(TEST_SUITES / "smoke.yaml"), "--model", str(workdir / "empty"), "--no-progress"]) == 2
     assert "error: " in capsys.readouterr().err
     assert sorted(p.name for p in workdir.iterdir()) == sorted([*before, "empty"])
     client = MlflowClient("sqlite:///mlflow.db")

@@ -159,8 +159,9 @@ def test_a_per_sample_gate_catches_one_sample_that_moved() -> None:
     moved = [record("fp8", "a-s0", 32.5), record("fp8", "a-s1", 36.0), record("fp8", "b-s0", 37.5)]  # mean equal
 
     def verdict(records: list[SampleRecord], samples: dict | None):
-        return evaluate_gates(summarize(records), (PER_SAMPLE_GATE,), ["fp8"], records=records,
-                              baselines={"fp8": {}}, baseline_samples=None if samples is None else {"fp8": samples})  # fmt: skip
+        per_sample = None if samples is None else {"fp8": samples}
+        gates = (PER_SAMPLE_GATE,)
+        return evaluate_gates(summarize(records), gates, ["fp8"], records=records, baseline_samples=per_sample)
 
     assert verdict(same, base).passed
     failed = verdict(moved, base)

@@ -80,9 +80,9 @@ def test_a_suite_run_with_compiled_candidate_blocks(workdir: Path, fresh_dynamo)
     import json
 
     from evals.cli import main
-    from tests.conftest import SUITES
+    from tests.conftest import TEST_SUITES
 
-    fast = [str(SUITES / "smoke.yaml"), "--no-mlflow", "--no-progress"]
+    fast = [str(TEST_SUITES / "smoke.yaml"), "--no-mlflow", "--no-progress"]
     assert main(["run", *fast, "--runs-dir", "eager"]) == 0
     assert main(["run", *fast, "--runs-dir", "compiled", "--compile", "blocks"]) == 0
     from torch._dynamo.utils import counters

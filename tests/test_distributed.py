@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 
 from benchmarks.scale_out import contents
-from tests.conftest import SUITES
+from tests.conftest import TEST_SUITES
 
 
 def run_evals(launcher: list[str], workdir: Path, runs: str, *extra: str) -> subprocess.CompletedProcess[str]:
     # One thread per process in both runs: the thread count moves images by ~1e-6, enough to flip
     # an 8-bit pixel, and torchrun gives each worker one thread.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [*launcher, "-m", "evals", "run", str(SUITES / "smoke.yaml"), "--runs-dir", runs, "--no-progress"]
+    command = [*launcher, "-m", "evals", "run", str(TEST_SUITES / "smoke.yaml"), "--runs-dir", runs, "--no-progress"]
     return subprocess.run(
         [*command, *extra], cwd=workdir, env=env, capture_output=True, text=True, timeout=600, check=False
     )

@@ -20,7 +20,7 @@ from models.checkpoints import import_comfy_scaled_fp8, load_quantized_transform
 from models.fp8 import Fp8Linear, Fp8Spec, dequantize, quantize, quantize_blocks
 from models.precision import POLICY_DIR, apply_policy, load_policy, shipped_policies
 from models.sources import load_source
-from tests.conftest import REPO, SUITES, write
+from tests.conftest import REPO, TEST_SUITES, write
 from tests.sd3_original_keys import to_original_keys
 
 GEN = Generation(height=64, width=64, steps=2, guidance=4.5, batch_size=2)
@@ -74,7 +74,7 @@ def test_calibration_is_stable(tiny_model, tmp_path: Path) -> None:
 
 def test_static_policy_runs_end_to_end_and_stores_its_scales(workdir: Path) -> None:
     assert main(
-        ["run", str(SUITES / "smoke.yaml"), "--policy", "fp8-e4m3-tensor-static", "--no-mlflow", "--no-progress"]
+        ["run", str(TEST_SUITES / "smoke.yaml"), "--policy", "fp8-e4m3-tensor-static", "--no-mlflow", "--no-progress"]
     ) in (0, 1)
     (run_dir,) = (workdir / "runs").iterdir()
     scales = json.loads((run_dir / "calibration" / "fp8-e4m3-tensor-static.json").read_text())
@@ -160,7 +160,7 @@ def test_quantized_checkpoint_round_trip_is_bit_exact(workdir: Path, tiny_model)
 def test_quantize_then_run_the_checkpoint_as_a_candidate(workdir: Path) -> None:
     out = workdir / "ckpt" / "tiny-rowwise.safetensors"
     assert main(["quantize", "fp8-e4m3-rowwise", "--out", str(out)]) == 0
-    args = ["run", str(SUITES / "smoke.yaml"), "--no-mlflow", "--no-progress"]
+    args = ["run", str(TEST_SUITES / "smoke.yaml"), "--no-mlflow", "--no-progress"]
     assert main([*args, "--candidate-checkpoint", str(out)]) == 0
     assert main([*args, "--policy", "fp8-e4m3-rowwise"]) == 0
     first, second = sorted((workdir / "runs").iterdir())

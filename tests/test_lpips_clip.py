@@ -15,7 +15,7 @@ from evals.cli import main
 from evals.metrics.clip_score import CLIPScore, clip_scores
 from evals.metrics.lpips import LPIPS
 from evals.weights import CLIP_HF_FILE, CLIP_HF_REPO, LPIPS_TRUNKS, MissingWeights, clip_weights, lpips_trunk
-from tests.conftest import SUITES, write
+from tests.conftest import TEST_SUITES, write
 
 
 def images(n: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -121,9 +121,8 @@ def test_clip_weights_come_from_the_hf_cache(tmp_path: Path, monkeypatch: pytest
 
 
 def suite_with(workdir: Path, gates: str) -> Path:
-    text = (
-        (SUITES / "smoke.yaml").read_text().replace("metrics: [psnr, ssim]", "metrics: [psnr, ssim, lpips, clip_score]")
-    )
+    smoke = (TEST_SUITES / "smoke.yaml").read_text()
+    text = smoke.replace("metrics: [psnr, ssim]", "metrics: [psnr, ssim, lpips, clip_score]")
     return write(workdir / "suite.yaml", text.replace("gates:\n", "gates:\n" + gates))
 
 

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from evals.cli import main
-from tests.conftest import SUITES, write
+from tests.conftest import TEST_SUITES, write
 
 FAST = ["--no-mlflow", "--no-progress", "--no-cache"]
 
 
 def noise_floor_suite(workdir: Path, value: str) -> Path:
     text = (
-        (SUITES / "smoke.yaml")
+        (TEST_SUITES / "smoke.yaml")
         .read_text()
         .replace("metrics: [psnr, ssim]", f"metrics: [psnr, ssim]\nnoise_floor: {value}")
     )

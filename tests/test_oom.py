@@ -11,7 +11,7 @@ import torch
 
 import evals.runner
 from evals.cli import main
-from tests.conftest import SUITES, write
+from tests.conftest import TEST_SUITES, write
 
 FAST = ["--no-mlflow", "--no-progress", "--no-cache"]
 
@@ -25,7 +25,7 @@ def scores(runs: Path) -> list[tuple[str, dict]]:
 def test_out_of_memory_halves_the_batch_and_says_so(
     workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    smoke = (SUITES / "smoke.yaml").read_text()
+    smoke = (TEST_SUITES / "smoke.yaml").read_text()
     assert "batch_size: 4" in smoke
     pairs = write(workdir / "pairs.yaml", smoke.replace("batch_size: 4", "batch_size: 2"))
     assert main(["run", str(pairs), *FAST, "--runs-dir", "pairs"]) == 0
@@ -41,7 +41,7 @@ def test_out_of_memory_halves_the_batch_and_says_so(
 
     monkeypatch.setattr(evals.runner, "generate", two_images_fit)
     capsys.readouterr()
-    assert main(["run", str(SUITES / "smoke.yaml"), *FAST, "--runs-dir", "halved"]) == 0
+    assert main(["run", str(TEST_SUITES / "smoke.yaml"), *FAST, "--runs-dir", "halved"]) == 0
     err = capsys.readouterr().err
     assert err.count("CUDA out of memory generating 4 images at once: halved to 2") == 1  # said once, kept
     assert calls.count(4) == 1 and calls.count(2) == 16  # 4 batches x (reference + candidate) x 2 halves
@@ -55,4 +55,4 @@ def test_out_of_memory_with_one_image_is_an_error(workdir: Path, monkeypatch: py
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(evals.runner, "generate", nothing_fits)
-    assert main(["run", str(SUITES / "smoke.yaml"), *FAST]) == 3  # 4 -> 2 -> 1 -> gives up: the run broke
+    assert main(["run", str(TEST_SUITES / "smoke.yaml"), *FAST]) == 3  # 4 -> 2 -> 1 -> gives up: the run broke

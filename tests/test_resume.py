@@ -16,7 +16,7 @@ import pytest
 import evals.records
 from evals.cli import main
 from evals.records import drop_torn_tail
-from tests.conftest import REPO, SUITES, write
+from tests.conftest import REPO, TEST_SUITES, write
 
 FAST = ["--no-mlflow", "--no-progress"]
 
@@ -35,7 +35,7 @@ def scored(run_dir: Path) -> dict[tuple[str, str], dict]:
 def test_a_crash_keeps_finished_samples_and_resume_finishes_them(
     workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    suite = str(SUITES / "smoke.yaml")
+    suite = str(TEST_SUITES / "smoke.yaml")
     assert main(["run", suite, *FAST, "--runs-dir", str(workdir / "whole")]) == 0
     (whole,) = (workdir / "whole").iterdir()
 
@@ -79,7 +79,7 @@ def test_a_crash_in_generation_keeps_the_batch_being_written(
         return original_generate(pipe, batch, gen)
 
     monkeypatch.setattr(evals.runner, "generate", crash_on_fifth)
-    assert main(["run", str(SUITES / "smoke.yaml"), *FAST]) == 3
+    assert main(["run", str(TEST_SUITES / "smoke.yaml"), *FAST]) == 3
     assert "simulated crash" in capsys.readouterr().err
     (broken,) = (workdir / "runs").iterdir()
     records = scored(broken)
@@ -88,9 +88,8 @@ def test_a_crash_in_generation_keeps_the_batch_being_written(
 
 
 def test_kill_9_mid_run_then_resume(workdir: Path) -> None:
-    suite = write(
-        workdir / "longer.yaml", (SUITES / "smoke.yaml").read_text().replace("seeds: [0, 1]", "seeds: [0, 1, 2, 3]")
-    )
+    smoke = (TEST_SUITES / "smoke.yaml").read_text()
+    suite = write(workdir / "longer.yaml", smoke.replace("seeds: [0, 1]", "seeds: [0, 1, 2, 3]"))
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "evals", "run", str(suite), *FAST],
@@ -127,7 +126,7 @@ def test_torn_last_line_is_dropped(tmp_path: Path) -> None:
 
 
 def test_resume_refuses_a_changed_suite_or_no_run(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    suite = write(workdir / "suite.yaml", (SUITES / "smoke.yaml").read_text())
+    suite = write(workdir / "suite.yaml", (TEST_SUITES / "smoke.yaml").read_text())
     assert main(["run", str(suite), *FAST]) == 0
     (run_dir,) = (workdir / "runs").iterdir()
     suite.write_text(suite.read_text().replace("value: 40", "value: 41"))

@@ -17,14 +17,14 @@ from xml.etree import ElementTree
 import pytest
 
 from evals.cli import main
-from tests.conftest import REPO, SUITES, write
+from tests.conftest import REPO, TEST_SUITES, write
 
 FAST = ["--no-progress"]
 BASELINE_GATE = "  - {metric: psnr, stat: mean, baseline: {max_drop: 0.5}}\n"
 
 
 def suite_with_baseline_gate(workdir: Path) -> Path:
-    return write(workdir / "smoke.yaml", (SUITES / "smoke.yaml").read_text() + BASELINE_GATE)
+    return write(workdir / "smoke.yaml", (TEST_SUITES / "smoke.yaml").read_text() + BASELINE_GATE)
 
 
 def worse_rowwise(workdir: Path) -> Path:
@@ -112,7 +112,7 @@ def test_chromium_catches_console_errors(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_the_html_report_opens_in_headless_chromium_without_console_errors(workdir: Path) -> None:
-    assert main(["run", str(SUITES / "smoke.yaml"), *FAST, "--no-mlflow"]) == 0
+    assert main(["run", str(TEST_SUITES / "smoke.yaml"), *FAST, "--no-mlflow"]) == 0
     report = newest(workdir) / "report.html"
     errors, done = chromium_console(report)
     assert done.returncode == 0 and "<h2>Worst samples</h2>" in done.stdout
@@ -156,7 +156,7 @@ def test_a_run_against_a_real_mlflow_server(workdir: Path) -> None:
             pytest.fail("mlflow server did not start within 90 s")
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}
         done = subprocess.run(
-            [sys.executable, "-m", "evals", "run", str(SUITES / "smoke.yaml"), *FAST],
+            [sys.executable, "-m", "evals", "run", str(TEST_SUITES / "smoke.yaml"), *FAST],
             cwd=workdir,
             env=env,
             capture_output=True,

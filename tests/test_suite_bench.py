@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from evals.cli import main
-from tests.conftest import SUITES, write
+from tests.conftest import TEST_SUITES, write
 
 BENCH = "bench: {resolution: 64, batch: 2, warmup: 1, iters: 3, compile: none}\n"
 
@@ -20,7 +20,7 @@ def bench_suite(workdir: Path, weights_limit: float) -> Path:
         f'  - {{bench: weights_ratio, op: "<=", value: {weights_limit}}}\n'
         '  - {bench: latency_ratio, op: "<=", value: 100}\n'  # FP8 is emulated-slow on a CPU: no speed claim here
     )
-    return write(workdir / "smoke.yaml", (SUITES / "smoke.yaml").read_text() + gates + BENCH)
+    return write(workdir / "smoke.yaml", (TEST_SUITES / "smoke.yaml").read_text() + gates + BENCH)
 
 
 @pytest.mark.parametrize(("limit", "code"), [(0.6, 0), (0.3, 1)])
@@ -41,13 +41,13 @@ def test_bench_gates_see_the_measured_ratios(workdir: Path, limit: float, code: 
 
 
 def test_a_bench_gate_needs_a_bench_section(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    text = (SUITES / "smoke.yaml").read_text() + '  - {bench: latency_ratio, op: "<=", value: 0.8}\n'
+    text = (TEST_SUITES / "smoke.yaml").read_text() + '  - {bench: latency_ratio, op: "<=", value: 0.8}\n'
     assert main(["validate", str(write(workdir / "s.yaml", text))]) == 2
     assert "needs the suite's 'bench' section" in capsys.readouterr().err
 
 
 def test_cuda_graph_settings_are_checked(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    text = (SUITES / "smoke.yaml").read_text() + "bench: {cuda_graph: sometimes}\n"
+    text = (TEST_SUITES / "smoke.yaml").read_text() + "bench: {cuda_graph: sometimes}\n"
     assert main(["validate", str(write(workdir / "s.yaml", text))]) == 2
     err = capsys.readouterr().err
     assert "bench.cuda_graph" in err and "true or false" in err

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from evals.cli import main
-from tests.conftest import REPO, SUITES
+from tests.conftest import REPO, TEST_SUITES
 
 
 @pytest.mark.slow
@@ -21,7 +21,7 @@ def test_four_concurrent_runs_all_land_in_one_new_sqlite_store(tmp_path: Path) -
     env.pop("MLFLOW_TRACKING_URI", None)
     processes = [
         subprocess.Popen(
-            [sys.executable, "-m", "evals", "run", str(SUITES / "smoke.yaml"), "--no-progress"],
+            [sys.executable, "-m", "evals", "run", str(TEST_SUITES / "smoke.yaml"), "--no-progress"],
             cwd=tmp_path,
             env={**env, "EVALS_CACHE_DIR": str(tmp_path / f"cache{i}")},
             stdout=subprocess.PIPE,
@@ -48,7 +48,7 @@ def test_an_unreachable_tracking_server_costs_only_the_mlflow_view(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens on the discard port
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    assert main(["run", str(SUITES / "smoke.yaml"), "--no-progress"]) == 0
+    assert main(["run", str(TEST_SUITES / "smoke.yaml"), "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert "warning: MLflow is unavailable" in captured.err and "verdict: PASSED" in captured.out
     (run_dir,) = (workdir / "runs").iterdir()
