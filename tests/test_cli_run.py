@@ -12,9 +12,9 @@ import torch
 import models.precision
 from evals.cli import main
 from evals.rundir import save_png
-from tests.conftest import SUITES, write
+from tests.conftest import TEST_SUITES, write
 
-SMOKE = str(SUITES / "smoke.yaml")
+SMOKE = str(TEST_SUITES / "smoke.yaml")
 FAST = ["--no-progress", "--no-mlflow"]
 
 
@@ -183,7 +183,7 @@ BAD_INPUTS = [
 def test_bad_input_exits_2_and_writes_nothing(
     workdir: Path, capsys: pytest.CaptureFixture[str], kind: str, edit: tuple[str, str], message: str
 ) -> None:
-    suite_text = (SUITES / "smoke.yaml").read_text()
+    suite_text = (TEST_SUITES / "smoke.yaml").read_text()
     policy_text = (Path(models.precision.POLICY_DIR) / "fp8-e4m3-rowwise.yaml").read_text()
     if kind == "suite":
         assert edit[0] in suite_text

@@ -16,7 +16,7 @@ from evals.cli import main
 from evals.detectors import DETECTORS, detector_params, run_detectors
 from evals.suite import load_suite
 from evals.yamlspec import InputError
-from tests.conftest import SUITES, write
+from tests.conftest import TEST_SUITES, write
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_thresholds_are_tunable() -> None:
 
 def test_suite_detector_thresholds(tmp_path: Path) -> None:
     line = "detectors: [black_frame, nonfinite, saturation, flat, stripe_noise, checkerboard]"
-    original = (SUITES / "smoke.yaml").read_text()
+    original = (TEST_SUITES / "smoke.yaml").read_text()
     assert line in original
     text = original.replace(
         line,
