@@ -29,7 +29,8 @@ def main() -> int:
     records = [json.loads(line) for line in (args.run_dir / "records.jsonl").read_text().splitlines() if line]
     chosen = {}
     for r in records:
-        if r["seed"] == args.seed and r["case_id"] not in chosen and (not args.candidate or r["policy"] == args.candidate):
+        wanted = not args.candidate or r["policy"] == args.candidate
+        if r["seed"] == args.seed and r["case_id"] not in chosen and wanted:
             chosen[r["case_id"]] = r
     tiles = []
     for case_id, r in chosen.items():
