@@ -139,13 +139,14 @@ def update(
     changes = []
     for policy in policies:
         path = folder / f"{policy}.json"
-        data = _read(path) if path.is_file() else {"version": BASELINE_VERSION, "suite": suite, "policy": policy}
-        data.setdefault("platforms", {})
-        old = data["platforms"].get(platform)
+        fresh: dict[str, Any] = {"version": BASELINE_VERSION, "suite": suite, "policy": policy, "platforms": {}}
+        data = _read(path) if path.is_file() else fresh
+        platforms: dict[str, Any] = data["platforms"]
+        old = platforms.get(platform)
         current = _finite(summaries[policy])
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         per_sample = {m: _finite(values) for m, values in samples.get(policy, {}).items()}
-        data["platforms"][platform] = {"metrics": current, "samples": per_sample, **provenance, "created": stamp}
+        platforms[platform] = {"metrics": current, "samples": per_sample, **provenance, "created": stamp}
         _write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
         changes.append(Change(policy, path, old["metrics"] if old else None, current))
     return changes

@@ -92,7 +92,8 @@ def _pick(options: list, n: int, g: torch.Generator, weights: list[float] | None
 
 def _grid(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     ax = (torch.arange(SIZE, device=device, dtype=torch.float32) + 0.5) / SIZE
-    return torch.meshgrid(ax, ax, indexing="ij")  # yy, xx
+    yy, xx = torch.meshgrid(ax, ax, indexing="ij")
+    return yy, xx
 
 
 def _rgb(name: str, device: torch.device) -> torch.Tensor:

@@ -20,10 +20,12 @@ from models.checkpoints import import_comfy_scaled_fp8, load_quantized_transform
 from models.fp8 import Fp8Linear, Fp8Spec, dequantize, quantize, quantize_blocks
 from models.precision import POLICY_DIR, apply_policy, load_policy, shipped_policies
 from models.sources import load_source
+from models.tiny import TRANSFORMER_CONFIG
 from tests.conftest import REPO, TEST_SUITES, write
 from tests.sd3_original_keys import to_original_keys
 
 GEN = Generation(height=64, width=64, steps=2, guidance=4.5, batch_size=2)
+LAYERS = TRANSFORMER_CONFIG["num_layers"]
 BATCH = [Sample(Case("a", "a red cube on a table", (0,)), 0), Sample(Case("b", "a dark forest", (3,)), 3)]
 LARGE = str(REPO / "models" / "configs" / "sd35-large")
 MEDIUM = str(REPO / "models" / "configs" / "sd35-medium")
@@ -65,7 +67,7 @@ def test_calibration_is_stable(tiny_model, tmp_path: Path) -> None:
     policy = load_policy("fp8-e4m3-tensor-static")
     first, second = calibrate(tiny_model, policy, GEN), calibrate(tiny_model, policy, GEN)
     assert first == second  # deterministic
-    assert len(first) == 29 and all(v > 0 for v in first.values())
+    assert len(first) == 85 and all(v > 0 for v in first.values())
     text = Path(policy.path).read_text().replace("calibration: {prompts: 8", "calibration: {prompts: 4")
     fewer = calibrate(tiny_model, load_policy(str(write(tmp_path / "static4.yaml", text))), GEN)
     # Half the prompts: every layer's range is at most as large, and of the same order.
@@ -78,9 +80,9 @@ def test_static_policy_runs_end_to_end_and_stores_its_scales(workdir: Path) -> N
     ) in (0, 1)
     (run_dir,) = (workdir / "runs").iterdir()
     scales = json.loads((run_dir / "calibration" / "fp8-e4m3-tensor-static.json").read_text())
-    assert len(scales) == 29 and all(key.startswith("transformer.") for key in scales)
+    assert len(scales) == 85 and all(key.startswith("transformer.") for key in scales)
     records = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
-    assert all(20 < r["metrics"]["psnr"] < 100 for r in records)
+    assert all(15 < r["metrics"]["psnr"] < 100 for r in records)
 
 
 def test_t5_can_be_dropped() -> None:
@@ -122,7 +124,7 @@ def test_explain_table_and_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["policy", "explain", "fp8-e4m3-rowwise"]) == 0
     out = capsys.readouterr().out
     assert "transformer_blocks.0.attn.to_q" in out and "proj_out" in out
-    assert "29/36 linear layers in FP8" in out
+    assert "85/92 linear layers in FP8" in out
     assert main(["policy", "explain", "fp8-e4m3-rowwise", "--model", LARGE, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     totals = data["totals"]
@@ -153,7 +155,7 @@ def test_quantized_checkpoint_round_trip_is_bit_exact(workdir: Path, tiny_model)
             original[key].view(torch.uint8) if value.dtype.itemsize == 1 else original[key],
         ), key
     from_file = candidate_from_checkpoint(tiny_model, path)
-    assert from_file.name == policy.name and from_file.backends == "scaled_mm:29"
+    assert from_file.name == policy.name and from_file.backends == "scaled_mm:85"
     assert torch.equal(generate(from_file.pipeline, BATCH, GEN), generate(candidate.pipeline, BATCH, GEN))
 
 
@@ -171,7 +173,9 @@ def test_quantize_then_run_the_checkpoint_as_a_candidate(workdir: Path) -> None:
 
 def comfy_file(transformer: torch.nn.Module, path: Path, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """A ComfyUI-style scaled-FP8 file: original SD3 keys, per-tensor FP8 weights, scale_weight, marker."""
-    original = to_original_keys({k: v.detach() for k, v in transformer.state_dict().items()}, num_layers=2)
+    original = to_original_keys(
+        {k: v.detach() for k, v in transformer.state_dict().items()}, num_layers=TRANSFORMER_CONFIG["num_layers"]
+    )
     out: dict[str, torch.Tensor] = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}
     for key, value in original.items():
         if key.endswith(".weight") and value.ndim == 2 and not key.startswith(skip):
@@ -192,11 +196,11 @@ def test_comfy_scaled_fp8_file_imports_as_it_is(tmp_path: Path, tiny_model) -> N
     assert meta["format"] == "comfyui-scaled-fp8"
     layers = {n: m for n, m in transformer.named_modules() if isinstance(m, Fp8Linear)}
     # final_layer (proj_out and norm_out.linear) was left in high precision.
-    assert len(layers) == 34 and "proj_out" not in layers and "norm_out.linear" not in layers
+    assert len(layers) == 90 and "proj_out" not in layers and "norm_out.linear" not in layers
     # Fused qkv rows land in to_q/to_k/to_v with the fused tensor's scale, bytes unchanged.
     qkv = written["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"]
     to_k = layers["transformer_blocks.0.attn.to_k"]
-    assert torch.equal(to_k.weight_fp8.view(torch.uint8), qkv[64:128].view(torch.uint8))
+    assert torch.equal(to_k.weight_fp8.view(torch.uint8), qkv[128:256].view(torch.uint8))
     assert (
         to_k.weight_scale.item() == written["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.scale_weight"].item()
     )
@@ -219,7 +223,7 @@ def test_comfy_file_with_static_input_scales(tmp_path: Path, tiny_model) -> None
     save_file({k: v.contiguous() for k, v in written.items()}, str(path))
     transformer, _ = import_comfy_scaled_fp8(path, tiny_model.pipeline.transformer, torch.device("cpu"))
     layers = [m for m in transformer.modules() if isinstance(m, Fp8Linear)]
-    assert len(layers) == 36 and all(
+    assert len(layers) == 92 and all(
         m.spec.activations == "static" and m.input_scale.item() == pytest.approx(0.05) for m in layers
     )
 
@@ -254,7 +258,7 @@ def test_single_file_transformer_with_a_config_folder(tmp_path: Path, tiny_model
     sd = {k: v.contiguous() for k, v in tiny_model.pipeline.transformer.state_dict().items()}
     for name, original_keys in (("diffusers keys", sd), ("original SD3 keys", None)):
         tensors = original_keys or {
-            f"model.diffusion_model.{k}": v.contiguous() for k, v in to_original_keys(sd, num_layers=2).items()
+            f"model.diffusion_model.{k}": v.contiguous() for k, v in to_original_keys(sd, num_layers=LAYERS).items()
         }
         save_file(tensors, str(transformer_file))
         loaded = load_source(str(transformer_file), "float32", "cpu", config=str(folder))

@@ -129,7 +129,7 @@ def test_resume_refuses_a_changed_suite_or_no_run(workdir: Path, capsys: pytest.
     suite = write(workdir / "suite.yaml", (TEST_SUITES / "smoke.yaml").read_text())
     assert main(["run", str(suite), *FAST]) == 0
     (run_dir,) = (workdir / "runs").iterdir()
-    suite.write_text(suite.read_text().replace("value: 40", "value: 41"))
+    suite.write_text(suite.read_text().replace("value: 30", "value: 31"))
     assert main(["run", "--resume", str(run_dir), *FAST]) == 2
     assert "changed since the run started" in capsys.readouterr().err
     assert main(["run", "--resume", str(workdir), *FAST]) == 2
