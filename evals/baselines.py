@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evals.rundir import write_atomic
 from evals.yamlspec import InputError
 
 BASELINE_VERSION = 1
@@ -113,18 +112,6 @@ def _finite(metrics: dict[str, float]) -> dict[str, float]:
     return {k: (1e9 if v == math.inf else v) for k, v in metrics.items() if not math.isnan(v)}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def update(
     folder: Path,
     suite: str,
@@ -147,6 +134,6 @@ def update(
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         per_sample = {m: _finite(values) for m, values in samples.get(policy, {}).items()}
         platforms[platform] = {"metrics": current, "samples": per_sample, **provenance, "created": stamp}
-        _write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
         changes.append(Change(policy, path, old["metrics"] if old else None, current))
     return changes
