@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import nox
 
+INSTALLING = "installing the project into this session's virtualenv (first time: a few minutes, torch is large)"
+
 nox.options.sessions = ["eval", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
@@ -15,6 +17,7 @@ nox.options.reuse_existing_virtualenvs = True
 @nox.session
 def eval(session: nox.Session) -> None:
     """Run the smoke suite on the built-in tiny model, log to MLflow, apply the gates (exit code = verdict)."""
+    session.log(INSTALLING)
     session.install("-e", ".")
     args = session.posargs or ["suites/smoke.yaml"]
     session.run("evals", "run", *args, env={"HF_HUB_OFFLINE": "1"})
@@ -23,6 +26,7 @@ def eval(session: nox.Session) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite (offline; GPU tests skip without a GPU)."""
+    session.log(INSTALLING)
     session.install("-e", ".[test]")
     session.run("pytest", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
 
@@ -30,6 +34,7 @@ def tests(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff (lint + format check) and mypy."""
+    session.log(INSTALLING)
     session.install("-e", ".[test,lint]")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
@@ -39,5 +44,6 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def ui(session: nox.Session) -> None:
     """The MLflow UI on 127.0.0.1:5000 for the store `nox -s eval` logs to (Ctrl-C stops it)."""
+    session.log(INSTALLING)
     session.install("-e", ".")
     session.run("evals", "ui", *session.posargs)

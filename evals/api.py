@@ -134,12 +134,26 @@ def prepare(request: RunRequest, suite: Any = None) -> Prepared:
     from models.sources import load_source, resolved_dtype_name
 
     start = time.perf_counter()
+    early_warning = device == "cpu" and (request.model or suite.model).startswith("random:")
+    if early_warning and shard.main:  # building its random weights alone takes a while
+        print(
+            f"warning: {request.model or suite.model} is a full-size SD3.5 transformer on the CPU: building it "
+            "takes a minute and each image minutes (`--device cuda` on a GPU; `--model tiny` for a quick check)",
+            file=sys.stderr,
+        )
     # Resolved (auto -> float32/bfloat16) so the cache key and run.json say what really ran.
     reference_dtype = resolved_dtype_name(request.reference_dtype or suite.reference_dtype, device)
     model = load_source(
         request.model or suite.model, reference_dtype, device, config=request.model_config, drop_t5=request.no_t5
     )
     startup = {"startup.model": time.perf_counter() - start}
+    from models.sources import check_generation_fits, cpu_warning
+
+    source = request.model or suite.model
+    check_generation_fits(model.pipeline, suite.generation.height, suite.generation.width, f"{suite.path} on {source}")
+    warning = cpu_warning(model.pipeline, source) if device == "cpu" and not early_warning else None
+    if warning and shard.main:
+        print(f"warning: {warning}", file=sys.stderr)
     compiled = compile_mode(request.compile or suite.compile, device)
     return Prepared(suite, model, device, reference_dtype, shard, startup, started, compiled)
 
@@ -150,6 +164,16 @@ def compile_mode(choice: str, device: str) -> str:
     if choice == "auto":
         return "blocks" if device.startswith("cuda") else "none"
     return choice
+
+
+def check_unique_names(candidates: list[Any]) -> None:
+    """Names become folders and MLflow runs: two candidates may not share one."""
+    names = [c.name for c in candidates]
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise InputError(
+            f"two candidates are named {', '.join(twice)}: name checkpoints with --candidate-checkpoint NAME=FILE"
+        )
 
 
 def build_candidates(
@@ -163,12 +187,7 @@ def build_candidates(
     start = time.perf_counter()
     candidates = [build_candidate(prepared.model, p, prepared.suite.generation) for p in policies]
     candidates += [candidate_from_checkpoint(prepared.model, c.path, c.name) for c in checkpoints]
-    names = [c.name for c in candidates]
-    if len(set(names)) < len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise InputError(
-            f"two candidates are named {', '.join(twice)}: name checkpoints with --candidate-checkpoint NAME=FILE"
-        )
+    check_unique_names(candidates)
     if baseline:
         for candidate in candidates:
             candidate.baseline_of = baseline
@@ -206,9 +225,8 @@ def execute(
     from evals.runner import SuiteRunner, git_commit
     from evals.tracking import open_tracker
 
+    check_unique_names(candidates)
     names = [c.name for c in candidates]
-    if len(set(names)) != len(names):
-        raise InputError(f"two candidates share a name: {names}; policy and checkpoint names must be unique")
     suite, model, shard = prepared.suite, prepared.model, prepared.shard
     cache = ReferenceCache(request.cache_dir or default_cache_dir()) if request.use_cache else None
     # Only rank 0 writes the run directory and talks to MLflow; the others compute and send.
@@ -260,6 +278,7 @@ def execute(
     except BaseException:
         if shard.main:
             print(f"error: the run broke; every finished sample is in {run_dir / 'records.jsonl'}", file=sys.stderr)
+            tracker.interrupted()  # its MLflow runs end KILLED, not RUNNING; a resume reopens them
         raise
     if shard.active:  # every rank leaves with rank 0's outcome, hence the same exit code
         from evals import distributed
@@ -331,6 +350,8 @@ def resume_run(run_dir: Path, request: RunRequest) -> tuple[Any, Any, str | None
     from evals.suite import load_suite
     from models.precision import load_policy
 
+    if not run_dir.is_dir():
+        raise InputError(f"--resume {run_dir}: no such run directory")
     try:
         run = json.loads((run_dir / "run.json").read_text())
         suite_info, policies_info = run["suite"], run["policies"]

@@ -243,18 +243,30 @@ def run_bench(source: str, policies: list[str], setup: BenchSetup, device: str, 
     for policy in loaded:
         if policy.needs_calibration:
             raise InputError(f"policy {policy.name}: static activations need calibration; bench dynamic policies")
+    print(f"bench: loading {source}...", file=sys.stderr)
     transformer, pipeline = load_bench_model(source, dtype_name, device)
+    _announce("reference", setup, pipeline)
     results = [bench_transformer("reference", transformer, setup, device, pipeline)]
     print(_line(results[-1]), file=sys.stderr)
     for policy in loaded:
         components, _ = apply_policy(policy, {"transformer": transformer})
         candidate = components["transformer"]
+        _announce(policy.name, setup, pipeline)
         results.append(bench_transformer(policy.name, candidate, setup, device, pipeline))
         print(_line(results[-1]), file=sys.stderr)
         del candidate, components
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return results
+
+
+def _announce(name: str, setup: BenchSetup, pipeline: Any) -> None:
+    what = f"{setup.warmup} warm-up and {setup.iters} timed steps"
+    if setup.compile == "blocks":
+        what = "compiling its blocks, then " + what
+    if pipeline is not None:
+        what += f", then one {setup.steps}-step image"
+    print(f"bench: {name}: {what}...", file=sys.stderr)
 
 
 def _line(r: BenchResult) -> str:

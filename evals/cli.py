@@ -160,8 +160,9 @@ def _parser() -> argparse.ArgumentParser:
     from evals.cli_gates import add_gates_commands
 
     add_gates_commands(sub)
-    validate = sub.add_parser("validate", help="check suites and policies without running anything")
-    validate.add_argument("files", nargs="+", type=Path, help="suite or policy YAML files")
+    from evals.cli_validate import add_validate_command
+
+    add_validate_command(sub)
     return parser
 
 
@@ -290,7 +291,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         print(timings_line(json.loads(timings.read_text())))
     if tracking_uri is not None:
-        print(f"MLflow: experiment {suite.name!r} at {tracking_uri} (`mlflow ui` to browse)")
+        from evals.cli_review import review_command
+
+        print(f"MLflow: experiment {suite.name!r} at {tracking_uri}; review it with `{review_command()}`")
     exit_code: int = outcome.verdict.exit_code
     return exit_code
 
@@ -321,23 +324,17 @@ def cmd_log(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    from evals.suite import load_suite
-    from evals.yamlspec import load_yaml
-    from models.precision import load_policy
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a CI job cancelled, `kill`) unwinds like Ctrl-C: finished samples stay written, the
+    MLflow runs end KILLED, child processes are stopped."""
+    import signal
+    import threading
 
-    for path in args.files:
-        kind = "policy" if "components" in load_yaml(path, "suite or policy").data else "suite"
-        if kind == "suite":
-            suite = load_suite(path)
-            print(
-                f"{path}: suite {suite.name!r} ok: {len(suite.cases)} cases, {len(suite.samples())} samples, "
-                f"{len(suite.gates)} gates"
-            )
-        else:
-            policy = load_policy(str(path))
-            print(f"{path}: policy {policy.name!r} ok: components {', '.join(policy.components)}")
-    return 0
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,9 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     # Weights are local: no Hugging Face call may wait on a network that is not there.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = _parser().parse_args(argv)
+    _exit_on_sigterm()
     handlers = {
         "run": cmd_run,
-        "validate": cmd_validate,
         "log": cmd_log,
         "bench": cmd_bench,
         "quantize": cmd_quantize,

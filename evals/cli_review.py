@@ -16,10 +16,12 @@ def _mlflow_run_id(run: str) -> str:
     """A run directory (through its mlflow.json) or an MLflow run id."""
     path = Path(run)
     if path.is_dir():
-        logged = path / "mlflow.json"
-        if not logged.is_file():
-            raise InputError(f"{run}: this run is not in MLflow (no mlflow.json); `evals log {run}` first")
-        return str(json.loads(logged.read_text())["run_id"])
+        from evals.publish import logged_state
+
+        state = logged_state(path)
+        if state is None:
+            raise InputError(f"{run}: this run is not (completely) in MLflow; `evals log {run}` first")
+        return str(state["run_id"])
     if not run.isalnum():
         raise InputError(f"{run!r}: expected a run directory or an MLflow run id (32 hex characters)")
     return run
@@ -64,10 +66,14 @@ def _policy_metrics(run: str) -> dict[str, dict[str, float]]:
 
 
 def differences(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
-    """Every (policy, metric) whose value differs between run A and run B."""
-    out = []
+    """Every (policy, metric) whose value differs between run A and run B, for the policies both
+    runs have; a policy in one run only is one row (`only_in`), not a row per metric."""
+    out: list[dict[str, Any]] = []
     for policy in sorted(set(a) | set(b)):
-        left, right = a.get(policy, {}), b.get(policy, {})
+        if policy not in a or policy not in b:
+            out.append({"policy": policy, "only_in": "A" if policy in a else "B"})
+            continue
+        left, right = a[policy], b[policy]
         for name in sorted(set(left) | set(right)):
             x, y = left.get(name, math.nan), right.get(name, math.nan)
             if x == y or (math.isnan(x) and math.isnan(y)):
@@ -82,11 +88,20 @@ def cmd_compare(args: argparse.Namespace) -> int:
     rows = differences(_policy_metrics(args.run_a), _policy_metrics(args.run_b))
     if args.json:
         print(json.dumps(rows, indent=2))
-    elif not rows:
+        return 0
+    only = [r for r in rows if "only_in" in r]
+    changed = [r for r in rows if "only_in" not in r]
+    if not rows:
         print("no differences")
-    else:
-        table = [[r["policy"], r["metric"], f"{r['a']:.6g}", f"{r['b']:.6g}", f"{r['b_minus_a']:+.4g}"] for r in rows]
+    if changed:
+        table = [
+            [r["policy"], r["metric"], f"{r['a']:.6g}", f"{r['b']:.6g}", f"{r['b_minus_a']:+.4g}"] for r in changed
+        ]
         print(text_table(table, ["policy", "metric", "A", "B", "B - A"]))
+    elif only:
+        print("no differences in the policies both runs have")
+    for r in only:
+        print(f"{r['policy']}: only in run {r['only_in']} ({args.run_a if r['only_in'] == 'A' else args.run_b})")
     return 0
 
 
@@ -94,6 +109,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from reports.html import write_reports
 
     run_dir: Path = args.run_dir
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir}: no such run directory")
     for name in ("run.json", "records.jsonl", "summary.json", "verdict.json"):
         if not (run_dir / name).is_file():
             raise InputError(f"{run_dir}: {name} is missing; only a finished run has a report")
@@ -102,20 +119,92 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def review_command() -> str:
+    """A command that opens the MLflow review from the shell the user is in: `nox -s ui` inside a
+    nox session (its virtualenv is not on the user's PATH), else `evals ui` when that is this
+    installation's command, else its full path."""
+    import os
+    import shutil
+
+    if os.environ.get("NOX_CURRENT_SESSION"):
+        return "nox -s ui"
+    ours = Path(sys.executable).parent / "evals"
+    found = shutil.which("evals")
+    if found and ours.is_file() and Path(found).resolve() == ours.resolve():
+        return "evals ui"
+    return f"{ours} ui" if ours.is_file() else f"{sys.executable} -m evals ui"
+
+
+def _experiment_urls(server: str) -> list[str]:
+    """`name: URL` of every suite experiment in the store, opened on its runs in the review view."""
+    from evals.mlflow_review import experiment_url
+    from evals.tracking import MlflowTracker, store_exists
+
+    if not store_exists():
+        return []
+    client = MlflowTracker().client
+    return [
+        f"  {e.name}: {experiment_url(server, e.experiment_id)}"
+        for e in client.search_experiments()
+        if e.name != "Default"
+    ]
+
+
+def _die_with_parent() -> None:
+    """In the server's process: stop when `evals ui` dies, even by kill -9 (Linux)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def cmd_ui(args: argparse.Namespace) -> int:
+    """The MLflow UI as a child process group that ends with this command (Ctrl-C, SIGTERM, or its
+    death), never left holding the port."""
     import os
     import subprocess
 
     import mlflow
 
     uri = os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    server = f"http://127.0.0.1:{args.port}"
     command = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(args.port)]
     command += ["--backend-store-uri", uri]
-    print(f"MLflow UI for {uri} at http://127.0.0.1:{args.port} (Ctrl-C stops it)", file=sys.stderr)
+    print(f"MLflow UI for {uri} at {server} (Ctrl-C stops it)", file=sys.stderr)
+    urls = _experiment_urls(server)
+    if urls:
+        print("suites, opened on their runs with the verdict and headline metrics as columns:", file=sys.stderr)
+        print("\n".join(urls), file=sys.stderr)
+    child = subprocess.Popen(command, start_new_session=True, preexec_fn=_die_with_parent)
     try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
+        return child.wait()
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM through evals.cli's handler
         return 0
+    finally:
+        _stop_group(child)
+
+
+def _stop_group(child: Any, grace: float = 5.0) -> None:
+    """SIGTERM to the server's process group (the server, its web workers, its job consumers), then
+    wait until every one has gone; SIGKILL what is left after `grace` seconds."""
+    import os
+    import signal
+    import time
+
+    try:
+        os.killpg(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            child.poll()  # reap the server: a zombie would keep the group alive
+            os.killpg(child.pid, 0)  # raises once the group is empty
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    child.wait()
 
 
 def add_review_commands(sub: Any) -> None:

@@ -51,6 +51,11 @@ def sweep(
     for g in groups:
         candidates.append(switch.variant(variant_name("only", g.name), set(g.modules)))
         candidates.append(switch.variant(variant_name("keep", g.name), every - set(g.modules)))
+    print(
+        f"sensitivity: {len(candidates)} candidates (the whole policy, and each of {len(groups)} groups alone in FP8 "
+        f"and alone kept) on {len(prepared.suite.samples())} samples",
+        file=sys.stderr,
+    )
     outcome, tracker = execute(prepared, candidates, request, runs_dir)
     info = METRICS[OUTPUTS[metric]]
     ranking = rank(groups, outcome.summaries, metric, info.higher_is_better)

@@ -11,13 +11,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from evals.mlflow_review import headline_metrics, run_name
 from evals.records import PolicySummary, SampleRecord, read_records, summarize
-from evals.rundir import write_json
 from evals.yamlspec import InputError
 
 RUN_FILES = ("run.json", "records.jsonl", "summary.json", "verdict.json", "summary.md", "report.html", "junit.xml")
 LOGGED_FILE = "mlflow.json"
-"""Written into the run directory once MLflow holds the whole run: where, and under which run id."""
+"""Where the run is in MLflow (tracking URI, run ids), written when its MLflow run starts; `complete`
+turns true once MLflow holds the whole run. A resume reopens the run it names."""
 
 
 def candidate_params(name: str, sha256: str, backends: str, run_params: dict[str, Any]) -> dict[str, Any]:
@@ -59,16 +60,25 @@ def publish_results(
             {"verdict": "pass" if passed else "fail"},
         )
     files = [run_dir / n for n in (*RUN_FILES, "notes.json", "timings.json") if (run_dir / n).is_file()]
-    tracker.finish_run(files, {"verdict": "pass" if verdict["passed"] else "fail"}, failed=False)
+    suite = json.loads((run_dir / "run.json").read_text())["suite"]["name"]
+    gated = [n for n in candidates if any(r["policy"] == n for r in verdict["results"])] or candidates
+    tracker.finish_run(
+        files,
+        {"verdict": "pass" if verdict["passed"] else "fail", "suite": suite, "policies": ",".join(candidates)},
+        failed=False,
+        metrics=headline_metrics(summaries, verdict, gated),
+        name=run_name(suite, verdict, gated),
+    )
 
 
-def mark_logged(run_dir: Path, tracker: Any) -> None:
-    """Record where the run went, if its tracker is MLflow and it never failed."""
-    from evals.tracking import mlflow_tracker
-
-    layer = mlflow_tracker(tracker)
-    if layer is not None and layer.parent_id is not None:
-        write_json(run_dir / LOGGED_FILE, {"tracking_uri": layer.tracking_uri, "run_id": layer.parent_id})
+def logged_state(run_dir: Path) -> dict[str, Any] | None:
+    """The run directory's mlflow.json, if MLflow holds the whole run (older files have no
+    `complete` key and were written only then)."""
+    path = run_dir / LOGGED_FILE
+    if not path.is_file():
+        return None
+    state: dict[str, Any] = json.loads(path.read_text())
+    return state if state.get("complete", True) else None
 
 
 def log_run_dir(run_dir: Path, force: bool = False) -> tuple[str, str]:
@@ -76,6 +86,8 @@ def log_run_dir(run_dir: Path, force: bool = False) -> tuple[str, str]:
     returns (tracking URI, parent run id). Errors of the store are raised, not swallowed."""
     from evals.tracking import MlflowTracker
 
+    if not run_dir.is_dir():
+        raise InputError(f"{run_dir}: no such run directory")
     try:
         run = json.loads((run_dir / "run.json").read_text())
         verdict = json.loads((run_dir / "verdict.json").read_text())
@@ -86,9 +98,8 @@ def log_run_dir(run_dir: Path, force: bool = False) -> tuple[str, str]:
         ) from exc
     except ValueError as exc:
         raise InputError(f"{run_dir}: unreadable run files ({exc})") from exc
-    logged = run_dir / LOGGED_FILE
-    if logged.is_file() and not force:
-        before = json.loads(logged.read_text())
+    before = logged_state(run_dir)
+    if before is not None and not force:
         raise InputError(
             f"{run_dir}: already in MLflow as run {before['run_id']} at {before['tracking_uri']}; "
             "pass --force to log it again"
@@ -98,9 +109,9 @@ def log_run_dir(run_dir: Path, force: bool = False) -> tuple[str, str]:
     candidates = [p["name"] for p in run["policies"]]
     detectors = sorted({d for r in records for d in r.detectors})
     tracker = MlflowTracker()
-    tracker.start_run(
-        run["suite"]["name"], run_dir.name, tracking["params"], {**tracking["tags"], "logged_later": "true"}
-    )
+    name = run["suite"]["name"]
+    tracker.start_run(name, f"{name}: logging", tracking["params"], {**tracking["tags"], "logged_later": "true"})
+    tracker.state_file = run_dir / LOGGED_FILE  # written at the end, once MLflow holds the whole run
     for p in run["policies"]:
         tracker.start_candidate(p["name"], candidate_params(p["name"], p["sha256"], p["backends"], tracking["params"]))
     for record in records:
@@ -115,5 +126,4 @@ def log_run_dir(run_dir: Path, force: bool = False) -> tuple[str, str]:
         summary.bench = stored.get(name, {}).get("bench", {})
     publish_results(tracker, run_dir, candidates, detectors, records, summaries, verdict)
     assert tracker.parent_id is not None
-    write_json(logged, {"tracking_uri": tracker.tracking_uri, "run_id": tracker.parent_id})
     return tracker.tracking_uri, tracker.parent_id

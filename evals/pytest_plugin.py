@@ -54,9 +54,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def _suite_path(config: pytest.Config) -> Path:
+    """The suite relative to the project's root; a shipped suite's name (or `suites/NAME.yaml` in
+    a project that has no such file) is the suite installed with the package."""
+    from evals.suite import suite_path
+
     value = config.getoption("--evals-suite") or config.getini("evals_suite")
     path = Path(value)
-    return path if path.is_absolute() else Path(config.rootpath) / path
+    local = path if path.is_absolute() else Path(config.rootpath) / path
+    return local if local.exists() else suite_path(value)
 
 
 @pytest.fixture(scope="session")

@@ -28,11 +28,11 @@ from evals.detectors import detect_batch
 from evals.distributed import Shard
 from evals.gates import Verdict, evaluate_gates
 from evals.metrics import load_metric
-from evals.publish import candidate_params, mark_logged, publish_results
+from evals.publish import LOGGED_FILE, candidate_params, publish_results
 from evals.records import PolicySummary, RecordsWriter, SampleRecord, read_records, summarize, summary_to_json
 from evals.rundir import copy_png, save_png, write_atomic, write_json
 from evals.suite import Generation, Sample, Suite
-from evals.tracking import Tracker
+from evals.tracker_protocol import Tracker
 from evals.weights import MissingWeights
 from models.sources import LoadedModel
 
@@ -230,7 +230,11 @@ class SuiteRunner:
         write_json(
             self.run_dir / "run.json",
             {
-                "suite": {"name": self.suite.name, "path": self.suite.path, "sha256": self.suite.sha256},
+                "suite": {
+                    "name": self.suite.name,
+                    "path": str(Path(self.suite.path).resolve()),
+                    "sha256": self.suite.sha256,
+                },
                 "model": {"source": self.model.source, "fingerprint": self.model.fingerprint},
                 "reference_dtype": self.reference_dtype,
                 "generation": asdict(self.suite.generation),
@@ -334,22 +338,26 @@ class SuiteRunner:
 
         self.seconds["startup"] = time.perf_counter() - self.started  # imports, models, candidates
         shard = self.shard
+        records_path = self.run_dir / "records.jsonl"
         if shard.main:
             if self.done is None:
                 self._write_run_json({"params": tracker_params, "tags": tracker_tags})
-            self.tracker.start_run(self.suite.name, self.run_dir.name, tracker_params, tracker_tags)
+            self.tracker.start_run(
+                self.suite.name, f"{self.suite.name}: running", tracker_params, tracker_tags, self.run_dir / LOGGED_FILE
+            )
             for c in self.candidates:
                 self.tracker.start_candidate(
                     c.name, candidate_params(c.name, c.policy_sha256, c.backends, tracker_params)
                 )
+            if self.done:
+                self.tracker.log_earlier_images(self._earlier_images(records_path))
         batches = self.suite.batches()
         bar = tqdm(
             total=len(batches) * (1 + len(self.candidates)),
-            unit="batch",
+            unit="image set",
             disable=not (self.progress and shard.main),
             desc=f"{self.suite.name}" + (f" ({shard.world} processes)" if shard.active else ""),
         )
-        records_path = self.run_dir / "records.jsonl"
         with RecordsWriter(records_path) if shard.main else nullcontext() as writer:
             # Leaving this block (also on an error or Ctrl-C) waits for the batch being written.
             # A new thread's current CUDA device is cuda:0; NCCL's object collectives (the shard's
@@ -360,7 +368,7 @@ class SuiteRunner:
                 pending: Future[None] | None = None
                 for first in range(0, len(batches), shard.world):
                     index = first + shard.rank
-                    generated = self._generate_batch(batches[index]) if index < len(batches) else None
+                    generated = self._generate_batch(batches[index], bar) if index < len(batches) else None
                     if pending is not None:
                         with self._timed("waiting"):
                             pending.result()  # the worker's errors surface here
@@ -376,6 +384,13 @@ class SuiteRunner:
         self._write_timings()  # again, with `finishing` (MLflow's copy was logged before it ended)
         return outcome
 
+    def _earlier_images(self, records_path: Path) -> list[tuple[str, str, Path, Path]]:
+        """(candidate, sample id, image, reference) of every record finished before a resume."""
+        return [
+            (r.policy, r.sample_id, self.run_dir / r.image, self.run_dir / r.reference_image)
+            for r in read_records(records_path)
+        ]
+
     def _write_timings(self) -> None:
         write_json(self.run_dir / "timings.json", {k: round(v, 3) for k, v in self.seconds.items()})
 
@@ -388,19 +403,31 @@ class SuiteRunner:
             if result is not None and writer is not None:
                 with self._timed("writing"):
                     self._store(result, writer)
-                bar.update(1 + len(self.candidates))
+                if self.shard.active:  # one process: the bar moved as each image set was generated
+                    bar.update(1 + len(self.candidates))
 
-    def _generate_batch(self, batch: list[Sample]) -> GeneratedBatch:
-        """Reference (or cache) and candidate images of one batch; nothing scored, nothing written."""
+    def _generate_batch(self, batch: list[Sample], bar: Any) -> GeneratedBatch:
+        """Reference (or cache) and candidate images of one batch; nothing scored, nothing written.
+        The bar moves by one per image set (reference, each candidate) in a single process, so a
+        run with many candidates does not sit at 0% through its first batch."""
+
+        def advance() -> None:
+            if not self.shard.active:
+                bar.update(1)
+
         done = self.done or set()
         todo = {c.name: {s.id for s in batch if (c.name, s.id) not in done} for c in self.candidates}
         generated = GeneratedBatch(batch, todo)
         if not any(todo.values()):
+            if not self.shard.active:
+                bar.update(1 + len(self.candidates))
             return generated
         noted = len(self.notes)
         self._reference_batch(batch, generated)
+        advance()
         for cand in self.candidates:
             if not todo[cand.name]:
+                advance()
                 continue
             if cand.activate is not None:
                 cand.activate()
@@ -418,6 +445,7 @@ class SuiteRunner:
                     ) from exc
                 raise
             generated.candidates.append((cand, raw, (time.perf_counter() - start) / len(batch)))
+            advance()
         generated.notes = self.notes[noted:]
         return generated
 
@@ -558,5 +586,4 @@ class SuiteRunner:
                 summaries,
                 verdict.to_dict(),
             )
-            mark_logged(self.run_dir, self.tracker)
         return RunOutcome(self.run_dir, summaries, verdict, self.reference_generated, self.candidate_generated)

@@ -11,7 +11,7 @@ from typing import Any
 
 from evals.detectors import DETECTORS, detector_params
 from evals.metrics import METRICS, OUTPUTS
-from evals.yamlspec import YamlDoc, check_mapping, did_you_mean, expect, expect_choice, load_yaml
+from evals.yamlspec import Errors, InputError, YamlDoc, check_mapping, did_you_mean, expect, expect_choice, load_yaml
 
 METRIC_STATS = ("mean", "median", "min", "max", "p05", "p95")
 PER_SAMPLE = "per_sample"
@@ -212,33 +212,58 @@ def _parse_seeds(doc: YamlDoc, value: Any, path: tuple[Any, ...]) -> tuple[int, 
     return seeds
 
 
-def _parse_cases(doc: YamlDoc, raw: Any, default_seeds: tuple[int, ...] | None) -> tuple[Case, ...]:
-    expect(doc, raw, ("cases",), list, "a list of cases")
+def _parse_name(doc: YamlDoc, raw: Any) -> str:
+    name = expect(doc, raw, ("name",), str, "a string")
+    if not CASE_ID.match(name):
+        raise doc.error(("name",), f"name {name!r} must match {CASE_ID.pattern} (it names run folders)")
+    return name
+
+
+def _parse_reference(doc: YamlDoc, raw: Any) -> str:
+    reference = check_mapping(doc, raw, ("reference",), optional=("dtype",))
+    return expect_choice(doc, reference.get("dtype", "auto"), ("reference", "dtype"), REFERENCE_DTYPES)
+
+
+def _parse_cases(
+    doc: YamlDoc, raw: Any, default_seeds: tuple[int, ...] | None, errors: Errors
+) -> tuple[Case, ...] | None:
+    """Every case, each checked on its own (all their errors go to `errors`); None if any is bad."""
+    if errors.attempt(lambda: expect(doc, raw, ("cases",), list, "a list of cases"), None) is None:
+        return None
     if not raw:
-        raise doc.error(("cases",), "expected at least one case")
-    cases: list[Case] = []
+        errors.found.append(doc.error(("cases",), "expected at least one case"))
+        return None
     seen: set[str] = set()
+    cases: list[Case | None] = []
     for i, item in enumerate(raw):
-        path = ("cases", i)
-        c = check_mapping(doc, item, path, required=("id", "prompt"), optional=("seeds", "tags"))
-        case_id = expect(doc, c["id"], path + ("id",), str, "a string id")
-        if not CASE_ID.match(case_id):
-            raise doc.error(path + ("id",), f"id {case_id!r} must match {CASE_ID.pattern} (it becomes a file name)")
-        if case_id in seen:
-            raise doc.error(path + ("id",), f"duplicate case id {case_id!r}")
-        seen.add(case_id)
-        prompt = expect(doc, c["prompt"], path + ("prompt",), str, "a string prompt")
-        if not prompt.strip():
-            raise doc.error(path + ("prompt",), "prompt is empty")
-        if "seeds" in c:
-            seeds = _parse_seeds(doc, c["seeds"], path + ("seeds",))
-        elif default_seeds is not None:
-            seeds = default_seeds
-        else:
-            raise doc.error(path, "missing required key 'seeds' (or set top-level 'seeds')")
-        tags = _str_list(doc, c.get("tags", []), path + ("tags",), "tags")
-        cases.append(Case(case_id, prompt, seeds, tags))
-    return tuple(cases)
+
+        def case(i: int = i, item: Any = item) -> Case | None:
+            return _parse_case(doc, i, item, default_seeds, seen)
+
+        cases.append(errors.attempt(case, None))
+    return None if any(c is None for c in cases) else tuple(c for c in cases if c is not None)
+
+
+def _parse_case(doc: YamlDoc, i: int, item: Any, default_seeds: tuple[int, ...] | None, seen: set[str]) -> Case:
+    path = ("cases", i)
+    c = check_mapping(doc, item, path, required=("id", "prompt"), optional=("seeds", "tags"))
+    case_id = expect(doc, c["id"], path + ("id",), str, "a string id")
+    if not CASE_ID.match(case_id):
+        raise doc.error(path + ("id",), f"id {case_id!r} must match {CASE_ID.pattern} (it becomes a file name)")
+    if case_id in seen:
+        raise doc.error(path + ("id",), f"duplicate case id {case_id!r}")
+    seen.add(case_id)
+    prompt = expect(doc, c["prompt"], path + ("prompt",), str, "a string prompt")
+    if not prompt.strip():
+        raise doc.error(path + ("prompt",), "prompt is empty")
+    if "seeds" in c:
+        seeds = _parse_seeds(doc, c["seeds"], path + ("seeds",))
+    elif default_seeds is not None:
+        seeds = default_seeds
+    else:
+        raise doc.error(path, "missing required key 'seeds' (or set top-level 'seeds')")
+    tags = _str_list(doc, c.get("tags", []), path + ("tags",), "tags")
+    return Case(case_id, prompt, seeds, tags)
 
 
 GATE_KEYS = ("metric", "detector", "bench", "stat", "op", "value", "optional", "severity", "tags", "baseline")
@@ -392,8 +417,34 @@ def _names(doc: YamlDoc, raw: Any, key: str, registry: Any) -> tuple[str, ...]:
     return names
 
 
+SHIPPED_SUITES = Path(__file__).resolve().parent / "suites"
+"""The suites installed with the package (`suites/` in the repository links here)."""
+
+
+def shipped_suites() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_SUITES.glob("*.yaml"))
+
+
+def suite_path(text: str | Path) -> Path:
+    """A suite file as given, else a shipped suite by name (`smoke`, or `suites/smoke.yaml` run
+    outside the repository); InputError listing the shipped suites when neither exists."""
+    path = Path(text)
+    if path.exists():
+        return path
+    by_name = path.suffix in ("", ".yaml", ".yml") and (len(path.parts) == 1 or path.parent.name == "suites")
+    shipped = SHIPPED_SUITES / f"{path.stem if path.suffix else path.name}.yaml"
+    if by_name and shipped.is_file():
+        return shipped
+    raise InputError(
+        f"suite file not found; a shipped suite can be named instead{did_you_mean(path.stem, shipped_suites())}",
+        source=str(path),
+    )
+
+
 def load_suite(path: str | Path) -> Suite:
-    """Parse and validate a suite file; any problem raises InputError naming file, line and key."""
+    """Parse and validate a suite file (or a shipped suite's name); any problem raises InputError
+    naming file, line and key."""
+    path = suite_path(path)
     doc = load_yaml(path, "suite")
     d = check_mapping(
         doc,
@@ -416,42 +467,57 @@ def load_suite(path: str | Path) -> Suite:
             "baselines",
         ),
     )
-    name = expect(doc, d["name"], ("name",), str, "a string")
-    if not CASE_ID.match(name):
-        raise doc.error(("name",), f"name {name!r} must match {CASE_ID.pattern} (it names run folders)")
-    reference = check_mapping(doc, d.get("reference", {}), ("reference",), optional=("dtype",))
-    reference_dtype = expect_choice(doc, reference.get("dtype", "auto"), ("reference", "dtype"), REFERENCE_DTYPES)
-    default_seeds = _parse_seeds(doc, d["seeds"], ("seeds",)) if "seeds" in d else None
-    metrics = _names(doc, d["metrics"], "metrics", METRICS)
-    detectors = _names(doc, d.get("detectors", []), "detectors", DETECTORS)
-    expect(doc, d["gates"], ("gates",), list, "a list of gates")
-    cases = _parse_cases(doc, d["cases"], default_seeds)
-    generation = _parse_generation(doc, d["generation"])
-    case_tags = {t for c in cases for t in c.tags}
-    bench = _parse_bench(doc, d["bench"]) if "bench" in d else None
-    gates = tuple(
-        _parse_gate(doc, g, i, metrics, detectors, case_tags, bench is not None) for i, g in enumerate(d["gates"])
-    )
+    errors = Errors()
+    name = errors.attempt(lambda: _parse_name(doc, d["name"]), "")
+    reference = errors.attempt(lambda: _parse_reference(doc, d.get("reference", {})), "auto")
+    default_seeds = errors.attempt(lambda: _parse_seeds(doc, d["seeds"], ("seeds",)) if "seeds" in d else None, None)
+    metrics = errors.attempt(lambda: _names(doc, d["metrics"], "metrics", METRICS), None)
+    detectors = errors.attempt(lambda: _names(doc, d.get("detectors", []), "detectors", DETECTORS), None)
+    cases = _parse_cases(doc, d["cases"], default_seeds, errors) if "seeds" not in d or default_seeds else None
+    generation = errors.attempt(lambda: _parse_generation(doc, d["generation"]), None)
+    bench = errors.attempt(lambda: _parse_bench(doc, d["bench"]), None) if "bench" in d else None
+    gates: list[GateSpec] = []
+    gates_raw = errors.attempt(lambda: expect(doc, d["gates"], ("gates",), list, "a list of gates"), None)
+    bench_ok = "bench" not in d or bench is not None
+    if gates_raw is not None and metrics is not None and detectors is not None and cases is not None and bench_ok:
+        case_tags = {t for c in cases for t in c.tags}
+        for i, g in enumerate(gates_raw):
+
+            def gate(i: int = i, g: Any = g) -> GateSpec | None:
+                assert metrics is not None and detectors is not None
+                return _parse_gate(doc, g, i, metrics, detectors, case_tags, bench is not None)
+
+            parsed_gate = errors.attempt(gate, None)
+            if parsed_gate is not None:
+                gates.append(parsed_gate)
+    rest = {
+        "model": lambda: expect(doc, d.get("model", "tiny"), ("model",), str, "a model source string"),
+        "policies": lambda: _str_list(doc, d.get("policies", []), ("policies",), "policies"),
+        "detector_thresholds": lambda: _parse_thresholds(doc, d.get("detector_thresholds", {}), detectors or ()),
+        "weights": lambda: _parse_weights(doc, d.get("weights", {}), metrics or ()),
+        "metric_options": lambda: _parse_metric_options(doc, d.get("metric_options", {}), metrics or ()),
+        "noise_floor": lambda: (
+            _parse_noise_floor(doc, d.get("noise_floor", False), generation) if generation is not None else None
+        ),
+        "compile": lambda: expect_choice(doc, d.get("compile", "auto"), ("compile",), COMPILE_CHOICES),
+        "description": lambda: expect(doc, d.get("description", ""), ("description",), str, "a string"),
+        "baselines": lambda: expect(doc, d.get("baselines", ""), ("baselines",), str, "a folder path") or None,
+    }
+    parsed = {key: errors.attempt(parse, None) for key, parse in rest.items()}
+    errors.raise_any()
+    assert metrics is not None and detectors is not None and cases is not None and generation is not None
     canonical = json.dumps(doc.data, sort_keys=True, default=str).encode()
     return Suite(
         name=name,
         path=str(path),
         sha256=hashlib.sha256(canonical).hexdigest(),
-        model=expect(doc, d.get("model", "tiny"), ("model",), str, "a model source string"),
-        reference_dtype=reference_dtype,
+        reference_dtype=reference,
         generation=generation,
         cases=cases,
         metrics=metrics,
         detectors=detectors,
-        gates=gates,
-        policies=_str_list(doc, d.get("policies", []), ("policies",), "policies"),
-        detector_thresholds=_parse_thresholds(doc, d.get("detector_thresholds", {}), detectors),
-        weights=_parse_weights(doc, d.get("weights", {}), metrics),
-        metric_options=_parse_metric_options(doc, d.get("metric_options", {}), metrics),
-        noise_floor=_parse_noise_floor(doc, d.get("noise_floor", False), generation),
+        gates=tuple(gates),
         bench=bench,
-        compile=expect_choice(doc, d.get("compile", "auto"), ("compile",), COMPILE_CHOICES),
-        description=expect(doc, d.get("description", ""), ("description",), str, "a string"),
-        baselines=expect(doc, d.get("baselines", ""), ("baselines",), str, "a folder path") or None,
+        **parsed,
         tags=tuple(sorted({t for c in cases for t in c.tags})),
     )

@@ -1,4 +1,5 @@
-"""Experiment tracking: an MLflow tracker and a null one. The only module that imports mlflow.
+"""Experiment tracking through MLflow (the `Tracker` protocol and the null tracker: tracker_protocol.py;
+the wrappers that keep a run going: tracking_wrappers.py). The only module that imports mlflow.
 
 One experiment per suite; one parent run per `evals run` (reference images, verdict); one nested
 run per candidate policy (its metrics, per-sample table, images, plan). A tracker that fails
@@ -10,61 +11,14 @@ from __future__ import annotations
 import math
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from evals.rundir import load_png
-
-
-class Tracker(Protocol):
-    def start_run(self, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None: ...
-    def start_candidate(self, policy: str, params: dict[str, Any]) -> None: ...
-    def log_reference_image(self, sample_id: str, path: Path) -> None: ...
-    def log_candidate_image(self, policy: str, sample_id: str, path: Path, reference: Path) -> None: ...
-    def finish_candidate(
-        self,
-        policy: str,
-        metrics: dict[str, float],
-        table: dict[str, list[Any]],
-        artifacts: list[Path],
-        tags: dict[str, str],
-    ) -> None: ...
-    def finish_run(self, artifacts: list[Path], tags: dict[str, str], failed: bool) -> None: ...
-    def baselines(self, experiment: str, policies: list[str]) -> dict[str, dict[str, float]] | None: ...
-
-
-class NullTracker:
-    """Tracks nothing (`--no-mlflow`)."""
-
-    def start_run(self, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
-        pass
-
-    def start_candidate(self, policy: str, params: dict[str, Any]) -> None:
-        pass
-
-    def log_reference_image(self, sample_id: str, path: Path) -> None:
-        pass
-
-    def log_candidate_image(self, policy: str, sample_id: str, path: Path, reference: Path) -> None:
-        pass
-
-    def finish_candidate(
-        self,
-        policy: str,
-        metrics: dict[str, float],
-        table: dict[str, list[Any]],
-        artifacts: list[Path],
-        tags: dict[str, str],
-    ) -> None:
-        pass
-
-    def finish_run(self, artifacts: list[Path], tags: dict[str, str], failed: bool) -> None:
-        pass
-
-    def baselines(self, experiment: str, policies: list[str]) -> dict[str, dict[str, float]] | None:
-        return None
+from evals.tracker_protocol import NullTracker
+from evals.tracking_wrappers import BackgroundTracker, GuardedTracker
 
 
 def _finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -96,9 +50,13 @@ class MlflowTracker:
     """Logs through `MlflowClient` with explicit run ids: no global active-run state."""
 
     def __init__(self, tracking_uri: str | None = None):
+        import logging
+
         import mlflow
         from mlflow import MlflowClient
 
+        # MLflow's INFO lines (system metrics started/stopped, ...) would cut through the progress bar.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
         self._mlflow = mlflow
         self.tracking_uri = tracking_uri or mlflow.get_tracking_uri()
         with sqlite_store_lock(self.tracking_uri):
@@ -110,15 +68,68 @@ class MlflowTracker:
         self._monitor: Any = None
         self._runs_with_images: set[str] = set()
         self._images_lock = threading.Lock()  # images may be logged from several threads
+        self.state_file: Path | None = None
+        self.experiment_name = ""
+        self.reopened = False  # a resumed run that continues its MLflow run (its images are there)
+        self._ended: set[str] = set()
 
-    def start_run(self, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
+    def start_run(
+        self,
+        experiment: str,
+        run_name: str,
+        params: dict[str, Any],
+        tags: dict[str, str],
+        state_file: Path | None = None,
+    ) -> None:
+        """The parent run, created, or the one `state_file` (a run directory's mlflow.json) names
+        reopened: a resumed run goes on in the MLflow run it started. Runs of this experiment left
+        RUNNING by a process that died are marked KILLED first."""
+        from evals import mlflow_review
+
         with sqlite_store_lock(self.tracking_uri):
-            found = self.client.get_experiment_by_name(experiment)
-            self.experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
-        self.parent_id = run.info.run_id
-        self._log_params(self.parent_id, params)
+            self.experiment_id = mlflow_review.experiment_id(self.client, experiment)
+        mlflow_review.end_abandoned_runs(self.client, self.experiment_id)
+        self.state_file, self.experiment_name = state_file, experiment
+        reopened = self._reopen(state_file) if state_file is not None else None
+        if reopened is not None:
+            self.parent_id, self.candidate_ids = reopened
+            self.reopened = True
+            self.client.update_run(self.parent_id, status="RUNNING")
+            for key, value in mlflow_review.owner_tags().items():
+                self.client.set_tag(self.parent_id, key, value)
+        else:
+            run = self.client.create_run(
+                self.experiment_id, run_name=run_name, tags={**tags, **mlflow_review.owner_tags()}
+            )
+            self.parent_id = run.info.run_id
+            self._log_params(self.parent_id, params)
+        self._write_state(complete=False)
         self._monitor = _system_metrics(self.parent_id, self.tracking_uri)
+
+    def _reopen(self, state_file: Path) -> tuple[str, dict[str, str]] | None:
+        """(parent id, candidate ids) of the run `state_file` names, if it is in this store, in this
+        experiment and not deleted."""
+        import json
+
+        try:
+            state = json.loads(state_file.read_text())
+            if state.get("tracking_uri") != self.tracking_uri:
+                return None
+            run = self.client.get_run(state["run_id"])
+        except Exception:  # noqa: BLE001 - no file, a foreign file, a run this store lacks: start a new run
+            return None
+        if run.info.experiment_id != self.experiment_id or run.info.lifecycle_stage != "active":
+            return None
+        return run.info.run_id, dict(state.get("candidates", {}))
+
+    def _write_state(self, complete: bool) -> None:
+        """The run directory's mlflow.json: where the run is, and whether MLflow holds all of it."""
+        if self.state_file is None:
+            return
+        from evals.rundir import write_json
+
+        state = {"tracking_uri": self.tracking_uri, "run_id": self.parent_id, "candidates": self.candidate_ids}
+        write_json(self.state_file, {**state, "complete": complete})
 
     def _log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -128,11 +139,26 @@ class MlflowTracker:
 
     def start_candidate(self, policy: str, params: dict[str, Any]) -> None:
         assert self.experiment_id is not None and self.parent_id is not None
-        run = self.client.create_run(
-            self.experiment_id, run_name=policy, tags={"mlflow.parentRunId": self.parent_id, "policy": policy}
-        )
+        if policy in self.candidate_ids:  # reopened
+            self.client.update_run(self.candidate_ids[policy], status="RUNNING")
+            return
+        tags = {"mlflow.parentRunId": self.parent_id, "policy": policy, "suite": self.experiment_name}
+        run = self.client.create_run(self.experiment_id, run_name=policy, tags=tags)
         self.candidate_ids[policy] = run.info.run_id
         self._log_params(run.info.run_id, params)
+        self._write_state(complete=False)
+
+    def log_earlier_images(self, images: list[tuple[str, str, Path, Path]]) -> None:
+        """A resumed run's images from before the interruption, when its MLflow run is a new one:
+        (candidate, sample id, image, reference image)."""
+        if self.reopened:
+            return
+        logged: set[str] = set()
+        for policy, sample_id, path, reference in images:
+            if sample_id not in logged:
+                self.log_reference_image(sample_id, reference)
+                logged.add(sample_id)
+            self.log_candidate_image(policy, sample_id, path, reference)
 
     def log_reference_image(self, sample_id: str, path: Path) -> None:
         assert self.parent_id is not None
@@ -196,18 +222,57 @@ class MlflowTracker:
         self.client.log_table(run_id, data=table, artifact_file="samples.json")
         for path in artifacts:
             self.client.log_artifact(run_id, str(path))
-        self.client.set_terminated(run_id, "FINISHED")
+        if "verdict" in tags:
+            from evals.mlflow_review import candidate_run_name
 
-    def finish_run(self, artifacts: list[Path], tags: dict[str, str], failed: bool) -> None:
-        assert self.parent_id is not None
-        for key, value in tags.items():
-            self.client.set_tag(self.parent_id, key, value)
+            self.client.update_run(run_id, name=candidate_run_name(policy, tags["verdict"] == "pass"))
+        self.client.set_terminated(run_id, "FINISHED")
+        self._ended.add(run_id)
+
+    def finish_run(
+        self,
+        artifacts: list[Path],
+        tags: dict[str, str],
+        failed: bool,
+        metrics: dict[str, float] | None = None,
+        name: str | None = None,
+    ) -> None:
+        """The parent's tags, headline metrics (`<candidate>/psnr_mean`, ...), files and name; the
+        experiment's review view lists its candidates' columns; mlflow.json says MLflow has it all."""
+        from mlflow.entities import Metric, RunTag
+
+        from evals import mlflow_review
+
+        assert self.parent_id is not None and self.experiment_id is not None
+        self.client.log_batch(
+            self.parent_id,
+            metrics=[Metric(k, v, _now_ms(), 0) for k, v in _finite_metrics(metrics or {}).items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
         if self._monitor is not None:
             _stop_system_metrics(self._monitor)
             self._monitor = None
         for path in artifacts:
             self.client.log_artifact(self.parent_id, str(path))
+        if metrics:
+            means = {k.split("/", 1)[1].removesuffix("_mean") for k in metrics if "/" in k and k.endswith("_mean")}
+            headline = _headline_order(means)
+            mlflow_review.save_review_view(self.client, self.experiment_id, list(self.candidate_ids), headline)
+        if name:
+            self.client.update_run(self.parent_id, name=name)
         self.client.set_terminated(self.parent_id, "FAILED" if failed else "FINISHED")
+        self._ended.add(self.parent_id)
+        self._write_state(complete=True)
+
+    def interrupted(self) -> None:
+        """The run broke or was stopped: its runs end as KILLED instead of staying RUNNING (a resume
+        reopens them)."""
+        for run_id in [*self.candidate_ids.values(), self.parent_id]:
+            if run_id is not None and run_id not in self._ended:
+                self.client.set_terminated(run_id, "KILLED")
+        if self._monitor is not None:
+            _stop_system_metrics(self._monitor)
+            self._monitor = None
 
     def baselines(self, experiment: str, policies: list[str]) -> dict[str, dict[str, float]] | None:
         """Policy -> summary metrics of its accepted baseline run in this suite's experiment."""
@@ -254,6 +319,11 @@ class MlflowTracker:
             replaced = next((o.info.run_id for o in previous if o.info.run_id != candidate.info.run_id), None)
             accepted.append((policy, candidate.info.run_id, replaced))
         return accepted
+
+
+def _headline_order(metrics: set[str]) -> list[str]:
+    first = [m for m in ("psnr", "ssim", "lpips", "clip_score") if m in metrics]
+    return first + sorted(metrics - set(first))
 
 
 def _system_metrics(run_id: str, tracking_uri: str) -> Any:
@@ -332,33 +402,6 @@ def mlflow_tracker(tracker: Any) -> MlflowTracker | None:
     return layer
 
 
-class GuardedTracker:
-    """Wraps a tracker: the first error is reported once and tracking stops; the run goes on."""
-
-    def __init__(self, inner: Any):
-        self.inner = inner
-        self.failed: str | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.inner, name)
-
-        def guarded(*args: Any, **kwargs: Any) -> Any:
-            if self.failed:
-                return None
-            try:
-                return method(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - any tracking failure must not lose the run
-                self.failed = f"{type(exc).__name__}: {exc}"
-                print(
-                    f"warning: MLflow logging failed and is off for the rest of this run ({self.failed}); "
-                    "results are complete in the run directory; `evals log RUN_DIR` uploads them later",
-                    file=sys.stderr,
-                )
-                return None
-
-        return guarded
-
-
 def log_bench(report: dict[str, Any], out_dir: Path) -> str | None:
     """One MLflow run in experiment `bench`: every variant's figures as `<variant>/<figure>` metrics."""
     try:
@@ -382,62 +425,3 @@ def log_bench(report: dict[str, Any], out_dir: Path) -> str | None:
     except Exception as exc:  # noqa: BLE001 - the figures are in the bench directory either way
         print(f"warning: MLflow logging failed ({type(exc).__name__}: {exc}); see {out_dir}", file=sys.stderr)
         return None
-
-
-class BackgroundTracker:
-    """One worker thread opens the tracker (importing MLflow and checking the store take seconds)
-    and starts the runs, in order; the images go to a few threads of their own (decoding, encoding
-    and copying release the GIL), so that all of it overlaps generation. Every other call first
-    waits for everything queued, images included."""
-
-    QUEUED = ("start_run", "start_candidate", "log_reference_image", "log_candidate_image")
-    IMAGES = ("log_reference_image", "log_candidate_image")
-    IMAGE_THREADS = 4
-
-    def __init__(self, open_inner: Callable[[], Any]):
-        import queue
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.inner: Any = None
-        self._queue: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
-        self._queue.put(("", (open_inner,)))
-        self._images = ThreadPoolExecutor(max_workers=self.IMAGE_THREADS, thread_name_prefix="mlflow-images")
-        self._worker = threading.Thread(target=self._drain_forever, name="mlflow", daemon=True)
-        self._worker.start()
-
-    def wait(self) -> None:
-        """Until everything queued is done."""
-        self._queue.join()
-
-    @property
-    def failed(self) -> str | None:
-        return getattr(self.inner, "failed", None)
-
-    def _drain_forever(self) -> None:
-        while True:
-            item = self._queue.get()
-            done_later = False
-            try:
-                if item is not None:
-                    name, args = item
-                    if not name:
-                        self.inner = args[0]()  # opening: never raises (NullTracker on failure)
-                    elif name in self.IMAGES:  # the runs they go to are started: the queue is in order
-                        future = self._images.submit(getattr(self.inner, name), *args)
-                        future.add_done_callback(lambda _: self._queue.task_done())  # joins wait for it
-                        done_later = True
-                    else:
-                        getattr(self.inner, name)(*args)  # the guarded tracker: errors become one warning
-            finally:
-                if not done_later:
-                    self._queue.task_done()
-
-    def __getattr__(self, name: str) -> Any:
-        if name in self.QUEUED:
-            return lambda *args: self._queue.put((name, args))
-
-        def after_queue(*args: Any, **kwargs: Any) -> Any:
-            self._queue.join()
-            return getattr(self.inner, name)(*args, **kwargs)
-
-        return after_queue

@@ -6,11 +6,13 @@ Shared by suites (`evals.suite`) and precision policies (`models.precision`). Im
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+
+T = TypeVar("T")
 
 MAX_YAML_BYTES = 1 << 20  # suites and policies are small; a huge file is a mistake or an attack
 
@@ -23,6 +25,31 @@ class InputError(Exception):
         self.line = line
         where = source if line is None else f"{source}:{line}"
         super().__init__(f"{where}: {message}" if source else message)
+
+
+class Errors:
+    """The errors of a file's independent parts, so that one pass reports all of them (a part that
+    depends on a broken one is not checked: its errors would only echo the first)."""
+
+    def __init__(self) -> None:
+        self.found: list[InputError] = []
+
+    def attempt(self, parse: Callable[[], T], fallback: T) -> T:
+        try:
+            return parse()
+        except InputError as exc:
+            self.found.append(exc)
+            return fallback
+
+    def raise_any(self) -> None:
+        if len(self.found) == 1:
+            raise self.found[0]
+        if self.found:
+            self.found.sort(key=lambda e: e.line or 0)
+            first = self.found[0]
+            error = InputError(f"{len(self.found)} errors:\n" + "\n".join(f"  {e}" for e in self.found))
+            error.source, error.line = first.source, first.line
+            raise error
 
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:

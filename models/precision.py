@@ -18,7 +18,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from evals.yamlspec import InputError, YamlDoc, check_mapping, expect, expect_choice, load_yaml
+from evals.yamlspec import Errors, InputError, YamlDoc, check_mapping, did_you_mean, expect, expect_choice, load_yaml
 from models.fp8 import ACTIVATIONS, BACKENDS, FORMATS, WEIGHT_SCALES, Fp8Spec
 
 POLICY_DIR = Path(__file__).parent / "policies"
@@ -176,7 +176,8 @@ def policy_path(name_or_path: str) -> Path:
     if shipped.is_file():
         return shipped
     raise InputError(
-        f"policy {name_or_path!r} is neither a file nor a shipped policy; shipped: {', '.join(shipped_policies())}"
+        f"policy {name_or_path!r} is neither a file nor a shipped policy"
+        + did_you_mean(name_or_path, shipped_policies())
     )
 
 
@@ -242,14 +243,18 @@ def resolve_plan(policy: PrecisionPolicy, components: dict[str, Any], device: An
                 f"policy {policy.name!r} quantizes {comp_name!r}, which this model does not have", source=policy.path
             )
         names = [n for n, _ in module.named_modules() if n]
+        errors = Errors()
         for i, rule in enumerate(comp_policy.rules):
             if not any(fnmatchcase(n, rule.match) for n in names):
-                raise InputError(
-                    f"components.{comp_name}.rules[{i}]: pattern {rule.match!r} matches no module of "
-                    f"{comp_name} (module names look like {names[0]!r}; `evals policy explain` lists the linear ones)",
-                    source=policy.path,
-                    line=rule.line,
+                errors.found.append(
+                    InputError(
+                        f"components.{comp_name}.rules[{i}]: pattern {rule.match!r} matches no module of {comp_name} "
+                        f"(module names look like {names[0]!r}; `evals policy explain` lists the linear ones)",
+                        source=policy.path,
+                        line=rule.line,
+                    )
                 )
+        errors.raise_any()
         for layer_name, layer in _linear_layers(module):
             rule_desc, spec = "default", comp_policy.default
             for i, rule in enumerate(comp_policy.rules):
@@ -298,6 +303,7 @@ def apply_policy(
     import torch
 
     from models.fp8 import Fp8Linear
+    from models.sources import cast
 
     plan = resolve_plan(policy, components)
     out = dict(components)
@@ -313,7 +319,7 @@ def apply_policy(
             continue
         module = copy.deepcopy(module)
         if dtype is not None:
-            module.to(dtype)
+            cast(module, dtype)
         for layer in layers:
             assert layer.spec is not None
             amax = None

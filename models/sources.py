@@ -32,6 +32,21 @@ class LoadedModel:
     """Identifies the weights: part of the reference cache key and logged with every run."""
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+"""SD3.5 configs installed with the package: plans and `policy explain` without weights."""
+
+
+def cast(module: Any, dtype: Any) -> Any:
+    """`module.to(dtype)` without diffusers' warning about modules "kept in float32" (printed on every
+    cast of a model that lists none): torch's own `Module.to`, which is what diffusers calls after
+    the warning for a model that is not quantized."""
+    import torch
+
+    if getattr(module, "is_quantized", False):
+        return module.to(dtype)
+    return torch.nn.Module.to(module, dtype)
+
+
 def resolve_dtype(name: str, device: str) -> Any:
     import torch
 
@@ -98,7 +113,8 @@ def _from_hf_cache(repo_id: str) -> Path:
         raise InputError(
             f"model {repo_id!r} is neither a local folder nor in the Hugging Face cache ({HF_HUB_CACHE}); "
             f"on a machine with network access run `huggingface-cli download {repo_id}` with the same "
-            "HF_HOME, or download it to a folder and pass that folder"
+            "HF_HOME (SD3.5 repositories are gated: accept the license on huggingface.co and "
+            "`huggingface-cli login` first), or download it to a folder and pass `--model FOLDER`"
         ) from exc
 
 
@@ -126,6 +142,9 @@ def _locate(source: str, config: str | None) -> tuple[Path, Path | None]:
                 f"{path}: a single-file checkpoint needs --model-config FOLDER (a local diffusers SD3 folder)"
             )
         return Path(config).expanduser(), path
+    shipped = SHIPPED_CONFIGS / path.name
+    if not path.exists() and shipped.is_dir() and path.parent.as_posix() in (".", "configs", "models/configs"):
+        return shipped, None  # `sd35-large` or `models/configs/sd35-large` outside the repository
     if not path.exists() and source.count("/") == 1 and not source.startswith((".", "/", "~")):
         return _from_hf_cache(source), None  # a Hub repo id, read from the cache
     return path, None
@@ -168,8 +187,10 @@ def load_source(
         seed = _tiny_seed(source)
         pipe = build_tiny_pipeline(seed)
         fingerprint = tiny_fingerprint(seed)
-        if dtype != torch.float32:  # built in float32; diffusers warns on a no-op cast
-            pipe.to(dtype=dtype)
+        if dtype != torch.float32:  # built in float32
+            for component in pipe.components.values():
+                if isinstance(component, torch.nn.Module):
+                    cast(component, dtype)
         pipe.to(device)
         return LoadedModel(pipeline=pipe, source=source, fingerprint=fingerprint)
 
@@ -219,8 +240,10 @@ def load_transformer_skeleton(source: str, dtype_name: str, *, config: str | Non
     import torch
 
     dtype = resolve_dtype(dtype_name, "cuda")  # auto: what a GPU deployment uses
+    if source.startswith("random:"):  # the same architecture as its shipped config
+        source = str(SHIPPED_CONFIGS / source.removeprefix("random:").split(":")[0])
     if is_tiny(source):
-        return load_source(source, dtype_name="float32").pipeline.transformer.to(dtype)
+        return cast(load_source(source, dtype_name="float32").pipeline.transformer, dtype)
     folder, _ = _locate(source, config)
     config_file = folder / "transformer" / "config.json"
     if not config_file.is_file():
@@ -229,4 +252,31 @@ def load_transformer_skeleton(source: str, dtype_name: str, *, config: str | Non
 
     with torch.device("meta"):
         model = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(str(folder / "transformer")))
-    return model.to(dtype)
+    return cast(model, dtype)
+
+
+def check_generation_fits(pipeline: Any, height: int, width: int, where: str) -> None:
+    """InputError when the model cannot make images of this size: SD3's position embedding covers
+    `pos_embed_max_size` patches a side, and a side must be a whole number of patches."""
+    config = pipeline.transformer.config
+    patch = int(config.patch_size) * int(pipeline.vae_scale_factor)
+    largest = int(config.pos_embed_max_size or 0) * patch
+    for side, value in (("height", height), ("width", width)):
+        if value % patch:
+            raise InputError(f"{where}: generation.{side} {value} must be a multiple of {patch} for this model")
+        if largest and value > largest:
+            raise InputError(
+                f"{where}: generation.{side} {value} is larger than this model makes ({largest} pixels a side); "
+                "use a smaller size or a larger model"
+            )
+
+
+def cpu_warning(pipeline: Any, source: str) -> str | None:
+    """A warning when a full-size transformer is to run on the CPU, where one image takes minutes."""
+    count = sum(p.numel() for p in pipeline.transformer.parameters())
+    if count < 200_000_000:
+        return None
+    return (
+        f"{source} has a {count / 1e9:.1f} B-parameter transformer and runs on the CPU: each image takes "
+        "minutes (`--device cuda` on a GPU; `--model tiny` for a quick check)"
+    )

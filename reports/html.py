@@ -8,6 +8,7 @@ import html
 import json
 import math
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
@@ -19,8 +20,14 @@ from reports.render import (
     NOISE_FLOOR,
     STATUS,
     _fmt,
+    candidate_status,
+    explains,
     load_run,
     noise_floor_value,
+    not_evaluated,
+    ordered_candidates,
+    ordered_results,
+    status_counts,
     threshold_text,
     write_summary_markdown,
 )
@@ -38,7 +45,19 @@ th { background: #f3f3f3; }
 .warn { color: #b06000; font-weight: 600; } .skip { color: #666; }
 .sample img { image-rendering: pixelated; width: min(100%, 800px); }
 .sample { margin: 1em 0; } .caption { font-size: 13px; color: #444; }
+#summary { border: 1px solid #ccc; padding: 0 1em; margin-bottom: 1.5em; }
+#summary li { margin: 0.2em 0; }
+details { border-left: 4px solid #ccc; margin: 0.6em 0; padding: 0 0 0 1em; }
+details.failed { border-color: #c5221f; } details.warned { border-color: #b06000; }
+details.passed { border-color: #137333; }
+details > summary { font-size: 1.2em; font-weight: 600; padding: 0.3em 0; cursor: pointer; }
+details > summary .counts { font-size: 0.8em; font-weight: normal; color: #444; }
 """
+
+OUTCOME = {"fail": "FAILED", "warn": "PASSED with warnings", "pass": "PASSED"}
+CANDIDATE_COUNTS = (("fail", "failed"), ("warn", "passed with warnings"), ("pass", "passed"))
+SECTION_CLASS = {"fail": "failed", "warn": "warned", "pass": "passed"}
+"""A candidate section's class (not `fail`: that one colours text)."""
 
 
 def _status_cell(status: str) -> str:
@@ -47,40 +66,49 @@ def _status_cell(status: str) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if any(header) else ""
     body = "".join("<tr>" + "".join(c if c.startswith("<td") else f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
-def _gate_table(verdict: dict[str, Any], summary: dict[str, Any]) -> str:
+def _gate_table(results: list[dict[str, Any]], summary: dict[str, Any]) -> str:
+    """One candidate's gate results, in the order given (failed first)."""
     with_floor = NOISE_FLOOR in summary.get("policies", {})
     rows = []
-    for r in verdict["results"]:
+    for r in results:
         row = [
-            html.escape(r["policy"]),
             html.escape(r["subject"]),
-            r["stat"],
+            html.escape(r["stat"]),
             html.escape(threshold_text(r)),
             _fmt(r["actual"]),
             _status_cell(r["status"]),
             html.escape(r["reason"]),
         ]
         if with_floor:
-            row.insert(5, noise_floor_value(r, summary))
+            row.insert(4, noise_floor_value(r, summary))
         rows.append(row)
-    header = ["policy", "gate", "stat", "threshold", "actual", "result", "reason"]
+    header = ["gate", "stat", "threshold", "actual", "result", "reason"]
     if with_floor:
-        header.insert(5, "noise floor")
-    return _table(header, rows)
+        header.insert(4, "noise floor")
+    return _table(header, rows) if rows else "<p>No gates apply to this candidate.</p>"
 
 
-def _distribution_plots(records: list[SampleRecord]) -> str:
-    """One box plot per metric output: its per-sample values for every candidate."""
-    policies = sorted({r.policy for r in records})
+def _distribution_plots(records: list[SampleRecord], policies: list[str] | None = None) -> str:
+    """One box plot per metric output: its per-sample values for each of `policies` (default: every
+    policy in `records`, by name), in that order."""
+    policies = sorted({r.policy for r in records}) if policies is None else policies
+    records = [r for r in records if r.policy in policies]
     figures = []
     for metric in sorted({m for r in records for m in r.metrics}):
         rows = [
-            (p, [r.metrics[metric] for r in records if r.policy == p and math.isfinite(r.metrics[metric])])
+            (
+                p,
+                [
+                    r.metrics[metric]
+                    for r in records
+                    if r.policy == p and math.isfinite(r.metrics.get(metric, math.nan))
+                ],
+            )
             for p in policies
         ]
         if any(values for _, values in rows):
@@ -93,25 +121,26 @@ def _grid_uri(run_dir: Path, record: SampleRecord) -> str:
     return png_data_uri(grid, compress_level=1)  # 10% larger than zlib's default, twice as fast
 
 
-def _worst_samples(run_dir: Path, records: list[SampleRecord]) -> str:
+def _worst_samples(run_dir: Path, records: list[SampleRecord], policies: list[str]) -> dict[str, str]:
+    """Policy -> its worst samples as image grids with captions."""
     from concurrent.futures import ThreadPoolExecutor
 
     from evals.testing import worst_samples
 
     metric = next((m for m in ("psnr", "ssim", "lpips") if any(m in r.metrics for r in records)), None)
     chosen = {}
-    for policy in sorted({r.policy for r in records}):
+    for policy in policies:
         mine = [r for r in records if r.policy == policy]
         chosen[policy] = worst_samples(mine, metric, WORST) if metric else mine[:WORST]
     shown = [r for rs in chosen.values() for r in rs]
-    # PNG decoding and encoding release the GIL: the grids are made side by side.
+    # PNG decoding and encoding release the GIL: the grids of every policy are made side by side.
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(shown), os.cpu_count() or 1))) as pool:
         uris = iter(list(pool.map(lambda r: _grid_uri(run_dir, r), shown)))  # in the order of `shown`
-    parts = []
+    out = {}
     for policy, rs in chosen.items():
-        parts.append(f"<h3>{html.escape(policy)}</h3>")
+        parts = []
         for r in rs:
-            scores = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(r.metrics.items()))
+            scores = ", ".join(f"{html.escape(k)} {_fmt(v)}" for k, v in sorted(r.metrics.items()))
             flagged = [d for d, f in r.detectors.items() if f["flagged"]]
             parts.append(
                 f'<div class="sample"><img alt="{html.escape(r.sample_id)}" src="{next(uris)}">'
@@ -119,28 +148,29 @@ def _worst_samples(run_dir: Path, records: list[SampleRecord]) -> str:
                 f"{'; flagged: ' + html.escape(', '.join(flagged)) if flagged else ''}"
                 "<br>reference | candidate | difference (black: equal, yellow: 32/255 or more)</div></div>"
             )
-    return "\n".join(parts)
+        out[policy] = "\n".join(parts) or "<p>No samples.</p>"
+    return out
 
 
-def _findings(records: list[SampleRecord]) -> str:
+def _findings(records: list[SampleRecord], side: str = "candidate") -> str:
+    """Flagged detector findings on the candidate images of `records`, or on their reference images."""
     rows = []
     for r in records:
-        for side, found in (("candidate", r.detectors), ("reference", r.reference_detectors)):
-            for name, finding in sorted(found.items()):
-                if finding["flagged"] and (side == "candidate" or r.policy == records[0].policy):
-                    label = r.policy if side == "candidate" else "reference"
-                    rows.append([html.escape(label), html.escape(r.sample_id), name, html.escape(finding["reason"])])
+        found = r.detectors if side == "candidate" else r.reference_detectors
+        for name, finding in sorted(found.items()):
+            if finding["flagged"]:
+                rows.append([html.escape(r.sample_id), html.escape(name), html.escape(finding["reason"])])
     if not rows:
         return "<p>No detector flagged any image.</p>"
-    return _table(["image of", "sample", "detector", "reason"], rows)
+    return _table(["sample", "detector", "reason"], rows)
 
 
-def _bench(summary: dict[str, Any]) -> str:
-    """The suite's bench figures per candidate, when it benches."""
+def _bench(summary: dict[str, Any], policies: list[str]) -> str:
+    """The suite's bench figures of `policies`, when it benches."""
     rows = [
         [html.escape(name), *(_fmt(b[k]) for k in ("step_ms", "latency_ratio", "weights_gib", "weights_ratio"))]
-        for name, policy in sorted(summary.get("policies", {}).items())
-        if (b := policy.get("bench"))
+        for name in policies
+        if (b := summary.get("policies", {}).get(name, {}).get("bench"))
     ]
     if not rows:
         return ""
@@ -148,36 +178,143 @@ def _bench(summary: dict[str, Any]) -> str:
     return "<h2>Speed and memory (transformer step against the reference)</h2>" + _table(header, rows)
 
 
+def _count_text(counts: Counter[str]) -> str:
+    words = {"fail": "failed", "warn": "warned", "not evaluated": "not evaluated", "pass": "passed"}
+    return ", ".join(f"{counts[s]} {word}" for s, word in words.items() if counts[s]) or "no gates"
+
+
+def _result_html(r: dict[str, Any]) -> str:
+    """One gate result: `<b>psnr mean >= 30</b>: actual 27.1 vs threshold >= 30`, and why when that
+    is not all there is to say (not evaluated, NaN, a regression gate's drop)."""
+    text = f"<b>{html.escape(r['gate'])}</b>: actual {_fmt(r['actual'])} vs threshold {html.escape(threshold_text(r))}"
+    return f"{text}: {html.escape(r['reason'])}" if explains(r) else text
+
+
+def _summary(run: dict[str, Any], verdict: dict[str, Any], candidates: list[str], notes: list[str]) -> str:
+    """The top of the page: the verdict, what ran, one line per candidate, and every gate that did
+    not pass with its numbers and, where they do not say it, why."""
+    counts = status_counts(verdict, candidates)
+    outcome = {c: candidate_status(counts[c]) for c in candidates}
+    outcomes = Counter(outcome.values())
+    link = {c: f'<a href="#candidate-{i}">{html.escape(c)}</a>' for i, c in enumerate(candidates)}
+    verdict_cell = '<td class="pass">PASSED</td>' if verdict["passed"] else '<td class="fail">FAILED</td>'
+    facts = [
+        ["verdict", verdict_cell],
+        ["suite", html.escape(run["suite"]["name"])],
+        ["model", html.escape(str(run["model"]["source"]))],
+        ["samples", f"{html.escape(str(run.get('samples', '?')))} per candidate"],
+        ["candidates", ", ".join(f"{outcomes[o]} {word}" for o, word in CANDIDATE_COUNTS if outcomes[o]) or "none"],
+    ]
+    overview = [
+        [link[c], f'<td class="{outcome[c]}">{OUTCOME[outcome[c]]}</td>', _count_text(counts[c])] for c in candidates
+    ]
+    parts = ['<section id="summary">', _table(["", ""], facts), _table(["candidate", "result", "gates"], overview)]
+    results = ordered_results(verdict, by_candidate=True)
+    for title, wanted in (("Failed gates", "fail"), ("Warnings", "warn")):
+        items = []
+        for c in candidates:
+            mine = "".join(f"<li>{_result_html(r)}</li>" for r in results if r["policy"] == c and r["status"] == wanted)
+            if mine:
+                items.append(f"<li>{link[c]}<ul>{mine}</ul></li>")
+        if items:
+            parts.append(f"<h2>{title}</h2><ul>{''.join(items)}</ul>")
+    skipped = [
+        f"<li><b>{html.escape(gate)}</b> for {', '.join(link.get(n, html.escape(n)) for n in names)}: "
+        f"{html.escape(reason)}</li>"
+        for (gate, reason), names in not_evaluated(verdict).items()
+    ]
+    if skipped:
+        parts.append(f"<h2>Not evaluated</h2><ul>{''.join(skipped)}</ul>")
+    parts += [f"<p class='warn'>{html.escape(n)}</p>" for n in notes]
+    return "\n".join([*parts, "</section>"])
+
+
+def _details(css: str, head: str, body: list[str], is_open: bool = False, anchor: str = "") -> str:
+    """A collapsible section: plain <details>, no script."""
+    attributes = f' id="{anchor}"' if anchor else ""
+    attributes += " open" if is_open else ""
+    return f'<details class="{css}"{attributes}><summary>{head}</summary>\n' + "\n".join(body) + "\n</details>"
+
+
+def _policy_sections(
+    run_dir: Path,
+    records: list[SampleRecord],
+    summary: dict[str, Any],
+    verdict: dict[str, Any],
+    candidates: list[str],
+    floors: list[str],
+) -> list[str]:
+    """One section per candidate, in the order given (failing first), open when it failed, then the
+    noise floor's, closed: a passing candidate stays one line until someone opens it."""
+    counts = status_counts(verdict, candidates)
+    results = ordered_results(verdict, by_candidate=True)
+    worst = _worst_samples(run_dir, records, [*candidates, *floors])
+    sections = []
+    for i, name in enumerate([*candidates, *floors]):
+        beside = [f for f in floors if f != name]  # the noise floor: what "no change" looks like
+        body = [
+            "<h2>Metric distributions</h2>",
+            "<p>Beside the noise floor: the reference against itself.</p>" if beside else "",
+            _distribution_plots(records, [name, *beside]),
+            "<h2>Worst samples</h2>",
+            worst[name],
+            "<h2>Detector findings</h2>",
+            _findings([r for r in records if r.policy == name]),
+        ]
+        if name in floors:
+            head = (
+                f'{html.escape(name)} <span class="skip">noise floor (the reference against itself, not gated)</span>'
+            )
+            sections.append(_details("floor", head, body, anchor=f"candidate-{i}"))
+            continue
+        outcome = candidate_status(counts[name])
+        gates = _gate_table([r for r in results if r["policy"] == name], summary)
+        head = (
+            f'{html.escape(name)} <span class="{outcome}">{OUTCOME[outcome]}</span>'
+            f' <span class="counts">gates: {_count_text(counts[name])}</span>'
+        )
+        body = ["<h2>Gates</h2>", gates, _bench(summary, [name]), *body]
+        sections.append(
+            _details(f"candidate {SECTION_CLASS[outcome]}", head, body, outcome == "fail", f"candidate-{i}")
+        )
+    return sections
+
+
 def render_html(run_dir: Path) -> str:
     run, summary, verdict = load_run(run_dir)
     records = list(read_records(run_dir / "records.jsonl"))
+    in_records = list(dict.fromkeys(r.policy for r in records))
+    floors = {p["name"] for p in run["policies"] if p.get("noise_floor")} | ({NOISE_FLOOR} & set(in_records))
+    named = [p["name"] for p in run["policies"]] + in_records
+    candidates = ordered_candidates(verdict, [p for p in named if p not in floors])
+    shown_floors = sorted(floors & set(in_records))
     status = "passed" if verdict["passed"] else "failed"
     env_rows = [[html.escape(k), html.escape(str(v))] for k, v in sorted(run["environment"].items())]
     env_rows += [
         ["git commit", html.escape(str(run.get("git_commit")))],
         ["model", html.escape(run["model"]["source"])],
+        ["reference", html.escape(run["reference_dtype"])],
+        ["run directory", f"<code>{html.escape(run_dir.name)}</code>"],
     ]
     notes_file = run_dir / "notes.json"
     notes = json.loads(notes_file.read_text()) if notes_file.is_file() else []
+    sections = _policy_sections(run_dir, records, summary, verdict, candidates, shown_floors)
+    compared = [p for p in [*candidates, *shown_floors] if p in in_records]
+    if len(compared) > 1:
+        body = [_bench(summary, compared), "<h2>Metric distributions</h2>", _distribution_plots(records, compared)]
+        sections.append(_details("all", "All candidates compared", body))
+    shared = [r for r in records if r.policy == in_records[0]] if in_records else []  # one reference per sample
+    sections.append(
+        _details("reference", "Detector findings on the reference images", [_findings(shared, "reference")])
+    )
+    sections.append(_details("environment", "Environment", [_table(["", ""], env_rows)]))
     title = f"{run['suite']['name']}: {status}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>{STYLE}</style></head><body>
 <h1>{html.escape(run["suite"]["name"])}: <span class="{"pass" if verdict["passed"] else "fail"}">{status}</span></h1>
-<p>{len(records)} candidate samples, {len(run["policies"])} candidate(s),
-reference {html.escape(run["reference_dtype"])}, run directory <code>{html.escape(run_dir.name)}</code>.</p>
-{"".join(f"<p class='warn'>{html.escape(n)}</p>" for n in notes)}
-<h2>Gates</h2>
-{_gate_table(verdict, summary)}
-{_bench(summary)}
-<h2>Metric distributions</h2>
-{_distribution_plots(records)}
-<h2>Worst samples</h2>
-{_worst_samples(run_dir, records)}
-<h2>Detector findings</h2>
-{_findings(records)}
-<h2>Environment</h2>
-{_table(["", ""], env_rows)}
+{_summary(run, verdict, candidates, notes)}
+{"".join(sections)}
 </body></html>
 """
 

@@ -1,9 +1,16 @@
-"""Render a run directory: the gate table (terminal) and summary.md. Reads files, loads no model."""
+"""Render a run directory: the gate table (terminal) and summary.md. Reads files, loads no model.
+
+Every report shows what blocks the run first: candidates with failed gates (most failures first), then
+those with warnings, then the passing ones; within a candidate, failed gates, warnings, gates not
+evaluated, then passed ones. Ties go by name, so the same run always renders the same way.
+"""
 
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +37,72 @@ def threshold_text(r: dict[str, Any]) -> str:
 
 STATUS = {"pass": "PASS", "fail": "FAIL", "warn": "WARN", "not evaluated": "SKIP"}
 
+GATE_RANK = {"fail": 0, "warn": 1, "not evaluated": 2, "pass": 3}
+"""Where a gate result's status sorts: what blocks the run first, what passed last."""
+
+
+def status_counts(verdict: dict[str, Any], names: Iterable[str] = ()) -> dict[str, Counter[str]]:
+    """Candidate -> gate status -> how many results have it; `names` are listed even without results."""
+    counts: dict[str, Counter[str]] = {name: Counter() for name in names}
+    for r in verdict["results"]:
+        counts.setdefault(r["policy"], Counter())[r["status"]] += 1
+    return counts
+
+
+def candidate_status(counts: Counter[str]) -> str:
+    """`fail` with a failed gate, `warn` with a failed warn gate only, else `pass`."""
+    return "fail" if counts["fail"] else ("warn" if counts["warn"] else "pass")
+
+
+def ordered_candidates(verdict: dict[str, Any], names: Iterable[str] = ()) -> list[str]:
+    """The candidates of `verdict` (and `names`): failing first, most failed gates first, then those
+    with warnings, then passing ones (those with gates not evaluated before the clean ones); ties by name."""
+    counts = status_counts(verdict, names)
+
+    def key(name: str) -> tuple[int, int, int, int, str]:
+        c = counts[name]
+        return (GATE_RANK[candidate_status(c)], -c["fail"], -c["warn"], -c["not evaluated"], name)
+
+    return sorted(counts, key=key)
+
+
+def ordered_results(verdict: dict[str, Any], by_candidate: bool = False) -> list[dict[str, Any]]:
+    """The gate results, failed ones first. `by_candidate`: grouped by candidate in `ordered_candidates`
+    order, each group failed first; otherwise every failed gate on top whatever its candidate (the flat
+    tables, where a second failing candidate's failures must not hide below the first one's passes)."""
+    rank = {name: i for i, name in enumerate(ordered_candidates(verdict))}
+
+    def key(r: dict[str, Any]) -> tuple[int, int, str]:
+        status, candidate = GATE_RANK[r["status"]], rank[r["policy"]]
+        return (candidate, status, r["gate"]) if by_candidate else (status, candidate, r["gate"])
+
+    return sorted(verdict["results"], key=key)
+
+
+def explains(r: dict[str, Any]) -> bool:
+    """Whether a result's reason says more than its numbers: why it was not evaluated, why the value is
+    NaN, or the baseline and drop of a regression gate."""
+    actual = r["actual"]
+    finite = isinstance(actual, int | float) and math.isfinite(actual)
+    baseline_gate = r.get("baseline_gate", "vs baseline" in r["gate"])  # runs before 'baseline_gate' was written
+    return bool(r["reason"]) and (r["status"] == "not evaluated" or bool(baseline_gate) or not finite)
+
+
+def not_evaluated(verdict: dict[str, Any]) -> dict[tuple[str, str], list[str]]:
+    """(gate, reason) -> the candidates it was not evaluated for, in `ordered_candidates` order: a
+    missing baseline usually skips the same gate on every candidate, and one line says so."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for r in ordered_results(verdict, by_candidate=True):
+        if r["status"] == "not evaluated":
+            groups.setdefault((r["gate"], r["reason"]), []).append(r["policy"])
+    return groups
+
+
+def result_text(r: dict[str, Any]) -> str:
+    """One gate result as a line of text: `psnr mean >= 30: actual 27.1 vs threshold >= 30 (why)`."""
+    text = f"{r['gate']}: actual {_fmt(r['actual'])} vs threshold {threshold_text(r)}"
+    return f"{text} ({r['reason']})" if explains(r) else text
+
 
 NOISE_FLOOR = "noise-floor"
 
@@ -47,7 +120,7 @@ def noise_floor_value(r: dict[str, Any], summary: dict[str, Any]) -> str:
 def gate_rows(verdict: dict[str, Any], summary: dict[str, Any] | None = None) -> list[list[str]]:
     """One row per gate result; with a noise floor in `summary`, its value of the same statistic."""
     rows = []
-    for r in verdict["results"]:
+    for r in ordered_results(verdict):
         row = [r["policy"], r["subject"], r["stat"], threshold_text(r), _fmt(r["actual"]), STATUS[r["status"]]]
         if summary and NOISE_FLOOR in summary.get("policies", {}):
             row.insert(5, noise_floor_value(r, summary))
@@ -85,7 +158,14 @@ def gate_table_text(run_dir: Path) -> str:
     _, summary, verdict = load_run(run_dir)
     status = "PASSED" if verdict["passed"] else "FAILED"
     table = text_table(gate_rows(verdict, summary), gate_header(summary))
-    return f"{table}\n\nverdict: {status}  ({run_dir})"
+    # The table's top may have scrolled away: what failed is repeated above the verdict, a line a candidate.
+    results = ordered_results(verdict, by_candidate=True)
+    failed = [
+        f"failed: {name}: {', '.join(r['gate'] for r in results if r['policy'] == name and r['status'] == 'fail')}"
+        for name in ordered_candidates(verdict)
+        if any(r["policy"] == name and r["status"] == "fail" for r in results)
+    ]
+    return "\n".join([table, "", *failed, f"verdict: {status}  ({run_dir})"])
 
 
 def write_summary_markdown(run_dir: Path) -> Path:
@@ -97,6 +177,17 @@ def write_summary_markdown(run_dir: Path) -> Path:
         f"Model `{run['model']['source']}`, reference {run['reference_dtype']}, "
         f"{run['samples']} samples, device {run['environment']['device']}.",
         "",
+    ]
+    for title, wanted in (("Failed gates", "fail"), ("Warnings", "warn")):
+        chosen = [r for r in ordered_results(verdict) if r["status"] == wanted]
+        if chosen:
+            lines += [f"## {title}", "", *(f"- **{r['policy']}** {result_text(r)}" for r in chosen), ""]
+    skipped = not_evaluated(verdict)
+    if skipped:
+        lines += ["## Not evaluated", ""]
+        lines += [f"- {gate} for {', '.join(names)}: {reason}" for (gate, reason), names in skipped.items()]
+        lines.append("")
+    lines += [
         "## Gates",
         "",
         markdown_table(gate_rows(verdict, summary), gate_header(summary)),
@@ -104,8 +195,11 @@ def write_summary_markdown(run_dir: Path) -> Path:
         "## Candidates",
         "",
     ]
-    for policy in run["policies"]:
-        s = summary["policies"].get(policy["name"], {})
+    policies = {p["name"]: p for p in run["policies"]}
+    floors = [name for name, p in policies.items() if p.get("noise_floor")]
+    gated = [name for name in policies if name not in floors]
+    for name in [*(n for n in ordered_candidates(verdict, gated) if n in policies), *floors]:
+        s = summary["policies"].get(name, {})
         metrics = ", ".join(f"{m} mean {_fmt(v['mean'])}" for m, v in s.get("metrics", {}).items())
         flagged = ", ".join(f"{d} {int(v['count'])}" for d, v in s.get("detectors", {}).items())
         bench = s.get("bench") or {}
@@ -116,7 +210,7 @@ def write_summary_markdown(run_dir: Path) -> Path:
             else ""
         )
         lines.append(
-            f"- **{policy['name']}** (backend {policy['backends']}): {metrics}; flagged: {flagged or 'none'}{timing}"
+            f"- **{name}** (backend {policies[name]['backends']}): {metrics}; flagged: {flagged or 'none'}{timing}"
         )
     notes_file = run_dir / "notes.json"
     if notes_file.is_file():

@@ -55,8 +55,16 @@ CASES = [
     ("missing weights file", None, None, ["--weights", "lpips=no-such.pth"], "no such file"),
     ("bad device", None, None, ["--device", "tpu"], "expected auto, cpu, cuda"),
     ("cuda without a GPU", None, None, ["--device", "cuda"], "no CUDA device"),
-    ("unknown shipped policy", None, None, ["--policy", "fp8-e4m3-roww1se"], "neither a file nor a shipped policy"),
+    ("unknown shipped policy", None, None, ["--policy", "fp8-e4m3-roww1se"], "did you mean 'fp8-e4m3-rowwise'"),
     ("missing suite file", "MISSING", None, [], "suite file not found"),
+    ("larger than the model makes", suite_with("height: 64", "height: 512"), None, [], "larger than this model"),
+    (
+        "two errors in one suite",
+        suite_with("steps: 4", "steps: four").replace("psnr, ssim", "psnr, sim"),
+        None,
+        [],
+        "2 errors",
+    ),
     (
         "gate tag no case has",
         suite_with('op: ">=", value: 30}', 'op: ">=", value: 30, tags: [drak]}'),
@@ -141,3 +149,19 @@ def test_a_bad_model_adds_nothing_to_an_existing_store(workdir: Path, capsys: py
     client = MlflowClient("sqlite:///mlflow.db")
     experiments = [e.experiment_id for e in client.search_experiments()]
     assert client.search_runs(experiments) == []
+
+
+def test_a_suite_name_typo_suggests_the_shipped_suite(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "smoek", "--no-progress"]) == 2
+    assert "did you mean 'smoke'" in capsys.readouterr().err
+    assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["log", "report"])
+def test_a_missing_run_directory_is_named(workdir: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    assert main([command, str(workdir / "no-such-run")]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-run: no such run directory" in err and "--resume" not in err
+    assert main(["run", "--resume", str(workdir / "no-such-run")]) == 2
+    assert "no such run directory" in capsys.readouterr().err
+    assert list(workdir.iterdir()) == []

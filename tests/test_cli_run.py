@@ -24,12 +24,15 @@ def only_run_dir(workdir: Path) -> Path:
 
 
 def test_smoke_passes_logs_to_mlflow_and_reuses_the_reference(
-    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    workdir: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    capsys = capfd  # MLflow's log handler writes to the process's stderr, not sys.stderr
     assert main(["run", SMOKE, "--no-progress"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "verdict: PASSED" in out and "psnr" in out and "reference images generated: 16" in out
     assert "time: startup " in out and "; beside generation: metrics " in out
+    assert "review it with `" in out and "`mlflow ui`" not in out
+    assert " INFO mlflow" not in err  # MLflow's INFO lines would cut through the progress bar
 
     run_dir = only_run_dir(workdir)
     timings = json.loads((run_dir / "timings.json").read_text())
@@ -70,11 +73,22 @@ def test_smoke_passes_logs_to_mlflow_and_reuses_the_reference(
     runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     child = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
-    assert child.info.run_name == "fp8-e4m3-rowwise" and child.data.tags["verdict"] == "pass"
+    # A review page: runs first (not MLflow's GenAI pages), names and metrics that say the verdict.
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert parent.info.run_name == "smoke: PASS (1 candidate)"
+    assert child.info.run_name == "fp8-e4m3-rowwise: pass" and child.data.tags["verdict"] == "pass"
+    assert parent.data.metrics["fp8-e4m3-rowwise/psnr_mean"] == pytest.approx(child.data.metrics["psnr_mean"])
+    assert parent.data.metrics["fp8-e4m3-rowwise/gates_failed"] == 0 and parent.data.metrics["passed"] == 1
+    assert parent.data.tags["suite"] == "smoke" and child.data.tags["suite"] == "smoke"
+    view = json.loads(experiment.tags["mlflow.sharedViewState.evals-review"])
+    assert "metrics.`fp8-e4m3-rowwise/psnr_mean`" in view["selectedColumns"]
+    assert "tags.`verdict`" in view["selectedColumns"]
     assert child.data.metrics["psnr_mean"] > 30 and child.data.metrics["ssim_mean"] > 0.93
     assert child.data.params["backend"].startswith("keep:7,scaled_mm:")
     assert parent.data.tags["verdict"] == "pass" and parent.info.status == "FINISHED"
-    assert json.loads((run_dir / "mlflow.json").read_text())["run_id"] == parent.info.run_id
+    state = json.loads((run_dir / "mlflow.json").read_text())
+    assert state["run_id"] == parent.info.run_id and state["complete"] is True
+    assert state["candidates"] == {"fp8-e4m3-rowwise": child.info.run_id}
     assert any(k.startswith("system/") for k in parent.data.metrics)  # MLflow's system metrics (psutil)
     child_artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
     assert {"samples.json", "images", "fp8-e4m3-rowwise.json"} <= child_artifacts

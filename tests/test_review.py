@@ -188,35 +188,3 @@ def test_a_run_against_a_real_mlflow_server(workdir: Path) -> None:
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its workers
         server.wait(timeout=30)
-
-
-@pytest.mark.slow
-def test_evals_ui_serves_the_store_on_loopback(workdir: Path) -> None:
-    import urllib.request
-
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'ui.db'}"}
-    ui = subprocess.Popen(
-        [sys.executable, "-m", "evals", "ui", "--port", str(port)],
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    assert response.status == 200
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "the MLflow UI did not answer within 90 s"
-                assert ui.poll() is None, "evals ui exited"
-                time.sleep(0.5)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
-            assert b"MLflow" in response.read()
-    finally:
-        os.killpg(ui.pid, signal.SIGTERM)
-        ui.wait(timeout=30)

@@ -1,0 +1,130 @@
+"""`evals validate`: every suite and policy file checked without running anything, every error of
+every file reported, and policies resolved against a model so a rule that matches nothing is caught
+here rather than by `evals run`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from evals.yamlspec import InputError
+
+EXIT_BAD_INPUT = 2
+
+
+class ModelLayers:
+    """The components policies are resolved against, loaded on first use: the whole pipeline of
+    `tiny`, the transformer (on the meta device, no weights) of anything else."""
+
+    def __init__(self, source: str, config: str | None):
+        self.source, self.config = source, config
+        self._components: dict[str, Any] | None = None
+
+    def components(self) -> dict[str, Any]:
+        if self._components is None:
+            from models.sources import is_tiny, load_source, load_transformer_skeleton
+
+            if is_tiny(self.source):
+                pipeline = load_source(self.source, "float32", "cpu").pipeline
+                self._components = dict(pipeline.components)
+            else:
+                skeleton = load_transformer_skeleton(self.source, "bfloat16", config=self.config)
+                self._components = {"transformer": skeleton}
+        return self._components
+
+    def check(self, policy: Any) -> int:
+        """Resolve the policy's plan (InputError when a rule matches nothing); returns its FP8 layers.
+        Components the model does not load here (a skeleton has only the transformer) are skipped."""
+        import torch
+
+        from models.precision import resolve_plan
+
+        components = self.components()
+        if list(components) == ["transformer"]:  # a skeleton: only the transformer can be checked
+            policy = dataclasses.replace(
+                policy, components={k: v for k, v in policy.components.items() if k == "transformer"}
+            )
+        plan = resolve_plan(policy, components, device=torch.device("cpu"))
+        return sum(layer.spec is not None for layer in plan)
+
+
+def _kind(text: str) -> tuple[str, Path]:
+    """("suite" | "policy", file) of a path or a shipped suite's or policy's name."""
+    from evals.suite import suite_path
+    from evals.yamlspec import load_yaml
+    from models.precision import policy_path
+
+    path = Path(text)
+    if path.is_file():
+        data = load_yaml(path, "suite or policy").data
+        return ("policy" if isinstance(data, dict) and "components" in data else "suite"), path
+    try:
+        return "suite", suite_path(text)
+    except InputError:
+        try:
+            return "policy", policy_path(text)
+        except InputError:
+            from evals.suite import shipped_suites
+            from evals.yamlspec import did_you_mean
+            from models.precision import shipped_policies
+
+            names = did_you_mean(text, [*shipped_suites(), *shipped_policies()])
+            raise InputError(f"{text}: no such file, shipped suite or shipped policy{names}") from None
+
+
+def validate_one(text: str, model: ModelLayers) -> str:
+    """One file's OK line; InputError with all its errors."""
+    from evals.suite import load_suite
+    from models.precision import load_policy
+
+    kind, path = _kind(text)
+    if kind == "policy":
+        policy = load_policy(str(path))
+        layers = model.check(policy)
+        return f"{text}: policy {policy.name!r} ok: {layers} FP8 layers on {model.source}"
+    suite = load_suite(path)
+    errors = []
+    for name in suite.policies:
+        try:
+            model.check(load_policy(name))
+        except InputError as exc:
+            errors.append(f"policies: {name}: {exc}")
+    if errors:
+        raise InputError("\n  ".join([f"{path}: its policies do not apply to {model.source}:", *errors]))
+    return (
+        f"{text}: suite {suite.name!r} ok: {len(suite.cases)} cases, {len(suite.samples())} samples, "
+        f"{len(suite.gates)} gates" + (f"; policies resolved on {model.source}" if suite.policies else "")
+    )
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    model = ModelLayers(args.model, args.model_config)
+    failed = 0
+    for text in args.files:
+        try:
+            print(validate_one(str(text), model))
+        except InputError as exc:
+            failed += 1
+            print(f"error: {exc}", file=sys.stderr)
+    if failed:
+        print(f"{failed} of {len(args.files)} files have errors", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def add_validate_command(sub: Any) -> None:
+    validate = sub.add_parser(
+        "validate", help="check suites and policies without running anything (every file, every error)"
+    )
+    validate.add_argument("files", nargs="+", metavar="FILE", help="suite or policy YAML files, or shipped names")
+    validate.add_argument(
+        "--model",
+        default="tiny",
+        help="model the policies are resolved against, so a rule that matches nothing is an error "
+        "(default: tiny; `sd35-large`, `random:sd35-medium` or a diffusers folder for SD3.5 layer names)",
+    )
+    validate.add_argument("--model-config", help="local diffusers SD3 folder for a single-file --model")
+    validate.set_defaults(func=cmd_validate)
