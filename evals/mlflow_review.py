@@ -82,7 +82,7 @@ def headline_metrics(summaries: Mapping[str, Any], verdict: Mapping[str, Any], c
                 for stat in HEADLINE_STATS:
                     value = stats.get(stat)
                     if value is not None and not math.isnan(value):
-                        out[f"{name}/{metric}_{stat}"] = float(value)
+                        out[f"{name}/{metric}_{stat}"] = round(float(value), 4)  # a table cell, not a record
         blocking = gates_failed(verdict, name)
         out[f"{name}/gates_failed"] = float(blocking)
         failed += blocking > 0
@@ -121,11 +121,11 @@ def review_view(candidates: list[str], metrics: list[str]) -> dict[str, Any]:
     """The runs table's view: newest first; verdict, suite and model; each candidate's headline
     metrics and failed gates (on parent rows), and the same metrics unprefixed (on candidate rows)."""
     columns = [column("tags", "verdict"), column("tags", "policy"), column("metrics", "candidates_failed")]
+    columns += [column("metrics", f"{m}_mean") for m in metrics]  # the candidate rows' own figures
     for name in candidates:
         columns += [column("metrics", f"{name}/{m}_mean") for m in metrics]
         columns.append(column("metrics", f"{name}/gates_failed"))
-    columns += [column("metrics", f"{m}_mean") for m in metrics]
-    columns += [column("metrics", "gates_failed"), column("params", "model"), column("tags", "run_dir")]
+    columns += [column("params", "model"), column("tags", "run_dir")]
     # Wide enough for the header (`fp8-e4m3-rowwise/psnr_mean`): MLflow cuts every header to 150 px.
     # MLflow applies widths to the columns `columnOrder` names.
     widths = {c: max(110, 7 * len(c.split("`")[1]) + 40) for c in columns}
@@ -139,8 +139,21 @@ def review_view(candidates: list[str], metrics: list[str]) -> dict[str, Any]:
     }
 
 
+CANDIDATES_TAG = "evals.candidates"
+MAX_VIEW_CANDIDATES = 12
+
+
 def save_review_view(client: Any, experiment: str, candidates: list[str], metrics: list[str]) -> None:
-    client.set_experiment_tag(experiment, VIEW_TAG, json.dumps(review_view(candidates, metrics)))
+    """The experiment's review view, over this run's candidates and then those of earlier runs (the
+    most recent first, at most MAX_VIEW_CANDIDATES)."""
+    tags = client.get_experiment(experiment).tags
+    try:
+        earlier = [str(c) for c in json.loads(tags.get(CANDIDATES_TAG, "[]"))]
+    except ValueError:
+        earlier = []
+    shown = list(dict.fromkeys([*candidates, *earlier]))[:MAX_VIEW_CANDIDATES]
+    client.set_experiment_tag(experiment, CANDIDATES_TAG, json.dumps(shown))
+    client.set_experiment_tag(experiment, VIEW_TAG, json.dumps(review_view(shown, metrics)))
 
 
 def experiment_url(server: str, experiment: str) -> str:

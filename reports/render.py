@@ -121,11 +121,23 @@ def gate_rows(verdict: dict[str, Any], summary: dict[str, Any] | None = None) ->
     """One row per gate result; with a noise floor in `summary`, its value of the same statistic."""
     rows = []
     for r in ordered_results(verdict):
-        row = [r["policy"], r["subject"], r["stat"], threshold_text(r), _fmt(r["actual"]), STATUS[r["status"]]]
+        row = [r["policy"], r["subject"], r["stat"], threshold_text(r), _fmt(r["actual"]), status_text(r)]
         if summary and NOISE_FLOOR in summary.get("policies", {}):
             row.insert(5, noise_floor_value(r, summary))
         rows.append(row)
     return rows
+
+
+def status_text(result: dict[str, Any]) -> str:
+    """PASS/FAIL/WARN/SKIP, and why when the gate could not be evaluated (no baseline, a metric
+    whose weights are missing): the table itself says it, not only verdict.json."""
+    text = STATUS[result["status"]]
+    unevaluated = result.get("baseline_gate") and result.get("baseline") is None
+    actual = result.get("actual")
+    unevaluated = unevaluated or actual is None or (isinstance(actual, float) and math.isnan(actual))
+    if result["status"] != "pass" and unevaluated and result.get("reason"):
+        text += f" ({result['reason'].split(':')[0].split(';')[0]})"
+    return text
 
 
 HEADER = ["policy", "gate", "stat", "threshold", "actual", "result"]

@@ -99,7 +99,13 @@ def test_the_review_url_opens_the_runs_table_in_the_saved_view() -> None:
         "http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=evals-review&workflowType=machine_learning"
     )
     view = mlflow_review.review_view(["rowwise"], ["psnr", "ssim"])
-    assert view["selectedColumns"][:3] == ["tags.`verdict`", "tags.`policy`", "metrics.`candidates_failed`"]
+    assert view["selectedColumns"][:5] == [
+        "tags.`verdict`",
+        "tags.`policy`",
+        "metrics.`candidates_failed`",
+        "metrics.`psnr_mean`",
+        "metrics.`ssim_mean`",
+    ]
     assert "metrics.`rowwise/ssim_mean`" in view["selectedColumns"] and view["orderByAsc"] is False
     assert set(view["columnOrder"]) == set(view["columnWidths"])  # MLflow sizes only the ordered columns
 
@@ -186,3 +192,14 @@ def test_evals_ui_stops_its_server_with_itself(workdir: Path) -> None:
                 os.killpg(group, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_the_view_keeps_earlier_runs_candidates_newest_first(workdir: Path) -> None:
+    tracker = MlflowTracker()
+    tracker.start_run("suite-c", "suite-c: running", {}, {})
+    client, experiment = tracker.client, tracker.experiment_id
+    mlflow_review.save_review_view(client, experiment, ["old-build", "rowwise"], ["psnr"])
+    mlflow_review.save_review_view(client, experiment, ["new-build", "rowwise"], ["psnr"])
+    view = json.loads(client.get_experiment(experiment).tags[mlflow_review.VIEW_TAG])
+    prefixed = [c for c in view["selectedColumns"] if c.endswith("/psnr_mean`")]
+    assert prefixed == ["metrics.`new-build/psnr_mean`", "metrics.`rowwise/psnr_mean`", "metrics.`old-build/psnr_mean`"]
