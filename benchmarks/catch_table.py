@@ -81,7 +81,9 @@ def quantize_source(out_dir: Path) -> Path:
     return path
 
 
-def run_arguments(suite: Path, mutants: list[Mutant], runs_dir: Path, cache_dir: Path) -> list[str]:
+def run_arguments(
+    suite: Path, mutants: list[Mutant], runs_dir: Path, cache_dir: Path, fail_fast: bool = False
+) -> list[str]:
     args = [
         "run",
         str(suite),
@@ -91,6 +93,7 @@ def run_arguments(suite: Path, mutants: list[Mutant], runs_dir: Path, cache_dir:
         str(runs_dir),
         "--cache-dir",
         str(cache_dir),
+        *(["--fail-fast"] if fail_fast else []),
     ]
     for policy in sound_policies(suite):
         args += ["--policy", policy]
@@ -102,22 +105,24 @@ def run_arguments(suite: Path, mutants: list[Mutant], runs_dir: Path, cache_dir:
     return args
 
 
-def run_suite(suite: Path, mutants: list[Mutant], out_dir: Path) -> Path:
-    """One `evals run` of every sound policy and mutant; its run directory."""
+def run_suite(suite: Path, mutants: list[Mutant], out_dir: Path, fail_fast: bool = False) -> Path:
+    """One `evals run` of every sound policy and mutant; its run directory. With `fail_fast`, each
+    mutant stops once a gate of it has failed for good (same verdicts; its figures then cover the
+    samples it finished)."""
     runs_dir, log = out_dir / "runs", out_dir / "run.log"
     before = set(runs_dir.glob("*")) if runs_dir.is_dir() else set()
-    code = _evals(*run_arguments(suite, mutants, runs_dir, out_dir / "cache"), log=log)
+    code = _evals(*run_arguments(suite, mutants, runs_dir, out_dir / "cache", fail_fast), log=log)
     made = sorted(set(runs_dir.glob("*")) - before)
     if code not in (0, 1) or len(made) != 1 or not (made[0] / "verdict.json").is_file():
         raise RuntimeError(f"evals run exited {code} without a verdict ({log}):\n{_tail(log)}")
     return made[0]
 
 
-def prepare(suite: Path, out_dir: Path) -> tuple[list[Mutant], Path]:
+def prepare(suite: Path, out_dir: Path, fail_fast: bool = False) -> tuple[list[Mutant], Path]:
     """Quantize, make the mutants, run the suite: (mutants, run directory)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     mutants = make_mutants(quantize_source(out_dir), out_dir / "mutants")
-    return mutants, run_suite(suite, mutants, out_dir)
+    return mutants, run_suite(suite, mutants, out_dir, fail_fast)
 
 
 def _baseline_gate(result: dict[str, Any]) -> bool:
@@ -197,11 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--suite", type=Path, default=REPO / "suites" / "smoke.yaml", help="suite YAML")
     parser.add_argument("--out-dir", type=Path, help="where the checkpoint, mutants and run go (default: a temp dir)")
+    parser.add_argument(
+        "--fail-fast",
+        action="store_true",
+        help="stop each mutant once a gate of it has failed for good (what the tests do; the table then shows "
+        "the gates failed on the samples it finished)",
+    )
     args = parser.parse_args(argv)
     out_dir = (args.out_dir or Path(tempfile.mkdtemp(prefix="catch-table-"))).resolve()
     start = time.perf_counter()
     try:
-        mutants, run_dir = prepare(args.suite.resolve(), out_dir)
+        mutants, run_dir = prepare(args.suite.resolve(), out_dir, args.fail_fast)
     except RuntimeError as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -70,6 +70,8 @@ class RunRequest:
     """Metric weights files."""
     compile: str | None = None
     """Compile the candidates' transformer blocks (`blocks`) or not (`none`); None takes the suite's."""
+    fail_fast: bool = False
+    """Stop generating a candidate once one of its gates has failed for good (evals.fail_fast)."""
 
 
 def resolve_device(name: str) -> str:
@@ -129,6 +131,8 @@ def prepare(request: RunRequest, suite: Any = None) -> Prepared:
     from evals import distributed
 
     shard = distributed.from_environment()
+    if request.fail_fast and shard.active:
+        raise InputError("--fail-fast decides on one process's records; run without torchrun, or without it")
     device = shard.device(resolve_device(request.device))
     distributed.start(shard, device)
     from models.sources import load_source, resolved_dtype_name
@@ -259,6 +263,7 @@ def execute(
         shard=shard,
         started=prepared.started,
         startup=prepared.startup,
+        fail_fast=request.fail_fast,
     )
     params = {
         "suite": suite.name,

@@ -58,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument(
+        "--fail-fast",
+        action="store_true",
+        help="stop generating a candidate once a gate of it has failed for good (a count over its limit, a min "
+        "below its floor, a sample past its baseline drop): the same verdict, sooner",
+    )
+    run.add_argument(
         "--compile",
         choices=("auto", "none", "blocks"),
         help="compile the candidates' transformer blocks for generation; auto: on a GPU "
@@ -259,6 +265,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         policies=args.policy,
         candidate_checkpoints=[CheckpointArg.parse(text) for text in args.candidate_checkpoint],
         baseline=args.baseline,
+        fail_fast=args.fail_fast,
         device=args.device,
         reference_dtype=args.reference_dtype,
         runs_dir=args.runs_dir,

@@ -26,6 +26,7 @@ from evals.candidates import Candidate
 from evals.compiling import explain_failure
 from evals.detectors import detect_batch
 from evals.distributed import Shard
+from evals.fail_fast import FailFast
 from evals.gates import Verdict, evaluate_gates
 from evals.metrics import load_metric
 from evals.publish import LOGGED_FILE, candidate_params, publish_results
@@ -191,6 +192,7 @@ class SuiteRunner:
         shard: Shard | None = None,
         started: float | None = None,
         startup: dict[str, float] | None = None,
+        fail_fast: bool = False,
     ):
         self.shard = shard or Shard()
         self.suite = suite
@@ -225,6 +227,12 @@ class SuiteRunner:
         self.notes: list[str] = []  # what this process had to change (halved batches)
         self.run_notes: list[str] = []  # rank 0: the notes of every process, for the report
         self.done = done  # (policy, sample id) already in records.jsonl: resuming; None for a new run
+        self._baselines_found: tuple[dict[str, Any], dict[str, Any]] | None = None
+        self.fail_fast: FailFast | None = None
+        if fail_fast:
+            gated = [c.name for c in candidates if c.noise_floor is None]
+            samples = len(suite.samples())
+            self.fail_fast = FailFast(suite.gates, gated, self._baselines, samples)
 
     def _write_run_json(self, tracking: dict[str, Any]) -> None:
         write_json(
@@ -416,7 +424,11 @@ class SuiteRunner:
                 bar.update(1)
 
         done = self.done or set()
-        todo = {c.name: {s.id for s in batch if (c.name, s.id) not in done} for c in self.candidates}
+        stopped = self.fail_fast.stopped if self.fail_fast else {}
+        todo = {
+            c.name: {s.id for s in batch if (c.name, s.id) not in done} if c.name not in stopped else set()
+            for c in self.candidates
+        }
         generated = GeneratedBatch(batch, todo)
         if not any(todo.values()):
             if not self.shard.active:
@@ -426,6 +438,8 @@ class SuiteRunner:
         self._reference_batch(batch, generated)
         advance()
         for cand in self.candidates:
+            if cand.name in stopped:  # settled while the batch before was being scored
+                todo[cand.name] = set()
             if not todo[cand.name]:
                 advance()
                 continue
@@ -511,6 +525,8 @@ class SuiteRunner:
             self.tracker.log_candidate_image(
                 record.policy, record.sample_id, path, self.run_dir / record.reference_image
             )
+        if self.fail_fast is not None:
+            self.run_notes.extend(self.fail_fast.add([record for _, record in result.samples]))
 
     def _bench(self, summaries: dict[str, PolicySummary]) -> None:
         """The suite's bench: step latency and weights of each candidate's transformer against the
@@ -534,6 +550,12 @@ class SuiteRunner:
         return any(g.baseline is not None for g in self.suite.gates)
 
     def _baselines(self) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
+        """`_find_baselines`, once (fail-fast asks before the end)."""
+        if self._baselines_found is None:
+            self._baselines_found = self._find_baselines()
+        return self._baselines_found
+
+    def _find_baselines(self) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
         """Candidate -> flat metrics of its baseline policy's committed baseline for this platform, else
         of the run MLflow holds as accepted; a candidate with neither is left out (its gates fail).
         Also candidate -> per-sample values (committed baselines only)."""

@@ -136,7 +136,8 @@ def status_text(result: dict[str, Any]) -> str:
     actual = result.get("actual")
     unevaluated = unevaluated or actual is None or (isinstance(actual, float) and math.isnan(actual))
     if result["status"] != "pass" and unevaluated and result.get("reason"):
-        text += f" ({result['reason'].split(':')[0].split(';')[0]})"
+        why = result["reason"].removeprefix("not evaluated: ")
+        text += f" ({why.split(':')[0].split(';')[0]})"
     return text
 
 

@@ -15,9 +15,7 @@ from pathlib import Path
 import pytest
 
 from evals import mlflow_review
-from evals.cli import main
 from evals.tracking import MlflowTracker
-from tests.conftest import REPO, TEST_SUITES, write
 
 
 def dead_pid() -> int:
@@ -108,41 +106,6 @@ def test_the_review_url_opens_the_runs_table_in_the_saved_view() -> None:
     ]
     assert "metrics.`rowwise/ssim_mean`" in view["selectedColumns"] and view["orderByAsc"] is False
     assert set(view["columnOrder"]) == set(view["columnWidths"])  # MLflow sizes only the ordered columns
-
-
-def test_kill_9_then_resume_continues_the_same_mlflow_run(workdir: Path) -> None:
-    smoke = (TEST_SUITES / "smoke.yaml").read_text()
-    suite = write(workdir / "longer.yaml", smoke.replace("seeds: [0, 1]", "seeds: [0, 1, 2]"))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "evals", "run", str(suite), "--no-progress"],
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    state = None
-    deadline = time.time() + 180
-    while time.time() < deadline and process.poll() is None:
-        found = list(workdir.glob("runs/*/records.jsonl"))
-        if found and len(found[0].read_bytes().splitlines()) >= 4 and (found[0].parent / "mlflow.json").is_file():
-            state = found[0].parent / "mlflow.json"
-            os.kill(process.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    process.wait()
-    assert state is not None, "the run finished before it could be killed"
-    killed = json.loads(state.read_text())
-    assert killed["complete"] is False
-    assert main(["run", "--resume", str(state.parent), "--no-progress"]) == 0
-    from mlflow import MlflowClient
-
-    client = MlflowClient("sqlite:///mlflow.db")
-    experiment = client.get_experiment_by_name("smoke")
-    runs = client.search_runs([experiment.experiment_id])
-    assert sorted(r.info.run_id for r in runs) == sorted([killed["run_id"], *killed["candidates"].values()])
-    assert {r.info.status for r in runs} == {"FINISHED"}
-    assert json.loads(state.read_text())["complete"] is True
 
 
 @pytest.mark.slow

@@ -108,5 +108,5 @@ def test_bad_policies(tmp_path: Path, old: str, new: str, message: str, line: in
 
 
 def test_unknown_policy_name_lists_shipped_ones() -> None:
-    with pytest.raises(InputError, match=r"shipped: .*fp8-e4m3-rowwise"):
+    with pytest.raises(InputError, match=r"did you mean 'fp8-e4m3-rowwise'.*expected one of: .*fp8-e4m3-tensor-static"):
         load_policy("fp8-e4m3-roww1se")

@@ -87,12 +87,16 @@ def test_a_crash_in_generation_keeps_the_batch_being_written(
     assert all((broken / r["image"]).is_file() and (broken / r["reference_image"]).is_file() for r in records.values())
 
 
-def test_kill_9_mid_run_then_resume(workdir: Path) -> None:
+def test_kill_9_mid_run_then_resume(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed mid-run: the resume finishes the records as one whole run makes them, and goes on in
+    the same MLflow runs (no second run of the same name, none left RUNNING)."""
     smoke = (TEST_SUITES / "smoke.yaml").read_text()
     suite = write(workdir / "longer.yaml", smoke.replace("seeds: [0, 1]", "seeds: [0, 1, 2, 3]"))
+    store = f"sqlite:///{workdir / 'mlflow.db'}"  # absolute: MLflow caches stores by URI in-process
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "evals", "run", str(suite), *FAST],
+        [sys.executable, "-m", "evals", "run", str(suite), "--no-progress"],
         cwd=workdir,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -102,7 +106,8 @@ def test_kill_9_mid_run_then_resume(workdir: Path) -> None:
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
         found = list((workdir / "runs").glob("*/records.jsonl")) if (workdir / "runs").exists() else []
-        if found and len(found[0].read_bytes().splitlines()) >= 5:
+        started = found and (found[0].parent / "mlflow.json").is_file()
+        if started and len(found[0].read_bytes().splitlines()) >= 5:
             records = found[0]
             os.kill(process.pid, signal.SIGKILL)
             break
@@ -111,8 +116,19 @@ def test_kill_9_mid_run_then_resume(workdir: Path) -> None:
     assert records is not None, "the run finished before it could be killed"
     kept = len(records.read_bytes().splitlines())
     assert 5 <= kept < 32
-    assert main(["run", "--resume", str(records.parent), *FAST]) == 0
+    killed = json.loads((records.parent / "mlflow.json").read_text())
+    assert killed["complete"] is False
+    assert main(["run", "--resume", str(records.parent), "--no-progress"]) == 0
     assert len(scored(records.parent)) == 32
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted([killed["run_id"], *killed["candidates"].values()])
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert json.loads((records.parent / "mlflow.json").read_text())["complete"] is True
+
     assert main(["run", str(suite), *FAST, "--runs-dir", str(workdir / "whole")]) == 0
     (whole,) = (workdir / "whole").iterdir()
     assert scored(records.parent) == scored(whole)
