@@ -4,8 +4,8 @@ A gate has failed for good when no later sample can make it pass: a count of fla
 its limit (counts only grow), a minimum below its floor or a maximum above its ceiling (they only
 move further), one sample's drop against its baseline beyond the allowed drop. Means, medians and
 percentiles can still move either way and never stop a candidate; nor does a regression gate with no
-baseline (it fails, but the measured gates should say what is wrong). The verdict is the one the whole run would give; the stopped candidate's
-statistics cover the samples it finished.
+baseline (it fails, but the measured gates should say what is wrong). The verdict is the one the
+whole run would give; the stopped candidate's statistics cover the samples it finished.
 """
 
 from __future__ import annotations
