@@ -159,16 +159,26 @@ def test_quantized_checkpoint_round_trip_is_bit_exact(workdir: Path, tiny_model)
     assert torch.equal(generate(from_file.pipeline, BATCH, GEN), generate(candidate.pipeline, BATCH, GEN))
 
 
-def test_quantize_then_run_the_checkpoint_as_a_candidate(workdir: Path) -> None:
+def test_quantize_then_run_the_checkpoint_as_a_candidate(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = workdir / "ckpt" / "tiny-rowwise.safetensors"
     assert main(["quantize", "fp8-e4m3-rowwise", "--out", str(out)]) == 0
-    args = ["run", str(TEST_SUITES / "smoke.yaml"), "--no-mlflow", "--no-progress"]
-    assert main([*args, "--candidate-checkpoint", str(out)]) == 0
-    assert main([*args, "--policy", "fp8-e4m3-rowwise"]) == 0
-    first, second = sorted((workdir / "runs").iterdir())
-    read = lambda d: [json.loads(x)["metrics"] for x in (d / "records.jsonl").read_text().splitlines()]  # noqa: E731
-    assert read(first) == read(second)  # the checkpoint is the policy, bit for bit
-    assert json.loads((first / "run.json").read_text())["policies"][0]["checkpoint"] == str(out)
+    args = ["run", str(TEST_SUITES / "smoke.yaml"), "--no-mlflow", "--no-progress", "--policy", "fp8-e4m3-rowwise"]
+    # The file names the policy it was made from: beside that policy, it needs a name of its own.
+    assert main([*args, "--candidate-checkpoint", str(out)]) == 2
+    assert "two candidates are named fp8-e4m3-rowwise: name checkpoints with --candidate-checkpoint NAME=FILE" in (
+        capsys.readouterr().err
+    )
+    assert not (workdir / "runs").exists()
+    assert main([*args, "--candidate-checkpoint", f"mine={out}"]) == 0
+    (run_dir,) = (workdir / "runs").iterdir()
+    records = [json.loads(x) for x in (run_dir / "records.jsonl").read_text().splitlines()]
+    by_candidate = {
+        name: [r["metrics"] for r in records if r["policy"] == name] for name in ("mine", "fp8-e4m3-rowwise")
+    }
+    assert len(by_candidate["mine"]) == 16
+    assert by_candidate["mine"] == by_candidate["fp8-e4m3-rowwise"]  # the checkpoint is the policy, bit for bit
+    run = json.loads((run_dir / "run.json").read_text())
+    assert {p["name"]: p["checkpoint"] for p in run["policies"]}["mine"] == str(out)
 
 
 def comfy_file(transformer: torch.nn.Module, path: Path, skip: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
