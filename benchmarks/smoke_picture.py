@@ -1,4 +1,4 @@
-"""The picture in the README: each smoke prompt's reference image (seed 0) with its case id.
+"""The picture in docs/ci-gate.md: each smoke prompt's reference image (seed 0) with its case id.
 
     python benchmarks/smoke_picture.py RUN_DIR [--out docs/images/smoke-references.png] [--candidate POLICY]
 

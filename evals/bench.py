@@ -70,7 +70,9 @@ class BenchSetup:
 
 
 def architecture_only(source: str) -> bool:
-    folder = Path(source)
+    from models.sources import shipped_config
+
+    folder = shipped_config(source) or Path(source)
     return (
         folder.is_dir()
         and (folder / "transformer" / "config.json").is_file()
@@ -227,11 +229,12 @@ def pipeline_seconds_per_image(pipeline: Any, transformer: Any, setup: BenchSetu
 
 def load_bench_model(source: str, dtype_name: str, device: str) -> tuple[Any, Any]:
     """(reference transformer, full pipeline or None)."""
-    from models.sources import load_source, resolve_dtype
+    from models.sources import load_source, resolve_dtype, shipped_config
 
     if architecture_only(source):
         print(f"{source}: architecture only, random weights (timing only)", file=sys.stderr)
-        return random_transformer(Path(source), resolve_dtype(dtype_name, device), device), None
+        folder = shipped_config(source) or Path(source)
+        return random_transformer(folder, resolve_dtype(dtype_name, device), device), None
     model = load_source(source, dtype_name, device)
     return model.pipeline.transformer, model.pipeline
 

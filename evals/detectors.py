@@ -5,7 +5,7 @@ Input is the float RGB image on the 0..1 scale but *before* clamping or conversi
 and Inf must still be visible here, because the 8-bit conversion turns them into black. Statistics
 are in float64, as NumPy computed them before (quantiles interpolate as `np.percentile` does).
 Thresholds are keyword arguments with defaults; a suite overrides them under `detector_thresholds`.
-False-positive and recall rates of the defaults, measured on labelled photographs, are in the README
+False-positive and recall rates of the defaults, measured on labelled photographs, are in docs/metrics-and-detectors.md
 (reproduce with `python benchmarks/detector_rates.py`).
 """
 

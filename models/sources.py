@@ -36,6 +36,16 @@ SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
 """SD3.5 configs installed with the package: plans and `policy explain` without weights."""
 
 
+def shipped_config(source: str) -> Path | None:
+    """The shipped config folder a source names (`sd35-large`, or `models/configs/sd35-large` outside
+    the repository), when no such path exists here."""
+    path = Path(source).expanduser()
+    shipped = SHIPPED_CONFIGS / path.name
+    if not path.exists() and shipped.is_dir() and path.parent.as_posix() in (".", "configs", "models/configs"):
+        return shipped
+    return None
+
+
 def cast(module: Any, dtype: Any) -> Any:
     """`module.to(dtype)` without diffusers' warning about modules "kept in float32" (printed on every
     cast of a model that lists none): torch's own `Module.to`, which is what diffusers calls after
@@ -142,9 +152,9 @@ def _locate(source: str, config: str | None) -> tuple[Path, Path | None]:
                 f"{path}: a single-file checkpoint needs --model-config FOLDER (a local diffusers SD3 folder)"
             )
         return Path(config).expanduser(), path
-    shipped = SHIPPED_CONFIGS / path.name
-    if not path.exists() and shipped.is_dir() and path.parent.as_posix() in (".", "configs", "models/configs"):
-        return shipped, None  # `sd35-large` or `models/configs/sd35-large` outside the repository
+    shipped = shipped_config(source)
+    if shipped is not None:
+        return shipped, None
     if not path.exists() and source.count("/") == 1 and not source.startswith((".", "/", "~")):
         return _from_hf_cache(source), None  # a Hub repo id, read from the cache
     return path, None

@@ -1,5 +1,5 @@
 """Detectors against the labelled set of benchmarks/labelled_images.py (photographs shipped with
-scikit-image, clean and with injected defects). The README's rate tables come from
+scikit-image, clean and with injected defects). The rate tables in docs/metrics-and-detectors.md come from
 `python benchmarks/detector_rates.py --size 512`; these tests pin the guarantees at 256x256."""
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def test_period_32_is_mostly_caught_at_256_px(recall) -> None:
 
 
 def test_at_512_px_every_period_of_4_of_255_is_caught_and_no_clean_photo_is_flagged() -> None:
-    """The README's guarantee, on the textures that hide long periods best (grass, gravel) and the rest."""
+    """The guarantee in docs/metrics-and-detectors.md, on the textures that hide long periods best
+    (grass, gravel) and the rest."""
     flagged = [
         item.name for item in clean_set(512) if run_detectors(item.image, ["stripe_noise"])["stripe_noise"].flagged
     ]

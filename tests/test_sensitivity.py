@@ -105,8 +105,8 @@ components:
 def test_sweep_ranks_the_planted_layer_first_and_search_keeps_it(
     workdir: Path, outlier_model: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    two_cases = MINI.replace('  - {id: alpine-lake, prompt: "a calm alpine lake at sunrise, mountains behind"}\n', "")
-    two_cases = two_cases.replace('  - {id: night-street, prompt: "a rainy street at night lit by a single lamp"}\n', "")
+    lines = MINI.splitlines(keepends=True)
+    two_cases = "".join(line for line in lines if "id: alpine-lake" not in line and "id: night-street" not in line)
     assert two_cases.count("- {id:") == 2
     suite = write(workdir / "mini.yaml", two_cases.replace("steps: 4", "steps: 2"))
     start = write(workdir / "two-blocks.yaml", TWO_BLOCKS)
