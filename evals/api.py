@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evals.yamlspec import InputError
+from models.yamlspec import InputError
 
 
 @dataclass(frozen=True)

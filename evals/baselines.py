@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from evals.rundir import write_atomic
-from evals.yamlspec import InputError
+from models.yamlspec import InputError
 
 BASELINE_VERSION = 1
 HEADLINE = ("psnr_mean", "psnr_min", "ssim_mean", "lpips_mean", "clip_score_delta_mean")

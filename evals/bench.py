@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from evals.compiling import CompileReport, compile_blocks, explain_failure
-from evals.yamlspec import InputError
+from models.yamlspec import InputError
 
 CONTEXT_TOKENS = 77 + 256  # CLIP + T5 text tokens SD3.5 pipelines feed the transformer
 GIB = 1024**3

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from evals.suite import CASE_ID, Generation
-from evals.yamlspec import InputError
 from models.precision import LayerPlan, PrecisionPolicy, apply_policy, backend_summary, resolve_plan
 from models.sources import LoadedModel
+from models.yamlspec import InputError
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from evals.gates import EXIT_BAD_INPUT, EXIT_CRASHED
-from evals.yamlspec import InputError
+from models.yamlspec import InputError
 
 
 def _parser() -> argparse.ArgumentParser:

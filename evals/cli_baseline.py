@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from evals.yamlspec import InputError
+from models.yamlspec import InputError
 
 
 def _read_json(path: Path) -> Any:

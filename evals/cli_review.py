@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from evals.yamlspec import InputError
+from models.yamlspec import InputError
 
 
 def _mlflow_run_id(run: str) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 from evals.api import resolve_device as _resolve_device
 from evals.gates import EXIT_CRASHED
-from evals.yamlspec import InputError
+from models.yamlspec import InputError
 
 
 def cmd_policy_explain(args: argparse.Namespace) -> int:

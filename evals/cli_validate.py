@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from evals.yamlspec import InputError
+from models.yamlspec import InputError
 
 EXIT_BAD_INPUT = 2
 
@@ -35,9 +35,12 @@ class ModelLayers:
                 self._components = {"transformer": skeleton}
         return self._components
 
-    def check(self, policy: Any) -> int:
-        """Resolve the policy's plan (InputError when a rule matches nothing); returns its FP8 layers.
-        Components the model does not load here (a skeleton has only the transformer) are skipped."""
+    def check(self, policy: Any) -> int | None:
+        """Resolve the policy's plan (InputError when a rule matches nothing); returns its FP8 layers,
+        or None with `--model none` (parsed only: no model, no torch). Components the model does not
+        load here (a skeleton has only the transformer) are skipped."""
+        if self.source == "none":
+            return None
         import torch
 
         from models.precision import resolve_plan
@@ -54,8 +57,8 @@ class ModelLayers:
 def _kind(text: str) -> tuple[str, Path]:
     """("suite" | "policy", file) of a path or a shipped suite's or policy's name."""
     from evals.suite import suite_path
-    from evals.yamlspec import load_yaml
     from models.precision import policy_path
+    from models.yamlspec import load_yaml
 
     path = Path(text)
     if path.is_file():
@@ -68,8 +71,8 @@ def _kind(text: str) -> tuple[str, Path]:
             return "policy", policy_path(text)
         except InputError:
             from evals.suite import shipped_suites
-            from evals.yamlspec import did_you_mean
             from models.precision import shipped_policies
+            from models.yamlspec import did_you_mean
 
             names = did_you_mean(text, [*shipped_suites(), *shipped_policies()])
             raise InputError(f"{text}: no such file, shipped suite or shipped policy{names}") from None
@@ -84,6 +87,8 @@ def validate_one(text: str, model: ModelLayers) -> str:
     if kind == "policy":
         policy = load_policy(str(path))
         layers = model.check(policy)
+        if layers is None:
+            return f"{text}: policy {policy.name!r} ok (not resolved against a model)"
         return f"{text}: policy {policy.name!r} ok: {layers} FP8 layers on {model.source}"
     suite = load_suite(path)
     errors = []
@@ -96,7 +101,8 @@ def validate_one(text: str, model: ModelLayers) -> str:
         raise InputError("\n  ".join([f"{path}: its policies do not apply to {model.source}:", *errors]))
     return (
         f"{text}: suite {suite.name!r} ok: {len(suite.cases)} cases, {len(suite.samples())} samples, "
-        f"{len(suite.gates)} gates" + (f"; policies resolved on {model.source}" if suite.policies else "")
+        f"{len(suite.gates)} gates"
+        + (f"; policies resolved on {model.source}" if suite.policies and model.source != "none" else "")
     )
 
 
@@ -124,7 +130,8 @@ def add_validate_command(sub: Any) -> None:
         "--model",
         default="tiny",
         help="model the policies are resolved against, so a rule that matches nothing is an error "
-        "(default: tiny; `sd35-large`, `random:sd35-medium` or a diffusers folder for SD3.5 layer names)",
+        "(default: tiny; `sd35-large`, `random:sd35-medium` or a diffusers folder for SD3.5 layer names; "
+        "`none` parses only, without torch)",
     )
     validate.add_argument("--model-config", help="local diffusers SD3 folder for a single-file --model")
     validate.set_defaults(func=cmd_validate)

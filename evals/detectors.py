@@ -7,6 +7,9 @@ are in float64, as NumPy computed them before (quantiles interpolate as `np.perc
 Thresholds are keyword arguments with defaults; a suite overrides them under `detector_thresholds`.
 False-positive and recall rates of the defaults, measured on labelled photographs, are in docs/metrics-and-detectors.md
 (reproduce with `python benchmarks/detector_rates.py`).
+
+torch is imported inside the functions that compute: `evals.suite` reads this registry's names and
+threshold defaults, and `evals --help` or `evals validate` must not load torch for that.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import inspect
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 # Rec. 601 luma weights: brightness as people see it.
 LUMA = (0.299, 0.587, 0.114)
@@ -47,6 +52,8 @@ class ImageBatch:
     """(N, H, W, 3) float64 images on one device, and the planes several detectors share, made once."""
 
     def __init__(self, images: torch.Tensor) -> None:
+        import torch
+
         if images.ndim != 4 or images.shape[3] != 3:
             raise ValueError(f"expected (N, H, W, 3) RGB images, got shape {tuple(images.shape)}")
         self.images = images.to(torch.float64)
@@ -57,11 +64,15 @@ class ImageBatch:
     @functools.cached_property
     def finite(self) -> torch.Tensor:
         """NaN as 0, +Inf as 1, -Inf as 0; not clipped."""
+        import torch
+
         return torch.nan_to_num(self.images, nan=0.0, posinf=1.0, neginf=0.0)
 
     @functools.cached_property
     def luma(self) -> torch.Tensor:
         """(N, H, W) luma of the finite values clipped to 0..1."""
+        import torch
+
         weights = torch.tensor(LUMA, dtype=torch.float64, device=self.images.device)
         return self.finite.clamp(0.0, 1.0) @ weights
 
@@ -71,6 +82,8 @@ class ImageBatch:
 
     def luma_percentiles(self, *qs: float) -> torch.Tensor:
         """(N, len(qs)): luma percentiles, interpolated as `np.percentile`'s default (linear) does."""
+        import torch
+
         ordered = self._sorted_luma
         position = torch.tensor(qs, dtype=torch.float64, device=ordered.device) / 100 * (ordered.shape[1] - 1)
         below = position.floor().long()
@@ -83,6 +96,8 @@ class ImageBatch:
 
 def nonfinite(batch: ImageBatch) -> list[Finding]:
     """Any NaN or Inf value. Score: the share of non-finite values."""
+    import torch
+
     images = batch.images
     stats = torch.stack(
         [
@@ -106,6 +121,8 @@ def nonfinite(batch: ImageBatch) -> list[Finding]:
 def black_frame(batch: ImageBatch, *, max_mean: float = 0.03, max_p99: float = 0.08) -> list[Finding]:
     """Black or near-black frame: mean luma below `max_mean` (~8/255) and 99th percentile below
     `max_p99` (~20/255): a night scene has lights, a black frame has none. Score: mean luma."""
+    import torch
+
     stats = torch.stack([batch.luma.flatten(1).mean(1), batch.luma_percentiles(99)[:, 0]], dim=1)
     found = []
     for mean, p99 in stats.tolist():
@@ -119,6 +136,8 @@ def black_frame(batch: ImageBatch, *, max_mean: float = 0.03, max_p99: float = 0
 def saturation(batch: ImageBatch, *, max_share: float = 0.35) -> list[Finding]:
     """Blown-out image: share of pixels with every channel clipped (at or past 0 or 1, i.e. 0 or
     255 in 8-bit) above `max_share`. Score: that share."""
+    import torch
+
     high = batch.finite >= 254.5 / 255
     clipped = ((batch.finite <= 0.5 / 255) | high).all(dim=3)
     stats = torch.stack([clipped.flatten(1).double().mean(1), high.all(dim=3).flatten(1).double().mean(1)], dim=1)
@@ -151,6 +170,8 @@ def stripe_noise(
     banding pattern's amplitude (its standard deviation, 0..1 scale) is at least `min_amplitude` and
     it is consistent across the image (z >= `min_z`). Score: the amplitude. The statistic is
     `evals.stripes`'."""
+    import torch
+
     from evals.stripes import row_patterns
 
     luma = batch.luma
@@ -178,6 +199,8 @@ def checkerboard(batch: ImageBatch, *, min_amplitude: float = 1.5 / 255, min_z: 
     """2-pixel checkerboard (the (-1)^(x+y) pattern of upsampling artifacts): its amplitude per
     16x16 block, consistent in sign across blocks (z >= `min_z`) and at least `min_amplitude`.
     Score: the mean amplitude."""
+    import torch
+
     luma = batch.luma
     rows, cols = (s - s % 16 for s in luma.shape[1:])
     if rows < 16 or cols < 16:
@@ -235,6 +258,8 @@ def run_detectors(
     device: str = "cpu",
 ) -> dict[str, Finding]:
     """Every named detector on one HWC image, on `device`."""
+    import torch
+
     if image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"expected an HWC RGB image, got shape {image.shape}")
     return detect_batch(torch.as_tensor(image, device=device)[None], names, thresholds)[0]

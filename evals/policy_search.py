@@ -23,9 +23,9 @@ from evals.sensitivity import (
 )
 from evals.sensitivity import write_json as write_sensitivity_json
 from evals.tracking import mlflow_tracker
-from evals.yamlspec import InputError
 from models.fp8 import Fp8Spec
 from models.precision import PrecisionPolicy, load_policy
+from models.yamlspec import InputError
 
 
 @dataclass

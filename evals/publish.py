@@ -13,7 +13,7 @@ from typing import Any
 
 from evals.mlflow_review import headline_metrics, run_name
 from evals.records import PolicySummary, SampleRecord, read_records, summarize
-from evals.yamlspec import InputError
+from models.yamlspec import InputError
 
 RUN_FILES = ("run.json", "records.jsonl", "summary.json", "verdict.json", "summary.md", "report.html", "junit.xml")
 LOGGED_FILE = "mlflow.json"

@@ -11,7 +11,7 @@ from typing import Any
 
 from evals.detectors import DETECTORS, detector_params
 from evals.metrics import METRICS, OUTPUTS
-from evals.yamlspec import Errors, InputError, YamlDoc, check_mapping, did_you_mean, expect, expect_choice, load_yaml
+from models.yamlspec import Errors, InputError, YamlDoc, check_mapping, did_you_mean, expect, expect_choice, load_yaml
 
 METRIC_STATS = ("mean", "median", "min", "max", "p05", "p95")
 PER_SAMPLE = "per_sample"

@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from evals.yamlspec import InputError
 from models.fp8 import FORMATS, Fp8Linear, Fp8Spec, resolve_backend
+from models.yamlspec import InputError
 
 FORMAT_MARKER = "sd35-fp8-gate/quantized-transformer"
 FORMAT_VERSION = "1"

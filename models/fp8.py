@@ -8,36 +8,18 @@ Backends:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.fp8_spec import ACTIVATIONS, BACKENDS, FORMAT_NAMES, WEIGHT_SCALES, Fp8Spec
+
 FORMATS: dict[str, torch.dtype] = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
-WEIGHT_SCALES = ("per_tensor", "per_channel", "per_block")
-ACTIVATIONS = ("none", "dynamic_per_tensor", "dynamic_per_token", "static")
-BACKENDS = ("auto", "scaled_mm", "emulated", "weight_only")
+assert tuple(FORMATS) == FORMAT_NAMES
+__all__ = ["ACTIVATIONS", "BACKENDS", "FORMATS", "WEIGHT_SCALES", "Fp8Spec"]
 MIN_SCALE = 1e-12  # an all-zero row would otherwise divide by zero
-
-
-@dataclass(frozen=True)
-class Fp8Spec:
-    format: str = "e4m3fn"
-    """FP8 format: e4m3fn (max 448, more mantissa) or e5m2 (max 57344, more range)."""
-    weights: str = "per_channel"
-    """Weight scale granularity: per_tensor, per_channel (one scale per output row) or per_block."""
-    activations: str = "dynamic_per_token"
-    """Activation quantization: none (weight-only), dynamic_per_tensor, dynamic_per_token, or static
-    (one per-tensor scale per layer, calibrated ahead of time)."""
-    backend: str = "auto"
-    """auto, scaled_mm, emulated or weight_only; auto picks the fastest that runs here."""
-    block_size: int = 128
-    """Side of the square weight tiles that share a scale, for weights: per_block."""
-    fast_accum: bool = False
-    """Let the FP8 GEMM accumulate in its faster, less precise mode (Hopper's `use_fast_accum`);
-    scaled_mm backend only, no effect elsewhere."""
 
 
 def fp8_max(fmt: str) -> float:

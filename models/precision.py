@@ -18,15 +18,15 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from evals.yamlspec import Errors, InputError, YamlDoc, check_mapping, did_you_mean, expect, expect_choice, load_yaml
-from models.fp8 import ACTIVATIONS, BACKENDS, FORMATS, WEIGHT_SCALES, Fp8Spec
+from models.fp8_spec import ACTIVATIONS, BACKENDS, FORMAT_NAMES, WEIGHT_SCALES, Fp8Spec
+from models.yamlspec import Errors, InputError, YamlDoc, check_mapping, did_you_mean, expect, expect_choice, load_yaml
 
 POLICY_DIR = Path(__file__).parent / "policies"
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 QUANTIZABLE = ("transformer",)  # FP8 rules apply to the transformer; other components take a dtype
 DROPPABLE = ("text_encoder_3",)  # T5: SD3 runs without it (zeros stand in for its embeddings)
 DTYPES = ("float32", "bfloat16", "float16")
-SPEC_FIELDS = {"format": FORMATS, "weights": WEIGHT_SCALES, "activations": ACTIVATIONS, "backend": BACKENDS}
+SPEC_FIELDS = {"format": FORMAT_NAMES, "weights": WEIGHT_SCALES, "activations": ACTIVATIONS, "backend": BACKENDS}
 SPEC_KEYS = ("precision", *SPEC_FIELDS, "block_size", "fast_accum")
 
 
@@ -157,7 +157,7 @@ def _parse_component(doc: YamlDoc, name: str, raw: Any) -> ComponentPolicy:
 
 
 def _parse_calibration(doc: YamlDoc, raw: Any) -> Calibration:
-    from models.calibration import CALIBRATION_PROMPTS
+    from models.calibration_prompts import CALIBRATION_PROMPTS
 
     c = check_mapping(doc, raw, ("calibration",), optional=("prompts", "seed"))
     prompts = expect(doc, c.get("prompts", 8), ("calibration", "prompts"), int, "an integer")

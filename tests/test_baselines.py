@@ -13,7 +13,7 @@ from evals.cli import main
 from evals.gates import evaluate_gates
 from evals.records import PolicySummary, RecordsWriter, SampleRecord, summarize, summary_to_json
 from evals.suite import GateSpec
-from evals.yamlspec import InputError
+from models.yamlspec import InputError
 from tests.conftest import SUITES, write
 
 SUITE = """name: mini

@@ -15,7 +15,7 @@ from benchmarks.labelled_images import clean_set, defect_set, photo, with_stripe
 from evals.cli import main
 from evals.detectors import DETECTORS, detector_params, run_detectors
 from evals.suite import load_suite
-from evals.yamlspec import InputError
+from models.yamlspec import InputError
 from tests.conftest import TEST_SUITES, write
 
 

@@ -15,12 +15,12 @@ from evals.candidates import build_candidate, calibrate, candidate_from_checkpoi
 from evals.cli import main
 from evals.runner import generate
 from evals.suite import Case, Generation, Sample
-from evals.yamlspec import InputError
 from models.checkpoints import import_comfy_scaled_fp8, load_quantized_transformer, save_quantized_transformer
 from models.fp8 import Fp8Linear, Fp8Spec, dequantize, quantize, quantize_blocks
 from models.precision import POLICY_DIR, apply_policy, load_policy, shipped_policies
 from models.sources import load_source
 from models.tiny import TRANSFORMER_CONFIG
+from models.yamlspec import InputError
 from tests.conftest import REPO, TEST_SUITES, write
 from tests.sd3_original_keys import to_original_keys
 

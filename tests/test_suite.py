@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from evals.suite import load_suite
-from evals.yamlspec import InputError
+from models.yamlspec import InputError
 from tests.conftest import SUITES, write
 
 VALID = """\

@@ -9,8 +9,8 @@ import torch
 
 from evals.runner import generate
 from evals.suite import Case, Generation, Sample
-from evals.yamlspec import InputError
 from models.sources import load_source
+from models.yamlspec import InputError
 from tests.conftest import REPO
 
 GEN = Generation(height=64, width=64, steps=2, guidance=4.5, batch_size=2)
@@ -79,8 +79,8 @@ def test_bad_tiny_seed() -> None:
 
 @pytest.mark.parametrize("source", ["random:sd35-huge", "random:sd35-medium:x"])
 def test_a_random_architecture_source_is_checked(source: str) -> None:
-    from evals.yamlspec import InputError
     from models.sources import load_source
+    from models.yamlspec import InputError
 
     with pytest.raises(InputError, match="expected random:ARCH"):
         load_source(source)

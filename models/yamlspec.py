@@ -1,6 +1,7 @@
 """Strict YAML input: load with line numbers, check keys and types, fail with file:line and key.
 
-Shared by suites (`evals.suite`) and precision policies (`models.precision`). Imports no torch.
+Shared by precision policies (`models.precision`) and suites (`evals.suite`): it lives in `models`, the
+lower layer, so that `models` imports nothing from `evals`. Imports no torch.
 """
 
 from __future__ import annotations
