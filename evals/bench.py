@@ -210,7 +210,7 @@ def capture_step(step: Callable[[], Any]) -> Callable[[], Any]:
 def pipeline_seconds_per_image(pipeline: Any, transformer: Any, setup: BenchSetup, device: str) -> float:
     """A warm pipeline call with guidance 4.5: batch/2 images, so that with classifier-free guidance
     the transformer sees the benched batch (and no new shape to compile)."""
-    from evals.runner import generate
+    from evals.generation import generate
     from evals.suite import Case, Generation, Sample
 
     pipe = type(pipeline)(**dict(pipeline.components, transformer=transformer))

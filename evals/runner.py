@@ -28,11 +28,12 @@ from evals.detectors import detect_batch
 from evals.distributed import Shard
 from evals.fail_fast import FailFast
 from evals.gates import Verdict, evaluate_gates
+from evals.generation import from_uint8, generate, to_uint8
 from evals.metrics import load_metric
 from evals.publish import LOGGED_FILE, candidate_params, publish_results
 from evals.records import PolicySummary, RecordsWriter, SampleRecord, read_records, summarize, summary_to_json
 from evals.rundir import copy_png, save_png, write_atomic, write_json
-from evals.suite import Generation, Sample, Suite
+from evals.suite import Sample, Suite
 from evals.tracker_protocol import Tracker
 from evals.weights import MissingWeights
 from models.sources import LoadedModel
@@ -115,40 +116,6 @@ def git_commit() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-@torch.inference_mode()
-def generate(pipe: Any, batch: list[Sample], gen: Generation) -> torch.Tensor:
-    """Images of a batch as float NCHW on the 0..1 scale, *unclamped*: NaN/Inf stay visible.
-
-    Latents come from CPU generators, so the starting noise is the same on every device. The VAE
-    decode is done here rather than in the pipeline, whose post-processing clamps away Inf.
-    """
-    generators = [torch.Generator("cpu").manual_seed(s.seed) for s in batch]
-    latents = pipe(
-        prompt=[s.case.prompt for s in batch],
-        height=gen.height,
-        width=gen.width,
-        num_inference_steps=gen.steps,
-        guidance_scale=gen.guidance,
-        max_sequence_length=gen.max_sequence_length,
-        generator=generators,
-        output_type="latent",
-    ).images
-    vae = pipe.vae
-    latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-    decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-    return (decoded.float() / 2 + 0.5).cpu()
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """NCHW float -> NHWC uint8, as the PNG files hold them (NaN becomes 0: black)."""
-    clean = torch.nan_to_num(images, nan=0.0).clamp(0, 1)
-    return (clean * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def from_uint8(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
 
 
 def _cuda_index(device: str) -> int | None:

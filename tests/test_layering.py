@@ -33,6 +33,69 @@ def test_the_check_sees_an_import() -> None:
     assert imported_packages(REPO / "evals" / "api.py") >= {"evals", "models"}
 
 
+def module_graph() -> dict[str, set[str]]:
+    """Module -> the project modules it imports, anywhere in it except under `if TYPE_CHECKING:`
+    (annotations only, nothing runs)."""
+    paths = {}
+    for package in ("evals", "models", "reports"):
+        for path in (REPO / package).rglob("*.py"):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        tree = ast.parse(path.read_text())
+        typing_only = {
+            id(n)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for n in ast.walk(node)
+        }
+        targets: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in typing_only:
+                continue
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+        found = set()
+        for target in targets:
+            while target and target not in paths:
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+        graph[name] = found
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One path around each cycle a depth-first walk meets."""
+    found, state = [], dict.fromkeys(graph, 0)  # 0 new, 1 on the path, 2 done
+
+    def walk(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state[nxt] == 1:
+                found.append([*path[path.index(nxt) :], nxt])
+            elif state[nxt] == 0:
+                walk(nxt, [*path, nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if state[node] == 0:
+            walk(node, [node])
+    return found
+
+
+def test_no_module_imports_itself_round_about() -> None:
+    graph = module_graph()
+    assert "evals.runner" in graph and "evals.generation" in graph["evals.runner"]
+    assert cycles(graph) == []
+    graph["evals.generation"].add("evals.runner")  # the check can fail: a planted cycle is found
+    (planted,) = cycles(graph)
+    assert planted[0] == planted[-1] and {"evals.generation", "evals.runner"} <= set(planted)
+
+
 TORCH_FREE = """
 import sys
 import models.yamlspec, evals.suite, evals.gates, evals.records, evals.cli, reports.render

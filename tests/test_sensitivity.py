@@ -10,7 +10,7 @@ import torch
 
 from evals.candidates import build_candidate
 from evals.cli import main
-from evals.runner import generate
+from evals.generation import generate
 from evals.sensitivity import SwitchableCandidate, group_key, linear_groups
 from evals.suite import Case, Generation, Sample
 from models.precision import load_policy

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evals.runner import generate
+from evals.generation import generate
 from evals.suite import Case, Generation, Sample
 from models.sources import load_source
 from models.yamlspec import InputError
@@ -32,7 +32,7 @@ def test_tiny_is_identical_across_processes(tiny_model) -> None:
     code = (
         "import os; os.environ['HF_HUB_OFFLINE']='1'\n"
         "import hashlib, torch\n"
-        "from evals.runner import generate\n"
+        "from evals.generation import generate\n"
         "from models.sources import load_source\n"
         "from tests.test_tiny_sources import BATCH, GEN\n"
         f"torch.set_num_threads({torch.get_num_threads()})\n"
