@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from models.yamlspec import InputError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -140,10 +142,9 @@ def prepare(request: RunRequest, suite: Any = None) -> Prepared:
     start = time.perf_counter()
     early_warning = device == "cpu" and (request.model or suite.model).startswith("random:")
     if early_warning and shard.main:  # building its random weights alone takes a while
-        print(
-            f"warning: {request.model or suite.model} is a full-size SD3.5 transformer on the CPU: building it "
-            "takes a minute and each image minutes (`--device cuda` on a GPU; `--model tiny` for a quick check)",
-            file=sys.stderr,
+        log.warning(
+            f"{request.model or suite.model} is a full-size SD3.5 transformer on the CPU: building it "
+            "takes a minute and each image minutes (`--device cuda` on a GPU; `--model tiny` for a quick check)"
         )
     # Resolved (auto -> float32/bfloat16) so the cache key and run.json say what really ran.
     reference_dtype = resolved_dtype_name(request.reference_dtype or suite.reference_dtype, device)
@@ -157,7 +158,7 @@ def prepare(request: RunRequest, suite: Any = None) -> Prepared:
     check_generation_fits(model.pipeline, suite.generation.height, suite.generation.width, f"{suite.path} on {source}")
     warning = cpu_warning(model.pipeline, source) if device == "cpu" and not early_warning else None
     if warning and shard.main:
-        print(f"warning: {warning}", file=sys.stderr)
+        log.warning(warning)
     compiled = compile_mode(request.compile or suite.compile, device)
     return Prepared(suite, model, device, reference_dtype, shard, startup, started, compiled)
 
@@ -247,7 +248,7 @@ def execute(
         )
     if shard.main:
         workers = f" ({shard.world} processes)" if shard.active else ""
-        print(f"run directory: {run_dir}{' (resumed)' if resume else ''}{workers}", file=sys.stderr)
+        log.info(f"run directory: {run_dir}{' (resumed)' if resume else ''}{workers}")
     runner = SuiteRunner(
         suite,
         model,
@@ -282,7 +283,7 @@ def execute(
         outcome = runner.run(params, tags)
     except BaseException:
         if shard.main:
-            print(f"error: the run broke; every finished sample is in {run_dir / 'records.jsonl'}", file=sys.stderr)
+            log.error(f"the run broke; every finished sample is in {run_dir / 'records.jsonl'}")
             tracker.interrupted()  # its MLflow runs end KILLED, not RUNNING; a resume reopens them
         raise
     if shard.active:  # every rank leaves with rank 0's outcome, hence the same exit code
@@ -393,7 +394,7 @@ def resume_run(run_dir: Path, request: RunRequest) -> tuple[Any, Any, str | None
             raise InputError(f"--resume {run_dir}: a candidate's policy or checkpoint changed since the run started")
         records_path = run_dir / "records.jsonl"
         if drop_torn_tail(records_path):
-            print("warning: dropped a half-written last record (the run was killed mid-write)", file=sys.stderr)
+            log.warning("dropped a half-written last record (the run was killed mid-write)")
         done = {(r.policy, r.sample_id) for r in read_records(records_path)} if records_path.is_file() else set()
     outcome, tracker = execute(prepared, candidates, request, resume=(run_dir, done), tracker=tracker)
     return outcome, suite, _tracking_uri(tracker)

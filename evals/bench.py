@@ -10,8 +10,8 @@ which time the same as real ones; a full pipeline source is also timed end to en
 
 from __future__ import annotations
 
+import logging
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,6 +22,8 @@ import torch
 
 from evals.compiling import CompileReport, compile_blocks, explain_failure
 from models.yamlspec import InputError
+
+log = logging.getLogger(__name__)
 
 CONTEXT_TOKENS = 77 + 256  # CLIP + T5 text tokens SD3.5 pipelines feed the transformer
 GIB = 1024**3
@@ -174,7 +176,7 @@ def bench_transformer(name: str, transformer: Any, setup: BenchSetup, device: st
         _, times = time_calls(capture_step(step), setup, device)
         median = statistics.median(times)
     elif setup.cuda_graph:
-        print(f"  {name}: cuda_graph needs a CUDA device; steps timed as launched on {device}", file=sys.stderr)
+        log.warning(f"{name}: cuda_graph needs a CUDA device; steps timed as launched on {device}")
     per_image = None
     if pipeline is not None:
         per_image = pipeline_seconds_per_image(pipeline, transformer, setup, device)
@@ -232,7 +234,7 @@ def load_bench_model(source: str, dtype_name: str, device: str) -> tuple[Any, An
     from models.sources import load_source, resolve_dtype, shipped_config
 
     if architecture_only(source):
-        print(f"{source}: architecture only, random weights (timing only)", file=sys.stderr)
+        log.info(f"{source}: architecture only, random weights (timing only)")
         folder = shipped_config(source) or Path(source)
         return random_transformer(folder, resolve_dtype(dtype_name, device), device), None
     model = load_source(source, dtype_name, device)
@@ -246,17 +248,17 @@ def run_bench(source: str, policies: list[str], setup: BenchSetup, device: str, 
     for policy in loaded:
         if policy.needs_calibration:
             raise InputError(f"policy {policy.name}: static activations need calibration; bench dynamic policies")
-    print(f"bench: loading {source}...", file=sys.stderr)
+    log.info(f"bench: loading {source}...")
     transformer, pipeline = load_bench_model(source, dtype_name, device)
     _announce("reference", setup, pipeline)
     results = [bench_transformer("reference", transformer, setup, device, pipeline)]
-    print(_line(results[-1]), file=sys.stderr)
+    log.info(_line(results[-1]))
     for policy in loaded:
         components, _ = apply_policy(policy, {"transformer": transformer})
         candidate = components["transformer"]
         _announce(policy.name, setup, pipeline)
         results.append(bench_transformer(policy.name, candidate, setup, device, pipeline))
-        print(_line(results[-1]), file=sys.stderr)
+        log.info(_line(results[-1]))
         del candidate, components
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -269,7 +271,7 @@ def _announce(name: str, setup: BenchSetup, pipeline: Any) -> None:
         what = "compiling its blocks, then " + what
     if pipeline is not None:
         what += f", then one {setup.steps}-step image"
-    print(f"bench: {name}: {what}...", file=sys.stderr)
+    log.info(f"bench: {name}: {what}...")
 
 
 def _line(r: BenchResult) -> str:

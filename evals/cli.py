@@ -15,6 +15,9 @@ from models.yamlspec import InputError
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evals", description="Quality gate for FP8 Stable Diffusion 3.5 builds.")
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress lines")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a suite: reference vs FP8 candidates, metrics, gates, MLflow")
@@ -287,10 +290,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not from_environment().main:  # rank 0 reports; under torchrun the others only share its exit code
         return int(outcome.verdict.exit_code)
     print(gate_table_text(outcome.run_dir))
-    total = len(suite.samples())
+    used = len(list((outcome.run_dir / "images" / "ref").glob("*.png")))  # fewer than the suite's after --fail-fast
     print(
         f"reference images generated: {outcome.reference_generated} "
-        f"({total - outcome.reference_generated} from the cache), candidate images: {outcome.candidate_generated}"
+        f"({used - outcome.reference_generated} reused), candidate images: {outcome.candidate_generated}"
     )
     timings = outcome.run_dir / "timings.json"
     if timings.is_file():
@@ -357,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     # Weights are local: no Hugging Face call may wait on a network that is not there.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = _parser().parse_args(argv)
+    from evals.logs import setup_cli_logging
+
+    setup_cli_logging(1 if args.verbose else -1 if args.quiet else 0)
     _exit_on_sigterm()
     handlers = {
         "run": cmd_run,

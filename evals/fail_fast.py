@@ -10,13 +10,15 @@ whole run would give; the stopped candidate's statistics cover the samples it fi
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from evals.gates import GateResult, GateSpec, evaluate_gates
 from evals.records import SampleRecord, summarize
+
+log = logging.getLogger(__name__)
 
 MONOTONE_FAIL = {"count": ("<=", "<"), "new_count": ("<=", "<"), "min": (">=", ">"), "max": ("<=", "<")}
 """Statistic -> the gate operators under which a failure now is a failure at the end."""
@@ -80,5 +82,5 @@ class FailFast:
                         f"{result.gate.describe()} failed for good ({result.reason})"
                     )
         for note in notes:
-            print(f"fail-fast: {note}", file=sys.stderr)
+            log.info(f"fail-fast: {note}")
         return notes

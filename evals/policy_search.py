@@ -4,7 +4,7 @@ ones in high precision, greedily, until the suite's gates pass."""
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,8 @@ from evals.tracking import mlflow_tracker
 from models.fp8 import Fp8Spec
 from models.precision import PrecisionPolicy, load_policy
 from models.yamlspec import InputError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,10 +53,9 @@ def sweep(
     for g in groups:
         candidates.append(switch.variant(variant_name("only", g.name), set(g.modules)))
         candidates.append(switch.variant(variant_name("keep", g.name), every - set(g.modules)))
-    print(
+    logger.info(
         f"sensitivity: {len(candidates)} candidates (the whole policy, and each of {len(groups)} groups alone in FP8 "
-        f"and alone kept) on {len(prepared.suite.samples())} samples",
-        file=sys.stderr,
+        f"and alone kept) on {len(prepared.suite.samples())} samples"
     )
     outcome, tracker = execute(prepared, candidates, request, runs_dir)
     info = METRICS[OUTPUTS[metric]]
@@ -181,10 +182,9 @@ def run_search(request: RunRequest, start: str, by: str, metric: str, out: Path)
                 "run_dir": str(outcome.run_dir),
             }
         )
-        print(
+        logger.info(
             f"step {len(log) - 1}: keep {[k.group for k in kept] or 'nothing'} -> {metric} {value:.3f}, "
-            f"{'passes' if passed else 'fails'}",
-            file=sys.stderr,
+            f"{'passes' if passed else 'fails'}"
         )
         return passed, value
 

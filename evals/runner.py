@@ -6,9 +6,9 @@ appended to records.jsonl at once; MLflow gets a copy as the run goes.
 
 from __future__ import annotations
 
+import logging
 import platform
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -37,6 +37,8 @@ from evals.suite import Sample, Suite
 from evals.tracker_protocol import Tracker
 from evals.weights import MissingWeights
 from models.sources import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -181,7 +183,7 @@ class SuiteRunner:
                 )
             except MissingWeights as exc:
                 self.unavailable[name] = str(exc)
-                print(f"warning: metric {name} unavailable: {exc}", file=sys.stderr)
+                log.warning(f"metric {name} unavailable: {exc}")
         self.reference_generated = 0
         self.candidate_generated = 0
         # Where this process's time went: the start-up steps measured before, then generation, metrics, ...
@@ -291,7 +293,7 @@ class SuiteRunner:
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 note = f"CUDA out of memory generating {size} images at once: halved to {size // 2} and retried"
-                print(f"warning: {note}", file=sys.stderr)
+                log.warning(note)
                 self.notes.append(note)
 
     def _score(self, cand: torch.Tensor, ref: torch.Tensor, prompts: list[str]) -> dict[str, list[float]]:
@@ -501,7 +503,7 @@ class SuiteRunner:
         from evals.bench import bench_suite_candidates
 
         assert self.suite.bench is not None
-        print("bench: timing the transformers (suite `bench`)...", file=sys.stderr)
+        log.info("bench: timing the transformers (suite `bench`)...")
         candidates = {c.name: c.pipeline.transformer for c in self.candidates if c.noise_floor is None}
         with self._timed("bench"):
             figures, results = bench_suite_candidates(
@@ -543,7 +545,7 @@ class SuiteRunner:
             if c.name not in found and c.baseline_policy in accepted:
                 found[c.name] = accepted[c.baseline_policy]
             elif c.name not in found:
-                print(f"warning: {c.name}: {missing_message(c.baseline_policy, folder, platform)}", file=sys.stderr)
+                log.warning(f"{c.name}: {missing_message(c.baseline_policy, folder, platform)}")
         return found, samples
 
     def _finish(self, records_path: Path) -> RunOutcome:

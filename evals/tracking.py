@@ -8,8 +8,8 @@ mid-run is switched off with a warning: results stay in the run directory either
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +19,8 @@ from typing import Any
 from evals.rundir import load_png
 from evals.tracker_protocol import NullTracker
 from evals.tracking_wrappers import BackgroundTracker, GuardedTracker
+
+log = logging.getLogger(__name__)
 
 
 def _finite_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -365,10 +367,9 @@ def _open_mlflow() -> Any:
     try:
         return GuardedTracker(MlflowTracker())
     except Exception as exc:  # noqa: BLE001 - any store failure: the run directory still gets everything
-        print(
-            f"warning: MLflow is unavailable ({type(exc).__name__}: {exc}); results go to the run directory "
-            "only; `evals log RUN_DIR` uploads them later",
-            file=sys.stderr,
+        log.warning(
+            f"MLflow is unavailable ({type(exc).__name__}: {exc}); results go to the run directory "
+            "only; `evals log RUN_DIR` uploads them later"
         )
         return NullTracker()
 
@@ -423,5 +424,5 @@ def log_bench(report: dict[str, Any], out_dir: Path) -> str | None:
         tracker.finish_run([out_dir / "bench.json", out_dir / "bench.md"], {}, failed=False)
         return tracker.tracking_uri
     except Exception as exc:  # noqa: BLE001 - the figures are in the bench directory either way
-        print(f"warning: MLflow logging failed ({type(exc).__name__}: {exc}); see {out_dir}", file=sys.stderr)
+        log.warning(f"MLflow logging failed ({type(exc).__name__}: {exc}); see {out_dir}")
         return None

@@ -4,10 +4,12 @@ on worker threads so that MLflow overlaps generation."""
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class GuardedTracker:
@@ -27,10 +29,9 @@ class GuardedTracker:
                 return method(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - any tracking failure must not lose the run
                 self.failed = f"{type(exc).__name__}: {exc}"
-                print(
-                    f"warning: MLflow logging failed and is off for the rest of this run ({self.failed}); "
-                    "results are complete in the run directory; `evals log RUN_DIR` uploads them later",
-                    file=sys.stderr,
+                log.warning(
+                    f"MLflow logging failed and is off for the rest of this run ({self.failed}); "
+                    "results are complete in the run directory; `evals log RUN_DIR` uploads them later"
                 )
                 return None
 

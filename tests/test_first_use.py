@@ -137,3 +137,24 @@ def test_explain_prints_no_diffusers_cast_warning(capfd: pytest.CaptureFixture[s
     out, err = capfd.readouterr()
     assert "transformer_blocks.0.attn.to_q" in out
     assert "kept in float32" not in out + err
+
+
+def test_messages_go_through_logging_with_the_cli_s_prefixes(capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from evals.logs import setup_cli_logging
+
+    log = logging.getLogger("evals.somewhere")
+    setup_cli_logging(0)
+    log.warning("a warning")
+    log.info("a progress line")
+    log.debug("a detail")
+    assert capsys.readouterr().err == "warning: a warning\na progress line\n"
+    setup_cli_logging(-1)  # -q: warnings only; the first handler is replaced, not doubled
+    log.info("a progress line")
+    log.error("an error")
+    assert capsys.readouterr().err == "error: an error\n"
+    setup_cli_logging(1)  # -v
+    log.debug("a detail")
+    assert capsys.readouterr().err == "a detail\n"
+    setup_cli_logging(0)
