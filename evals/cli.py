@@ -9,6 +9,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from evals import cli_tools
 from evals.gates import EXIT_BAD_INPUT, EXIT_CRASHED
 from models.yamlspec import InputError
 
@@ -19,8 +20,13 @@ def _parser() -> argparse.ArgumentParser:
     loudness.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
     loudness.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress lines")
     sub = parser.add_subparsers(dest="command", required=True)
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
 
-    run = sub.add_parser("run", help="run a suite: reference vs FP8 candidates, metrics, gates, MLflow")
+    run = sub.add_parser(
+        "run", parents=[device], help="run a suite: reference vs FP8 candidates, metrics, gates, MLflow"
+    )
+    run.set_defaults(func=cmd_run)
     run.add_argument("suite", type=Path, nargs="?", help="suite YAML file, e.g. suites/smoke.yaml")
     run.add_argument("--resume", type=Path, metavar="RUN_DIR", help="finish an interrupted run, keeping its samples")
     run.add_argument(
@@ -47,7 +53,6 @@ def _parser() -> argparse.ArgumentParser:
         "policy's; a checkpoint, the policy it was made from)",
     )
     _model_args(run)
-    run.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
     run.add_argument(
         "--reference-dtype",
         choices=("auto", "float32", "bfloat16", "float16"),
@@ -78,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
         dest="policy_command", required=True
     )
     explain = policy.add_parser("explain", help="what a policy does to every linear layer, and the memory it saves")
+    explain.set_defaults(func=cmd_policy_explain)
     explain.add_argument("policy", help="shipped policy name or YAML path")
     _model_args(explain, default="tiny")
     explain.add_argument(
@@ -89,34 +95,44 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--device", default="auto", help="device whose FP8 kernels decide the backend")
     explain.add_argument("--json", action="store_true", help="machine-readable output")
 
-    search = policy.add_parser("search", help="find the policy with the most FP8 layers that passes a suite's gates")
+    search = policy.add_parser(
+        "search", parents=[device], help="find the policy with the most FP8 layers that passes a suite's gates"
+    )
+    search.set_defaults(func=cmd_policy_search)
     search.add_argument("suite", type=Path, help="suite YAML whose gates the policy must pass")
     search.add_argument("--start", default="fp8-all-linears", help="policy to start from (default fp8-all-linears)")
     search.add_argument("--out", type=Path, required=True, help="where to write the found policy YAML")
     _sweep_args(search)
 
-    sens = sub.add_parser("sensitivity", help="metric change per group of layers, quantized alone and kept alone")
+    sens = sub.add_parser(
+        "sensitivity", parents=[device], help="metric change per group of layers, quantized alone and kept alone"
+    )
+    sens.set_defaults(func=cmd_sensitivity)
     sens.add_argument("suite", type=Path, help="suite YAML")
     sens.add_argument(
         "--policy", default="fp8-all-linears", help="policy whose layers are swept (default fp8-all-linears)"
     )
     _sweep_args(sens)
 
-    quantize = sub.add_parser("quantize", help="apply a policy and save the quantized transformer as safetensors")
+    quantize = sub.add_parser(
+        "quantize", parents=[device], help="apply a policy and save the quantized transformer as safetensors"
+    )
+    quantize.set_defaults(func=cli_tools.cmd_quantize)
     quantize.add_argument("policy", help="shipped policy name or YAML path")
     quantize.add_argument("--out", type=Path, required=True, help="output .safetensors file")
     quantize.add_argument(
         "--suite", type=Path, help="suite whose generation settings drive calibration (static policies)"
     )
     _model_args(quantize, default="tiny")
-    quantize.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
     quantize.add_argument("--reference-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
 
     detect = sub.add_parser("detect", help="run every failure detector on image files")
+    detect.set_defaults(func=cli_tools.cmd_detect)
     detect.add_argument("images", nargs="+", type=Path, help="PNG/JPEG files")
     detect.add_argument("--json", action="store_true", help="machine-readable output")
 
     compare = sub.add_parser("compare-images", help="PSNR and SSIM of a candidate image against a reference")
+    compare.set_defaults(func=cli_tools.cmd_compare_images)
     compare.add_argument("reference", type=Path)
     compare.add_argument("candidate", type=Path)
     compare.add_argument("--prompt", help="the prompt, for CLIP score")
@@ -124,13 +140,17 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--json", action="store_true", help="machine-readable output")
 
     doctor = sub.add_parser("doctor", help="device, FP8 capability, metric weights present, MLflow store")
+    doctor.set_defaults(func=cli_tools.cmd_doctor)
     _weights_arg(doctor)
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
     sub.add_parser(
         "fetch-weights", help="download LPIPS trunks and CLIP weights into the standard caches (needs network)"
-    )
+    ).set_defaults(func=cli_tools.cmd_fetch_weights)
 
-    bench = sub.add_parser("bench", help="step latency, memory and compile time of the reference and FP8 candidates")
+    bench = sub.add_parser(
+        "bench", parents=[device], help="step latency, memory and compile time of the reference and FP8 candidates"
+    )
+    bench.set_defaults(func=cli_tools.cmd_bench)
     bench.add_argument(
         "--model",
         required=True,
@@ -148,7 +168,6 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--cuda-graph", action="store_true", help="time each step as the replay of a CUDA graph (GPU; no launch gaps)"
     )
-    bench.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
     bench.add_argument("--reference-dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     bench.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where the bench directory goes")
     bench.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -159,6 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     log.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="e.g. runs/20261125T101500Z-smoke")
     log.add_argument("--force", action="store_true", help="log it even if it is already in MLflow")
+    log.set_defaults(func=cmd_log)
 
     from evals.cli_review import add_review_commands
 
@@ -184,7 +204,6 @@ def _sweep_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--metric", default="psnr", help="metric output ranked on (default psnr)")
     _model_args(parser)
-    parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
     parser.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run directories go")
     parser.add_argument("--cache-dir", type=Path, help="reference cache")
     parser.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
@@ -213,14 +232,14 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return run_sensitivity(_sweep_request(args), args.policy, args.groups, args.metric)
 
 
-def cmd_policy(args: argparse.Namespace) -> int:
-    if args.policy_command == "search":
-        from evals.policy_search import run_search
+def cmd_policy_search(args: argparse.Namespace) -> int:
+    from evals.policy_search import run_search
 
-        return run_search(_sweep_request(args), args.start, args.groups, args.metric, args.out)
-    from evals.cli_tools import cmd_policy_explain
+    return run_search(_sweep_request(args), args.start, args.groups, args.metric, args.out)
 
-    return cmd_policy_explain(args)
+
+def cmd_policy_explain(args: argparse.Namespace) -> int:
+    return cli_tools.cmd_policy_explain(args)
 
 
 def _weights_arg(parser: argparse.ArgumentParser) -> None:
@@ -348,15 +367,6 @@ def _exit_on_sigterm() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from evals.cli_tools import (
-        cmd_bench,
-        cmd_compare_images,
-        cmd_detect,
-        cmd_doctor,
-        cmd_fetch_weights,
-        cmd_quantize,
-    )
-
     # Weights are local: no Hugging Face call may wait on a network that is not there.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = _parser().parse_args(argv)
@@ -364,24 +374,9 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_cli_logging(1 if args.verbose else -1 if args.quiet else 0)
     _exit_on_sigterm()
-    handlers = {
-        "run": cmd_run,
-        "log": cmd_log,
-        "bench": cmd_bench,
-        "quantize": cmd_quantize,
-        "policy": cmd_policy,
-        "sensitivity": cmd_sensitivity,
-        "detect": cmd_detect,
-        "doctor": cmd_doctor,
-        "fetch-weights": cmd_fetch_weights,
-        "compare-images": cmd_compare_images,
-    }
-    from evals.cli_review import REVIEW_HANDLERS
-
-    handlers.update(REVIEW_HANDLERS)
     try:
-        handler = getattr(args, "func", None) or handlers[args.command]
-        return handler(args)
+        code: int = args.func(args)
+        return code
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -211,14 +211,15 @@ def add_review_commands(sub: Any) -> None:
     accept = sub.add_parser("accept", help="make a run the baseline of its suite for each of its policies (MLflow)")
     accept.add_argument("run", metavar="RUN", help="a run directory, or an MLflow run id (parent or candidate)")
     accept.add_argument("--force", action="store_true", help="accept candidates that failed their gates")
+    accept.set_defaults(func=cmd_accept)
     compare = sub.add_parser("compare", help="metric differences between two runs")
     compare.add_argument("run_a", metavar="RUN_A", help="run directory or MLflow run id")
     compare.add_argument("run_b", metavar="RUN_B", help="run directory or MLflow run id")
     compare.add_argument("--json", action="store_true", help="machine-readable output")
+    compare.set_defaults(func=cmd_compare)
     report = sub.add_parser("report", help="re-render a run's HTML, Markdown and JUnit reports from its directory")
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    report.set_defaults(func=cmd_report)
     ui = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for the store runs are logged to")
     ui.add_argument("--port", type=int, default=5000, help="port (default 5000)")
-
-
-REVIEW_HANDLERS = {"accept": cmd_accept, "compare": cmd_compare, "report": cmd_report, "ui": cmd_ui}
+    ui.set_defaults(func=cmd_ui)

@@ -158,3 +158,20 @@ def test_messages_go_through_logging_with_the_cli_s_prefixes(capsys: pytest.Capt
     log.debug("a detail")
     assert capsys.readouterr().err == "a detail\n"
     setup_cli_logging(0)
+
+
+def test_every_command_names_its_handler() -> None:
+    """Each (sub)command sets `func` itself: no table of names to keep in step with the parser."""
+    import argparse
+
+    from evals.cli import _parser
+
+    def leaves(parser: argparse.ArgumentParser, path: tuple[str, ...]) -> list[tuple[tuple[str, ...], object]]:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            return [(path, parser.get_default("func"))]
+        return [leaf for name, child in subs[0].choices.items() for leaf in leaves(child, (*path, name))]
+
+    found = leaves(_parser(), ())
+    assert len(found) >= 18 and ("policy", "explain") in [p for p, _ in found]
+    assert [p for p, func in found if not callable(func)] == []
