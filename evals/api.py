@@ -9,9 +9,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from models.yamlspec import InputError
+
+if TYPE_CHECKING:
+    from evals.candidates import Candidate
+    from evals.distributed import Shard
+    from evals.runner import RunOutcome
+    from evals.suite import Suite
+    from evals.tracker_protocol import Tracker
+    from evals.tracking_wrappers import BackgroundTracker
+    from models.precision import PrecisionPolicy
+    from models.sources import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -97,16 +107,16 @@ def ci_tags() -> dict[str, str]:
 
 @dataclass
 class Prepared:
-    suite: Any
+    suite: Suite
     """The loaded suite."""
-    model: Any
-    """The reference model (`LoadedModel`)."""
+    model: LoadedModel
+    """The reference model."""
     device: str
     """Resolved device."""
     reference_dtype: str
     """Resolved reference dtype name."""
-    shard: Any = None
-    """This process's torchrun shard (`evals.distributed.Shard`)."""
+    shard: Shard = field(default_factory=lambda: _one_process())
+    """This process's torchrun shard."""
     startup: dict[str, float] = field(default_factory=dict)
     """Seconds of each start-up step (`startup.model`, ...), for timings.json."""
     started: float = 0.0
@@ -115,7 +125,13 @@ class Prepared:
     """`blocks` or `none` for the candidates' transformer blocks (request, else suite; auto resolved)."""
 
 
-def prepare(request: RunRequest, suite: Any = None) -> Prepared:
+def _one_process() -> Shard:
+    from evals.distributed import Shard
+
+    return Shard()
+
+
+def prepare(request: RunRequest, suite: Suite | None = None) -> Prepared:
     """Validate the suite (unless already loaded), options and files, then load the reference model."""
     from evals import startup_origin
 
@@ -171,7 +187,7 @@ def compile_mode(choice: str, device: str) -> str:
     return choice
 
 
-def check_unique_names(candidates: list[Any]) -> None:
+def check_unique_names(candidates: list[Candidate]) -> None:
     """Names become folders and MLflow runs: two candidates may not share one."""
     names = [c.name for c in candidates]
     if len(set(names)) < len(names):
@@ -182,8 +198,8 @@ def check_unique_names(candidates: list[Any]) -> None:
 
 
 def build_candidates(
-    prepared: Prepared, policies: list[Any], checkpoints: list[CheckpointArg], baseline: str | None = None
-) -> list[Any]:
+    prepared: Prepared, policies: list[PrecisionPolicy], checkpoints: list[CheckpointArg], baseline: str | None = None
+) -> list[Candidate]:
     """Candidates from loaded policies (rule typos surface here) and from quantized checkpoint files;
     their transformer blocks compiled when `prepared.compile` says `blocks`. `baseline`: the policy
     whose baseline every candidate is compared with (default: each its own)."""
@@ -217,12 +233,12 @@ def build_candidates(
 
 def execute(
     prepared: Prepared,
-    candidates: list[Any],
+    candidates: list[Candidate],
     request: RunRequest,
     runs_dir: Path | None = None,
     resume: tuple[Path, set[tuple[str, str]]] | None = None,
-    tracker: Any = None,
-) -> Any:
+    tracker: Tracker | None = None,
+) -> tuple[RunOutcome, Tracker]:
     """Run candidates against the reference into a new run directory (or finish the one in `resume`,
     skipping its finished samples); returns (RunOutcome, tracker). `tracker`: one opened earlier."""
     from evals.cache import ReferenceCache, default_cache_dir
@@ -291,22 +307,23 @@ def execute(
 
         outcome = shard.broadcast(outcome)
         distributed.stop(shard)
+    assert outcome is not None  # rank 0's, on every rank
     return outcome, tracker
 
 
-def _early_tracker(request: RunRequest) -> Any:
+def _early_tracker(request: RunRequest) -> BackgroundTracker | None:
     """The tracker, opened now by its worker thread while the model loads, if that creates nothing
     (a bad input found later must leave no new store behind); else None: `execute` opens it."""
     from evals.distributed import from_environment
-    from evals.tracking import open_tracker, store_exists
+    from evals.tracking import open_mlflow_in_background, store_exists
 
     if request.mlflow and from_environment().main and store_exists():
-        return open_tracker(True)
+        return open_mlflow_in_background()
     return None
 
 
 @contextmanager
-def _settled_on_error(tracker: Any) -> Iterator[None]:
+def _settled_on_error(tracker: BackgroundTracker | None) -> Iterator[None]:
     """On an error, let an early tracker finish opening (a store migration must not be cut off by
     the exit) before it propagates."""
     try:
@@ -317,14 +334,14 @@ def _settled_on_error(tracker: Any) -> Iterator[None]:
         raise
 
 
-def _tracking_uri(tracker: Any) -> str | None:
+def _tracking_uri(tracker: Tracker) -> str | None:
     from evals.tracking import mlflow_tracker
 
     found = mlflow_tracker(tracker)
     return found.tracking_uri if found is not None else None
 
 
-def run_suite_file(request: RunRequest) -> tuple[Any, Any, str | None]:
+def run_suite_file(request: RunRequest) -> tuple[RunOutcome, Suite, str | None]:
     """Validate everything, then run; returns (RunOutcome, Suite, MLflow tracking URI or None).
 
     Every input is checked before any work or any file is written: an InputError leaves nothing.
@@ -339,15 +356,15 @@ def run_suite_file(request: RunRequest) -> tuple[Any, Any, str | None]:
             f"{request.suite}: no candidate; pass --policy or --candidate-checkpoint, or list `policies:` in the suite"
         )
     policies = [load_policy(name) for name in policy_names]
-    tracker = _early_tracker(request)
-    with _settled_on_error(tracker):
+    early = _early_tracker(request)
+    with _settled_on_error(early):
         prepared = prepare(request, suite)
         candidates = build_candidates(prepared, policies, request.candidate_checkpoints, request.baseline)
-    outcome, tracker = execute(prepared, candidates, request, tracker=tracker)
+    outcome, tracker = execute(prepared, candidates, request, tracker=early)
     return outcome, prepared.suite, _tracking_uri(tracker)
 
 
-def resume_run(run_dir: Path, request: RunRequest) -> tuple[Any, Any, str | None]:
+def resume_run(run_dir: Path, request: RunRequest) -> tuple[RunOutcome, Suite, str | None]:
     """Finish an interrupted run: same suite, model and candidates as its run.json says; every sample
     already in records.jsonl is kept and skipped."""
     import json
@@ -381,8 +398,8 @@ def resume_run(run_dir: Path, request: RunRequest) -> tuple[Any, Any, str | None
             ],
         }
     )
-    tracker = _early_tracker(request)
-    with _settled_on_error(tracker):
+    early = _early_tracker(request)
+    with _settled_on_error(early):
         prepared = prepare(request, suite)
         if prepared.model.fingerprint != run["model"]["fingerprint"]:
             raise InputError(f"--resume {run_dir}: the model's files changed since the run started")
@@ -396,5 +413,5 @@ def resume_run(run_dir: Path, request: RunRequest) -> tuple[Any, Any, str | None
         if drop_torn_tail(records_path):
             log.warning("dropped a half-written last record (the run was killed mid-write)")
         done = {(r.policy, r.sample_id) for r in read_records(records_path)} if records_path.is_file() else set()
-    outcome, tracker = execute(prepared, candidates, request, resume=(run_dir, done), tracker=tracker)
+    outcome, tracker = execute(prepared, candidates, request, resume=(run_dir, done), tracker=early)
     return outcome, suite, _tracking_uri(tracker)

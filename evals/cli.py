@@ -7,9 +7,9 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
 
 from evals import cli_tools
+from evals.api import RunRequest
 from evals.gates import EXIT_BAD_INPUT, EXIT_CRASHED
 from models.yamlspec import InputError
 
@@ -210,7 +210,7 @@ def _sweep_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _sweep_request(args: argparse.Namespace) -> Any:
+def _sweep_request(args: argparse.Namespace) -> RunRequest:
     from evals.api import RunRequest
 
     return RunRequest(

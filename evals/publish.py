@@ -13,6 +13,7 @@ from typing import Any
 
 from evals.mlflow_review import headline_metrics, run_name
 from evals.records import PolicySummary, SampleRecord, read_records, summarize
+from evals.tracker_protocol import Tracker
 from models.yamlspec import InputError
 
 RUN_FILES = ("run.json", "records.jsonl", "summary.json", "verdict.json", "summary.md", "report.html", "junit.xml")
@@ -40,7 +41,7 @@ def sample_table(records: list[SampleRecord], detectors: Sequence[str]) -> dict[
 
 
 def publish_results(
-    tracker: Any,
+    tracker: Tracker,
     run_dir: Path,
     candidates: list[str],
     detectors: Sequence[str],

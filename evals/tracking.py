@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from evals.rundir import load_png
-from evals.tracker_protocol import NullTracker
+from evals.tracker_protocol import NullTracker, Tracker
 from evals.tracking_wrappers import BackgroundTracker, GuardedTracker
 
 log = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _open_mlflow() -> Any:
+def _open_mlflow() -> GuardedTracker | NullTracker:
     """The guarded MLflow tracker; a store that cannot be opened costs the run its MLflow view, with
     a warning, never the run itself."""
     try:
@@ -385,12 +385,17 @@ def store_exists() -> bool:
     return uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).is_file()
 
 
-def open_tracker(enabled: bool) -> Any:
+def open_tracker(enabled: bool) -> BackgroundTracker | NullTracker:
     """The run's tracker: MLflow, opened by a worker thread while the run goes on, or NullTracker."""
-    return BackgroundTracker(_open_mlflow) if enabled else NullTracker()
+    return open_mlflow_in_background() if enabled else NullTracker()
 
 
-def mlflow_tracker(tracker: Any) -> MlflowTracker | None:
+def open_mlflow_in_background() -> BackgroundTracker:
+    """The MLflow tracker, opened by a worker thread while the caller goes on."""
+    return BackgroundTracker(_open_mlflow)
+
+
+def mlflow_tracker(tracker: Tracker) -> MlflowTracker | None:
     """The MLflow tracker inside the wrappers, once everything queued is done; None when there is
     none or its logging failed."""
     layer = tracker
