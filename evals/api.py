@@ -242,8 +242,9 @@ def execute(
     """Run candidates against the reference into a new run directory (or finish the one in `resume`,
     skipping its finished samples); returns (RunOutcome, tracker). `tracker`: one opened earlier."""
     from evals.cache import ReferenceCache, default_cache_dir
+    from evals.environment import git_commit
     from evals.rundir import new_run_dir
-    from evals.runner import SuiteRunner, git_commit
+    from evals.runner import SuiteRunner
     from evals.tracking import open_tracker
 
     check_unique_names(candidates)

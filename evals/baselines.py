@@ -16,15 +16,23 @@ candidate's summary with the entry of its baseline policy for the run's platform
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evals.rundir import write_atomic
 from models.yamlspec import InputError
+
+if TYPE_CHECKING:
+    from evals.candidates import Candidate
+    from evals.suite import Suite
+    from evals.tracker_protocol import Tracker
+
+log = logging.getLogger(__name__)
 
 BASELINE_VERSION = 1
 HEADLINE = ("psnr_mean", "psnr_min", "ssim_mean", "lpips_mean", "clip_score_delta_mean")
@@ -137,3 +145,27 @@ def update(
         write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
         changes.append(Change(policy, path, old["metrics"] if old else None, current))
     return changes
+
+
+def find_baselines(
+    suite: Suite, candidates: list[Candidate], device: str, reference_dtype: str, tracker: Tracker
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
+    """Candidate -> flat metrics of its baseline policy's committed baseline for this platform, else
+    of the run MLflow holds as accepted; a candidate with neither is left out (its gates fail, with a
+    warning here). Also candidate -> per-sample values (committed baselines only)."""
+    folder = baselines_folder(suite.path, suite.name, suite.baselines)
+    platform = platform_key(device, reference_dtype)
+    found: dict[str, dict[str, float]] = {}
+    samples: dict[str, dict[str, dict[str, float]]] = {}
+    for c in candidates:
+        committed = load_committed(folder, c.baseline_policy, platform)
+        if committed is not None:
+            found[c.name], samples[c.name] = committed.metrics, committed.samples
+    rest = sorted({c.baseline_policy for c in candidates if c.name not in found})
+    accepted = (tracker.baselines(suite.name, rest) or {}) if rest else {}
+    for c in candidates:
+        if c.name not in found and c.baseline_policy in accepted:
+            found[c.name] = accepted[c.baseline_policy]
+        elif c.name not in found:
+            log.warning(f"{c.name}: {missing_message(c.baseline_policy, folder, platform)}")
+    return found, samples

@@ -259,7 +259,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if setup.cuda_graph and not device.startswith("cuda"):
         raise InputError(f"--cuda-graph: CUDA graphs need a CUDA device, not {device}")
     results = run_bench(args.model, args.policy or ["fp8-e4m3-rowwise"], setup, device, args.reference_dtype)
-    from evals.runner import environment
+    from evals.environment import environment
 
     report = {
         "model": args.model,

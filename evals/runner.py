@@ -7,13 +7,11 @@ appended to records.jsonl at once; MLflow gets a copy as the run goes.
 from __future__ import annotations
 
 import logging
-import platform
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -21,11 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from evals.batches import BatchResult, GeneratedBatch
 from evals.cache import ReferenceCache, reference_key
 from evals.candidates import Candidate
 from evals.compiling import explain_failure
 from evals.detectors import detect_batch
 from evals.distributed import Shard
+from evals.environment import environment, git_commit
 from evals.fail_fast import FailFast
 from evals.gates import Verdict, evaluate_gates
 from evals.generation import from_uint8, generate, to_uint8
@@ -42,44 +42,6 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class BatchResult:
-    """One batch's work, as a torchrun shard sends it to rank 0."""
-
-    ids: list[str]
-    """Sample ids of the batch, in order."""
-    reference: list[np.ndarray] = field(default_factory=list)
-    """Reference images (HWC uint8) of the batch; empty when nothing was left to do."""
-    reference_files: list[Path] = field(default_factory=list)
-    """Their PNG files in the reference cache, when they came from it (copied, not encoded again)."""
-    samples: list[tuple[np.ndarray, SampleRecord]] = field(default_factory=list)
-    """(candidate image, its record) for each unfinished sample of each candidate."""
-    reference_generated: int = 0
-    candidate_generated: int = 0
-    notes: list[str] = field(default_factory=list)
-    """Warnings raised while computing it (batch halved on out-of-memory)."""
-
-
-@dataclass
-class GeneratedBatch:
-    """One batch's images as they left the GPU (float, unclamped), before scoring and writing."""
-
-    batch: list[Sample]
-    todo: dict[str, set[str]]
-    """Candidate name -> ids of its samples still to record."""
-    reference_keys: list[str] = field(default_factory=list)
-    """Cache keys of the reference images (empty: no cache)."""
-    reference_raw: torch.Tensor | None = None
-    """Generated reference images; None when they came from the cache."""
-    cached: tuple[np.ndarray, list[dict[str, Any]]] | None = None
-    """(8-bit reference images, their findings) from the cache."""
-    cached_files: list[Path] = field(default_factory=list)
-    """The cache's PNG files of those images."""
-    candidates: list[tuple[Candidate, torch.Tensor, float]] = field(default_factory=list)
-    """(candidate, its raw images, seconds per image)."""
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
 class RunOutcome:
     run_dir: Path
     summaries: dict[str, PolicySummary]
@@ -87,37 +49,6 @@ class RunOutcome:
     reference_generated: int
     """Reference images generated in this run (0 when all came from the cache)."""
     candidate_generated: int
-
-
-def environment(device: str) -> dict[str, Any]:
-    import diffusers
-    import transformers
-
-    env: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "device": device,
-        "threads": torch.get_num_threads(),
-    }
-    if device.startswith("cuda"):
-        index = torch.device(device).index or 0
-        env["device_name"] = torch.cuda.get_device_name(index)
-        env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(index)))
-        env["device_kind"] = f"cuda:{env['device_name']}"
-    else:
-        env["device_kind"] = f"cpu:{platform.machine()}"
-    return env
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _cuda_index(device: str) -> int | None:
@@ -525,28 +456,10 @@ class SuiteRunner:
         return self._baselines_found
 
     def _find_baselines(self) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
-        """Candidate -> flat metrics of its baseline policy's committed baseline for this platform, else
-        of the run MLflow holds as accepted; a candidate with neither is left out (its gates fail).
-        Also candidate -> per-sample values (committed baselines only)."""
-        from evals.baselines import baselines_folder, load_committed, missing_message, platform_key
+        from evals.baselines import find_baselines
 
-        folder = baselines_folder(self.suite.path, self.suite.name, self.suite.baselines)
-        platform = platform_key(self.device, self.reference_dtype)
         gated = [c for c in self.candidates if c.noise_floor is None]
-        found: dict[str, dict[str, float]] = {}
-        samples: dict[str, dict[str, dict[str, float]]] = {}
-        for c in gated:
-            committed = load_committed(folder, c.baseline_policy, platform)
-            if committed is not None:
-                found[c.name], samples[c.name] = committed.metrics, committed.samples
-        rest = sorted({c.baseline_policy for c in gated if c.name not in found})
-        accepted = (self.tracker.baselines(self.suite.name, rest) or {}) if rest else {}
-        for c in gated:
-            if c.name not in found and c.baseline_policy in accepted:
-                found[c.name] = accepted[c.baseline_policy]
-            elif c.name not in found:
-                log.warning(f"{c.name}: {missing_message(c.baseline_policy, folder, platform)}")
-        return found, samples
+        return find_baselines(self.suite, gated, self.device, self.reference_dtype, self.tracker)
 
     def _finish(self, records_path: Path) -> RunOutcome:
         with self._timed("finishing.summary"):
