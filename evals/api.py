@@ -105,6 +105,12 @@ def ci_tags() -> dict[str, str]:
     return {}
 
 
+def _one_process() -> Shard:
+    from evals.distributed import Shard
+
+    return Shard()
+
+
 @dataclass
 class Prepared:
     suite: Suite
@@ -115,7 +121,7 @@ class Prepared:
     """Resolved device."""
     reference_dtype: str
     """Resolved reference dtype name."""
-    shard: Shard = field(default_factory=lambda: _one_process())
+    shard: Shard = field(default_factory=_one_process)
     """This process's torchrun shard."""
     startup: dict[str, float] = field(default_factory=dict)
     """Seconds of each start-up step (`startup.model`, ...), for timings.json."""
@@ -123,12 +129,6 @@ class Prepared:
     """Where the run's start-up is counted from (`evals.startup_origin`)."""
     compile: str = "none"
     """`blocks` or `none` for the candidates' transformer blocks (request, else suite; auto resolved)."""
-
-
-def _one_process() -> Shard:
-    from evals.distributed import Shard
-
-    return Shard()
 
 
 def prepare(request: RunRequest, suite: Suite | None = None) -> Prepared:

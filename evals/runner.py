@@ -311,7 +311,7 @@ class SuiteRunner:
             if result is not None and writer is not None:
                 with self._timed("writing"):
                     self._store(result, writer)
-                if self.shard.active:  # one process: the bar moved as each image set was generated
+                if self.shard.active:  # under torchrun the bar moves as results arrive here
                     bar.update(1 + len(self.candidates))
 
     def _generate_batch(self, batch: list[Sample], bar: Any) -> GeneratedBatch:
@@ -450,16 +450,14 @@ class SuiteRunner:
         return any(g.baseline is not None for g in self.suite.gates)
 
     def _baselines(self) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
-        """`_find_baselines`, once (fail-fast asks before the end)."""
+        """`baselines.find_baselines` for the gated candidates, looked up once (fail-fast asks
+        before the end)."""
         if self._baselines_found is None:
-            self._baselines_found = self._find_baselines()
+            from evals.baselines import find_baselines
+
+            gated = [c for c in self.candidates if c.noise_floor is None]
+            self._baselines_found = find_baselines(self.suite, gated, self.device, self.reference_dtype, self.tracker)
         return self._baselines_found
-
-    def _find_baselines(self) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
-        from evals.baselines import find_baselines
-
-        gated = [c for c in self.candidates if c.noise_floor is None]
-        return find_baselines(self.suite, gated, self.device, self.reference_dtype, self.tracker)
 
     def _finish(self, records_path: Path) -> RunOutcome:
         with self._timed("finishing.summary"):

@@ -52,8 +52,6 @@ class MlflowTracker:
     """Logs through `MlflowClient` with explicit run ids: no global active-run state."""
 
     def __init__(self, tracking_uri: str | None = None):
-        import logging
-
         import mlflow
         from mlflow import MlflowClient
 
