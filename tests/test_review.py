@@ -159,8 +159,10 @@ def test_a_run_against_a_real_mlflow_server(workdir: Path) -> None:
         else:
             pytest.fail("mlflow server did not start within 90 s")
         env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}
+        # One seed: the server's side is what this checks.
+        suite = write(workdir / "smoke.yaml", (TEST_SUITES / "smoke.yaml").read_text().replace("[0, 1]", "[0]"))
         done = subprocess.run(
-            [sys.executable, "-m", "evals", "run", str(TEST_SUITES / "smoke.yaml"), *FAST],
+            [sys.executable, "-m", "evals", "run", str(suite), *FAST],
             cwd=workdir,
             env=env,
             capture_output=True,
@@ -180,9 +182,9 @@ def test_a_run_against_a_real_mlflow_server(workdir: Path) -> None:
         (child,) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert parent.data.tags["verdict"] == "pass" and child.data.metrics["psnr_mean"] > 30
         table = json.loads(Path(client.download_artifacts(child.info.run_id, "samples.json")).read_text())
-        assert len(table["data"]) == 16
+        assert len(table["data"]) == 8
         images = {a.path for a in client.list_artifacts(child.info.run_id, "images")}
-        assert any("grid-" in p for p in images) and len(images) >= 32  # candidate images and grids
+        assert any("grid-" in p for p in images) and len(images) >= 16  # candidate images and grids
         parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
         assert {"report.html", "junit.xml", "records.jsonl"} <= parent_files
     finally:
