@@ -16,10 +16,11 @@ from tests.conftest import REPO, TEST_SUITES
 
 
 @pytest.mark.slow
-def test_four_concurrent_runs_all_land_in_one_new_sqlite_store(tmp_path: Path) -> None:
+def test_concurrent_runs_all_land_in_one_new_sqlite_store(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    # The store is what they share: one seed and one step each keep the images out of the way.
+    # The store is what they share: one seed and one step each keep the images out of the way; three
+    # processes on two cores already race for its creation and migration.
     light = (TEST_SUITES / "smoke.yaml").read_text().replace("seeds: [0, 1]", "seeds: [0]")
     suite = tmp_path / "smoke.yaml"
     suite.write_text(light.replace("steps: 4", "steps: 1"))
@@ -32,18 +33,18 @@ def test_four_concurrent_runs_all_land_in_one_new_sqlite_store(tmp_path: Path) -
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for i in range(4)
+        for i in range(3)
     ]
     outputs = [p.communicate(timeout=600)[0] for p in processes]
-    assert [p.returncode for p in processes] == [0, 0, 0, 0], outputs
+    assert [p.returncode for p in processes] == [0, 0, 0], outputs
     assert not any("warning: MLflow" in out for out in outputs)
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 4 and len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
-    assert len({r.data.tags["run_dir"] for r in parents}) == 4
+    assert len(parents) == 3 and len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs)
+    assert len({r.data.tags["run_dir"] for r in parents}) == 3
 
 
 def test_an_unreachable_tracking_server_costs_only_the_mlflow_view(
