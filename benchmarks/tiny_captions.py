@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evals.generation import generate
-from evals.suite import Case, Generation, Sample
+from evals.suite_types import Case, Generation, Sample
 from models.tiny import T5_TOKENS
 from models.tiny_data import COLOURS
 

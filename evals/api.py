@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from evals.candidates import Candidate
     from evals.distributed import Shard
     from evals.runner import RunOutcome
-    from evals.suite import Suite
+    from evals.suite_types import Suite
     from evals.tracker_protocol import Tracker
     from evals.tracking_wrappers import BackgroundTracker
     from models.precision import PrecisionPolicy

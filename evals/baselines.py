@@ -29,7 +29,7 @@ from models.yamlspec import InputError
 
 if TYPE_CHECKING:
     from evals.candidates import Candidate
-    from evals.suite import Suite
+    from evals.suite_types import Suite
     from evals.tracker_protocol import Tracker
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import torch
 
 from evals.candidates import Candidate
 from evals.records import SampleRecord
-from evals.suite import Sample
+from evals.suite_types import Sample
 
 
 @dataclass

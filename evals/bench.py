@@ -213,7 +213,7 @@ def pipeline_seconds_per_image(pipeline: Any, transformer: Any, setup: BenchSetu
     """A warm pipeline call with guidance 4.5: batch/2 images, so that with classifier-free guidance
     the transformer sees the benched batch (and no new shape to compile)."""
     from evals.generation import generate
-    from evals.suite import Case, Generation, Sample
+    from evals.suite_types import Case, Generation, Sample
 
     pipe = type(pipeline)(**dict(pipeline.components, transformer=transformer))
     pipe.set_progress_bar_config(disable=True)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from evals.rundir import load_png, save_png, write_json
-from evals.suite import Generation, Sample
+from evals.suite_types import Generation, Sample
 
 CACHE_ENV = "EVALS_CACHE_DIR"
 

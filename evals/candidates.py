@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from evals.suite import CASE_ID, Generation
+from evals.suite_types import CASE_ID, Generation
 from models.precision import LayerPlan, PrecisionPolicy, apply_policy, backend_summary, resolve_plan
 from models.sources import LoadedModel
 from models.yamlspec import InputError

@@ -91,7 +91,8 @@ def _human_bytes(n: float) -> str:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from evals.candidates import build_candidate
-    from evals.suite import Generation, load_suite
+    from evals.suite import load_suite
+    from evals.suite_types import Generation
     from models.checkpoints import save_quantized_transformer
     from models.precision import load_policy
     from models.sources import load_source, resolved_dtype_name

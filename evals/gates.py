@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from evals.metrics import METRICS, OUTPUTS
 from evals.records import PolicySummary, SampleRecord, summarize
-from evals.suite import PER_SAMPLE, GateSpec
+from evals.suite_types import PER_SAMPLE, GateSpec
 
 EXIT_PASS = 0
 EXIT_GATE_FAILED = 1

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from evals.suite import Generation, Sample
+from evals.suite_types import Generation, Sample
 
 
 @torch.inference_mode()

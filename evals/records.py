@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from evals.suite import METRIC_STATS
+from evals.suite_types import METRIC_STATS
 
 SCHEMA_VERSION = 1
 

@@ -33,7 +33,7 @@ from evals.metrics import load_metric
 from evals.publish import LOGGED_FILE, candidate_params, publish_results
 from evals.records import PolicySummary, RecordsWriter, SampleRecord, read_records, summarize, summary_to_json
 from evals.rundir import copy_png, save_png, write_atomic, write_json
-from evals.suite import Sample, Suite
+from evals.suite_types import Sample, Suite
 from evals.tracker_protocol import Tracker
 from evals.weights import MissingWeights
 from models.sources import LoadedModel

@@ -22,7 +22,7 @@ def test_fp8_metrics_match_the_golden_baseline(evals_run, evals_baseline):
 @pytest.mark.quant_regression
 def test_one_prompt_stays_close(reference_pipeline, candidate_pipeline):
     from evals.generation import generate
-    from evals.suite import Case, Generation, Sample
+    from evals.suite_types import Case, Generation, Sample
 
     generation = Generation(height=64, width=64, steps=4, guidance=4.5, batch_size=2)
     batch = [Sample(Case("cube", "a red cube on a wooden table", (0, 1)), seed) for seed in (0, 1)]

@@ -12,7 +12,7 @@ from evals.api import CheckpointArg
 from evals.cli import main
 from evals.gates import evaluate_gates
 from evals.records import PolicySummary, RecordsWriter, SampleRecord, summarize, summary_to_json
-from evals.suite import GateSpec
+from evals.suite_types import GateSpec
 from models.yamlspec import InputError
 from tests.conftest import SUITES, write
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from evals.candidates import build_candidate, calibrate, candidate_from_checkpoint
 from evals.cli import main
 from evals.generation import generate
-from evals.suite import Case, Generation, Sample
+from evals.suite_types import Case, Generation, Sample
 from models.checkpoints import import_comfy_scaled_fp8, load_quantized_transformer, save_quantized_transformer
 from models.fp8 import Fp8Linear, Fp8Spec, dequantize, quantize, quantize_blocks
 from models.precision import POLICY_DIR, apply_policy, load_policy, shipped_policies

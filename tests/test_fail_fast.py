@@ -11,7 +11,7 @@ import pytest
 from evals.cli import main
 from evals.fail_fast import failed_for_good
 from evals.gates import GateResult
-from evals.suite import GateSpec
+from evals.suite_types import GateSpec
 from tests.conftest import TEST_SUITES, write
 
 SMOKE = (TEST_SUITES / "smoke.yaml").read_text()

@@ -6,7 +6,7 @@ import pytest
 
 from evals.gates import EXIT_GATE_FAILED, EXIT_PASS, evaluate_gates
 from evals.records import PolicySummary
-from evals.suite import GateSpec
+from evals.suite_types import GateSpec
 
 
 def summary(psnr_mean: float, black: float = 0.0) -> PolicySummary:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from evals.gates import NO_BASELINE, evaluate_gates
 from evals.records import SampleRecord, summarize, summary_to_json
-from evals.suite import GateSpec
+from evals.suite_types import GateSpec
 from reports.html import render_html
 from reports.render import gate_table_text, write_summary_markdown
 

@@ -12,7 +12,7 @@ from evals.candidates import build_candidate
 from evals.cli import main
 from evals.generation import generate
 from evals.sensitivity import SwitchableCandidate, group_key, linear_groups
-from evals.suite import Case, Generation, Sample
+from evals.suite_types import Case, Generation, Sample
 from models.precision import load_policy
 from models.sources import load_source
 from tests.conftest import write

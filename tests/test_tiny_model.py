@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from benchmarks.tiny_captions import caption_checks, dominant_colour
-from evals.suite import Generation
+from evals.suite_types import Generation
 from models.tiny import T5_TOKENS, WEIGHTS_FILE, WEIGHTS_SHA256, load_trained_components
 from models.tiny_data import COLOURS, render
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from evals.generation import generate
-from evals.suite import Case, Generation, Sample
+from evals.suite_types import Case, Generation, Sample
 from models.sources import load_source
 from models.yamlspec import InputError
 from tests.conftest import REPO
