@@ -156,21 +156,19 @@ def prepare(request: RunRequest, suite: Suite | None = None) -> Prepared:
     from models.sources import load_source, resolved_dtype_name
 
     start = time.perf_counter()
-    early_warning = device == "cpu" and (request.model or suite.model).startswith("random:")
+    source = request.model or suite.model
+    early_warning = device == "cpu" and source.startswith("random:")
     if early_warning and shard.main:  # building its random weights alone takes a while
         log.warning(
-            f"{request.model or suite.model} is a full-size SD3.5 transformer on the CPU: building it "
+            f"{source} is a full-size SD3.5 transformer on the CPU: building it "
             "takes a minute and each image minutes (`--device cuda` on a GPU; `--model tiny` for a quick check)"
         )
     # Resolved (auto -> float32/bfloat16) so the cache key and run.json say what really ran.
     reference_dtype = resolved_dtype_name(request.reference_dtype or suite.reference_dtype, device)
-    model = load_source(
-        request.model or suite.model, reference_dtype, device, config=request.model_config, drop_t5=request.no_t5
-    )
+    model = load_source(source, reference_dtype, device, config=request.model_config, drop_t5=request.no_t5)
     startup = {"startup.model": time.perf_counter() - start}
     from models.sources import check_generation_fits, cpu_warning
 
-    source = request.model or suite.model
     check_generation_fits(model.pipeline, suite.generation.height, suite.generation.width, f"{suite.path} on {source}")
     warning = cpu_warning(model.pipeline, source) if device == "cpu" and not early_warning else None
     if warning and shard.main:

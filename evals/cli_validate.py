@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from evals.gates import EXIT_BAD_INPUT
 from models.yamlspec import InputError
-
-EXIT_BAD_INPUT = 2
 
 
 class ModelLayers:
