@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.fp8 import Fp8Linear, Fp8Spec, resolve_backend
+from evals.models.fp8 import Fp8Linear, Fp8Spec, resolve_backend
 
 # (out, in) of SD3.5-Large's main linear layers: attention q/k/v/out, MLP up/down, adaLN modulation.
 SHAPES = {

@@ -21,9 +21,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.labelled_images import photo
+from evals.reports.images import comparison_grid
 from evals.rundir import load_png
 from evals.tracking import MlflowTracker
-from reports.images import comparison_grid
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from models.fp8 import FORMATS, quantize
-from models.precision import policy_path
+from evals.models.fp8 import FORMATS, quantize
+from evals.models.precision import policy_path
 
 SEED = 20261129
 ALL_LAYERS = "all"
@@ -153,7 +153,7 @@ def _darken(t: Tensors, layer: str, g: torch.Generator) -> None:
 def brightness_direction() -> torch.Tensor:
     """Unit vector over the tiny VAE's latent channels along which decoded images get brighter
     (the gradient of mean pixel value, averaged over seeded random latents)."""
-    from models.tiny import load_trained_components
+    from evals.models.tiny import load_trained_components
 
     vae = load_trained_components()["vae"]
     z = torch.randn(4, vae.config.latent_channels, 16, 16, generator=torch.Generator().manual_seed(SEED))

@@ -5,7 +5,7 @@ quantization, the rest) for the reference and a candidate, each with its blocks 
 
 Optionally under another SDPA backend (--attention cudnn|flash|efficient) to compare attention kernels;
 `--layers 6` profiles a 6-block model (quick); `--unfused` adds each candidate without the fused
-blocks and feed-forwards of models/fp8_block.py and models/fp8_feedforward.py.
+blocks and feed-forwards of evals/models/fp8_block.py and evals/models/fp8_feedforward.py.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from models.fp8_block import unfuse_blocks
-from models.fp8_feedforward import Fp8GeluFeedForward
+from evals.models.fp8_block import unfuse_blocks
+from evals.models.fp8_feedforward import Fp8GeluFeedForward
 
 
 def kind(kernel: str) -> str:
@@ -26,7 +26,7 @@ def kind(kernel: str) -> str:
     if k.startswith("triton"):  # inductor's kernels; their names list the ops fused, GEMMs included
         return "fused elementwise/reduction (triton)"
     if "quantize" in k:  # quantize_rows_kernel, norm_quantize_kernel, quantize_heads_kernel
-        return "fp8 quantization (models/fp8_kernels.py)"
+        return "fp8 quantization (evals/models/fp8_kernels.py)"
     if any(s in k for s in ("flash", "fmha", "attention", "sdpa", "cudnn_generated_fort_native_sdpa")):
         return "attention"
     if any(s in k for s in ("gemm", "cutlass", "sm90_xmma", "nvjet", "matmul", "scaled_mm", "cublas")):
@@ -61,7 +61,7 @@ def main() -> None:
 
     from evals.bench import BenchSetup, random_transformer, step_inputs
     from evals.compiling import compile_blocks
-    from models.precision import apply_policy, load_policy
+    from evals.models.precision import apply_policy, load_policy
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/configs/sd35-large")

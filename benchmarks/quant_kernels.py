@@ -1,8 +1,8 @@
 """Row-wise FP8 activation quantization on the GPU: inductor's fusion of the eager code against the
-Triton kernels of `models/fp8_kernels.py`, on SD3.5-Large's shapes (1024x1024, batch 2: 8858 tokens;
+Triton kernels of `evals/models/fp8_kernels.py`, on SD3.5-Large's shapes (1024x1024, batch 2: 8858 tokens;
 rows of 2432 before attention and the MLP, 9728 between the MLP's GEMMs with bias and tanh-GELU).
 Prints milliseconds, effective bandwidth and whether the FP8 bytes and scales equal the eager code's;
-then the LayerNorm + modulation + quantization kernel of `models/fp8_block.py` against inductor's.
+then the LayerNorm + modulation + quantization kernel of `evals/models/fp8_block.py` against inductor's.
 
     python benchmarks/quant_kernels.py [--tokens 8858]
 """
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from evals.bench import BenchSetup, capture_step, time_calls
-from models import fp8, fp8_kernels
+from evals.models import fp8, fp8_kernels
 
 
 def eager(x: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,7 +41,7 @@ def sweep(x: torch.Tensor, bias: torch.Tensor | None, gelu: bool, moved: float) 
     dispatch in the figure)."""
     import triton
 
-    from models.fp8_triton import quantize_rows_kernel as kernel
+    from evals.models.fp8_triton import quantize_rows_kernel as kernel
 
     rows, cols = x.shape
     q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=x.device)

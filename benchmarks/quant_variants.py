@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-import models.fp8 as fp8
+import evals.models.fp8 as fp8
 from evals.bench import BenchSetup, time_calls
 
 
@@ -39,7 +39,7 @@ def timed(transformer, inputs) -> tuple[float, float]:
 def main() -> None:
     from evals.bench import random_transformer, step_inputs
     from evals.compiling import compile_blocks
-    from models.precision import apply_policy, load_policy
+    from evals.models.precision import apply_policy, load_policy
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="models/configs/sd35-large")

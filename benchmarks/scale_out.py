@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=2)
     args, extra = parser.parse_known_args()  # the rest goes to `evals run`
     suite = args.suite.resolve()
-    warm = "import evals.cli, evals.runner, evals.tracking, models.sources, diffusers, transformers, mlflow"
+    warm = "import evals.cli, evals.runner, evals.tracking, evals.models.sources, diffusers, transformers, mlflow"
     subprocess.run([sys.executable, "-c", warm], check=True)  # bytecode compiled once, for neither run to pay
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc)]
     with tempfile.TemporaryDirectory() as tmp:

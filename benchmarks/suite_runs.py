@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("suite", type=Path)
     args, extra = parser.parse_known_args()
     suite = args.suite.resolve()
-    warm = "import evals.cli, evals.runner, evals.tracking, models.sources, diffusers, transformers, mlflow"
+    warm = "import evals.cli, evals.runner, evals.tracking, evals.models.sources, diffusers, transformers, mlflow"
     subprocess.run([sys.executable, "-c", warm], check=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

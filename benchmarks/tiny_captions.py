@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from evals.generation import generate
+from evals.models.tiny import T5_TOKENS
+from evals.models.tiny_data import COLOURS
 from evals.suite_types import Case, Generation, Sample
-from models.tiny import T5_TOKENS
-from models.tiny_data import COLOURS
 
 HUES = ["red", "orange", "yellow", "green", "blue", "purple"]
 SCENES = [
@@ -135,7 +135,7 @@ def main() -> int:
     args = p.parse_args()
     from diffusers import StableDiffusion3Pipeline
 
-    from models.tiny import WEIGHTS_FILE, load_trained_components
+    from evals.models.tiny import WEIGHTS_FILE, load_trained_components
 
     pipe = StableDiffusion3Pipeline(**load_trained_components(args.weights or WEIGHTS_FILE)).to(args.device)
     pipe.set_progress_bar_config(disable=True)

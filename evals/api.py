@@ -11,17 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.yamlspec import InputError
+from evals.models.yamlspec import InputError
 
 if TYPE_CHECKING:
     from evals.candidates import Candidate
     from evals.distributed import Shard
+    from evals.models.precision import PrecisionPolicy
+    from evals.models.sources import LoadedModel
     from evals.runner import RunOutcome
     from evals.suite_types import Suite
     from evals.tracker_protocol import Tracker
     from evals.tracking_wrappers import BackgroundTracker
-    from models.precision import PrecisionPolicy
-    from models.sources import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def prepare(request: RunRequest, suite: Suite | None = None) -> Prepared:
         raise InputError("--fail-fast decides on one process's records; run without torchrun, or without it")
     device = shard.device(resolve_device(request.device))
     distributed.start(shard, device)
-    from models.sources import load_source, resolved_dtype_name
+    from evals.models.sources import load_source, resolved_dtype_name
 
     start = time.perf_counter()
     source = request.model or suite.model
@@ -167,7 +167,7 @@ def prepare(request: RunRequest, suite: Suite | None = None) -> Prepared:
     reference_dtype = resolved_dtype_name(request.reference_dtype or suite.reference_dtype, device)
     model = load_source(source, reference_dtype, device, config=request.model_config, drop_t5=request.no_t5)
     startup = {"startup.model": time.perf_counter() - start}
-    from models.sources import check_generation_fits, cpu_warning
+    from evals.models.sources import check_generation_fits, cpu_warning
 
     check_generation_fits(model.pipeline, suite.generation.height, suite.generation.width, f"{suite.path} on {source}")
     warning = cpu_warning(model.pipeline, source) if device == "cpu" and not early_warning else None
@@ -345,8 +345,8 @@ def run_suite_file(request: RunRequest) -> tuple[RunOutcome, Suite, str | None]:
 
     Every input is checked before any work or any file is written: an InputError leaves nothing.
     """
+    from evals.models.precision import load_policy
     from evals.suite import load_suite
-    from models.precision import load_policy
 
     suite = load_suite(request.suite)
     policy_names = request.policies or ([] if request.candidate_checkpoints else list(suite.policies))
@@ -368,9 +368,9 @@ def resume_run(run_dir: Path, request: RunRequest) -> tuple[RunOutcome, Suite, s
     already in records.jsonl is kept and skipped."""
     import json
 
+    from evals.models.precision import load_policy
     from evals.records import drop_torn_tail, read_records
     from evals.suite import load_suite
-    from models.precision import load_policy
 
     if not run_dir.is_dir():
         raise InputError(f"--resume {run_dir}: no such run directory")

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evals.models.yamlspec import InputError
 from evals.rundir import write_atomic
-from models.yamlspec import InputError
 
 if TYPE_CHECKING:
     from evals.candidates import Candidate

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from evals.compiling import CompileReport, compile_blocks, explain_failure
-from models.yamlspec import InputError
+from evals.models.yamlspec import InputError
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class BenchSetup:
 
 
 def architecture_only(source: str) -> bool:
-    from models.sources import shipped_config
+    from evals.models.sources import shipped_config
 
     folder = shipped_config(source) or Path(source)
     return (
@@ -90,7 +90,7 @@ def random_transformer(
     keeps only that many blocks (profiling)."""
     from diffusers import SD3Transformer2DModel
 
-    from models.random_sd35 import built_on
+    from evals.models.random_sd35 import built_on
 
     config = SD3Transformer2DModel.load_config(str(folder / "transformer"))
     if num_layers is not None:
@@ -231,7 +231,7 @@ def pipeline_seconds_per_image(pipeline: Any, transformer: Any, setup: BenchSetu
 
 def load_bench_model(source: str, dtype_name: str, device: str) -> tuple[Any, Any]:
     """(reference transformer, full pipeline or None)."""
-    from models.sources import load_source, resolve_dtype, shipped_config
+    from evals.models.sources import load_source, resolve_dtype, shipped_config
 
     if architecture_only(source):
         log.info(f"{source}: architecture only, random weights (timing only)")
@@ -242,7 +242,7 @@ def load_bench_model(source: str, dtype_name: str, device: str) -> tuple[Any, An
 
 
 def run_bench(source: str, policies: list[str], setup: BenchSetup, device: str, dtype_name: str) -> list[BenchResult]:
-    from models.precision import apply_policy, load_policy
+    from evals.models.precision import apply_policy, load_policy
 
     loaded = [load_policy(p) for p in policies]  # bad names fail before minutes of loading
     for policy in loaded:

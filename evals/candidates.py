@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
+from evals.models.precision import LayerPlan, PrecisionPolicy, apply_policy, backend_summary, resolve_plan
+from evals.models.sources import LoadedModel
+from evals.models.yamlspec import InputError
 from evals.suite_types import CASE_ID, Generation
-from models.precision import LayerPlan, PrecisionPolicy, apply_policy, backend_summary, resolve_plan
-from models.sources import LoadedModel
-from models.yamlspec import InputError
 
 
 @dataclass
@@ -59,7 +59,7 @@ def _pipeline_with(model: LoadedModel, components: dict[str, Any]) -> Any:
 
 def calibrate(model: LoadedModel, policy: PrecisionPolicy, gen: Generation) -> dict[str, float]:
     """Input amax of every static layer, from the reference on the policy's calibration prompts."""
-    from models.calibration import calibrate_input_amax
+    from evals.models.calibration import calibrate_input_amax
 
     static: dict[str, list[str]] = {}
     for layer in resolve_plan(policy, model.pipeline.components):
@@ -114,8 +114,8 @@ def candidate_from_checkpoint(model: LoadedModel, path: Path, name: str | None =
     Named `name`, else after the policy its metadata names, else the file; its baseline is that policy's."""
     import hashlib
 
-    from models.checkpoints import import_comfy_scaled_fp8, is_comfy_scaled_fp8, load_quantized_transformer
-    from models.fp8 import Fp8Linear
+    from evals.models.checkpoints import import_comfy_scaled_fp8, is_comfy_scaled_fp8, load_quantized_transformer
+    from evals.models.fp8 import Fp8Linear
 
     reference = model.pipeline.transformer
     device = next(reference.parameters()).device

@@ -11,7 +11,7 @@ from pathlib import Path
 from evals import cli_tools
 from evals.api import RunRequest
 from evals.gates import EXIT_BAD_INPUT, EXIT_CRASHED
-from models.yamlspec import InputError
+from evals.models.yamlspec import InputError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -274,7 +274,7 @@ def _model_args(parser: argparse.ArgumentParser, default: str | None = None) -> 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from evals.api import CheckpointArg, RunRequest, run_suite_file
-    from reports.render import gate_table_text
+    from evals.reports.render import gate_table_text
 
     if (args.suite is None) == (args.resume is None):
         raise InputError("evals run: give a SUITE, or --resume RUN_DIR (not both)")

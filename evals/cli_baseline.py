@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from models.yamlspec import InputError
+from evals.models.yamlspec import InputError
 
 
 def _read_json(path: Path) -> Any:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evals.gate_suggest import NOISE_FLOOR_NAME, NOT_GATED, Margin, parse_margin, render, suggest
-from models.yamlspec import InputError
+from evals.models.yamlspec import InputError
 
 if TYPE_CHECKING:
     from evals.records import SampleRecord

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from models.yamlspec import InputError
+from evals.models.yamlspec import InputError
 
 
 def _mlflow_run_id(run: str) -> str:
@@ -83,7 +83,7 @@ def differences(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) 
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from reports.render import text_table
+    from evals.reports.render import text_table
 
     rows = differences(_policy_metrics(args.run_a), _policy_metrics(args.run_b))
     if args.json:
@@ -106,7 +106,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from reports.html import write_reports
+    from evals.reports.html import write_reports
 
     run_dir: Path = args.run_dir
     if not run_dir.is_dir():

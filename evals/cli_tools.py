@@ -10,7 +10,7 @@ from typing import Any
 
 from evals.api import resolve_device as _resolve_device
 from evals.gates import EXIT_CRASHED
-from models.yamlspec import InputError
+from evals.models.yamlspec import InputError
 
 
 def cmd_policy_explain(args: argparse.Namespace) -> int:
@@ -18,9 +18,9 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
 
     import torch
 
-    from models.precision import load_policy, plan_totals, resolve_plan
-    from models.sources import load_transformer_skeleton
-    from reports.render import text_table
+    from evals.models.precision import load_policy, plan_totals, resolve_plan
+    from evals.models.sources import load_transformer_skeleton
+    from evals.reports.render import text_table
 
     policy = load_policy(args.policy)
     device = _resolve_device(args.device)
@@ -91,11 +91,11 @@ def _human_bytes(n: float) -> str:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from evals.candidates import build_candidate
+    from evals.models.checkpoints import save_quantized_transformer
+    from evals.models.precision import load_policy
+    from evals.models.sources import load_source, resolved_dtype_name
     from evals.suite import load_suite
     from evals.suite_types import Generation
-    from models.checkpoints import save_quantized_transformer
-    from models.precision import load_policy
-    from models.sources import load_source, resolved_dtype_name
 
     policy = load_policy(args.policy)
     if args.out.suffix != ".safetensors":
@@ -184,8 +184,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
     import torch
 
+    from evals.models.fp8 import FORMATS, scaled_mm_runs
     from evals.weights import LPIPS_TRUNKS, MissingWeights, clip_weights, lpips_trunk
-    from models.fp8 import FORMATS, scaled_mm_runs
 
     report: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
     devices = ["cpu"]
@@ -247,8 +247,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from evals.api import resolve_device
     from evals.bench import BenchSetup, ratios, run_bench
+    from evals.reports.render import bench_markdown
     from evals.rundir import new_run_dir, write_atomic, write_json
-    from reports.render import bench_markdown
 
     for key in ("resolution", "batch", "steps", "warmup", "iters"):
         if getattr(args, key) < (0 if key == "warmup" else 1):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from evals.gates import EXIT_BAD_INPUT
-from models.yamlspec import InputError
+from evals.models.yamlspec import InputError
 
 
 class ModelLayers:
@@ -24,7 +24,7 @@ class ModelLayers:
 
     def components(self) -> dict[str, Any]:
         if self._components is None:
-            from models.sources import is_tiny, load_source, load_transformer_skeleton
+            from evals.models.sources import is_tiny, load_source, load_transformer_skeleton
 
             if is_tiny(self.source):
                 pipeline = load_source(self.source, "float32", "cpu").pipeline
@@ -42,7 +42,7 @@ class ModelLayers:
             return None
         import torch
 
-        from models.precision import resolve_plan
+        from evals.models.precision import resolve_plan
 
         components = self.components()
         if list(components) == ["transformer"]:  # a skeleton: only the transformer can be checked
@@ -55,9 +55,9 @@ class ModelLayers:
 
 def _kind(text: str) -> tuple[str, Path]:
     """("suite" | "policy", file) of a path or a shipped suite's or policy's name."""
+    from evals.models.precision import policy_path
+    from evals.models.yamlspec import load_yaml
     from evals.suite import suite_path
-    from models.precision import policy_path
-    from models.yamlspec import load_yaml
 
     path = Path(text)
     if path.is_file():
@@ -69,9 +69,9 @@ def _kind(text: str) -> tuple[str, Path]:
         try:
             return "policy", policy_path(text)
         except InputError:
+            from evals.models.precision import shipped_policies
+            from evals.models.yamlspec import did_you_mean
             from evals.suite import shipped_suites
-            from models.precision import shipped_policies
-            from models.yamlspec import did_you_mean
 
             names = did_you_mean(text, [*shipped_suites(), *shipped_policies()])
             raise InputError(f"{text}: no such file, shipped suite or shipped policy{names}") from None
@@ -79,8 +79,8 @@ def _kind(text: str) -> tuple[str, Path]:
 
 def validate_one(text: str, model: ModelLayers) -> str:
     """One file's OK line; InputError with all its errors."""
+    from evals.models.precision import load_policy
     from evals.suite import load_suite
-    from models.precision import load_policy
 
     kind, path = _kind(text)
     if kind == "policy":

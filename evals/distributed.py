@@ -54,7 +54,7 @@ class Shard:
 
 def from_environment() -> Shard:
     """The shard torchrun describes in RANK/WORLD_SIZE/LOCAL_RANK; a single shard without them."""
-    from models.yamlspec import InputError
+    from evals.models.yamlspec import InputError
 
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -20,7 +20,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from evals.metrics import METRICS, OUTPUTS
-from models.yamlspec import did_you_mean
+from evals.models.yamlspec import did_you_mean
 
 if TYPE_CHECKING:
     from evals.records import PolicySummary, SampleRecord

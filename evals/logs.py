@@ -1,5 +1,5 @@
-"""Messages for people: warnings and progress lines go through `logging` (loggers `evals.*` and
-`models.*`); the CLI shows them on stderr as `warning: ...`, `error: ...` and plain progress lines.
+"""Messages for people: warnings and progress lines go through `logging` (loggers `evals.*`,
+`evals.models.*` among them); the CLI shows them on stderr as `warning: ...`, `error: ...` and plain progress lines.
 
 Used as a library (the pytest plugin, `evals.api`), nothing is configured here: Python shows
 warnings and errors only, so tests stay quiet unless they ask.
@@ -11,7 +11,6 @@ import logging
 import sys
 
 PREFIX = {logging.WARNING: "warning: ", logging.ERROR: "error: ", logging.CRITICAL: "error: "}
-LOGGERS = ("evals", "models")
 
 
 class _Formatter(logging.Formatter):
@@ -45,11 +44,10 @@ def setup_cli_logging(verbosity: int = 0) -> None:
     level = logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO
     handler = _StderrHandler()
     handler.setFormatter(_Formatter())
-    for name in LOGGERS:
-        logger = logging.getLogger(name)
-        if _handler is not None:
-            logger.removeHandler(_handler)
-        logger.addHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = False  # shown once, by this handler
+    logger = logging.getLogger("evals")
+    if _handler is not None:
+        logger.removeHandler(_handler)
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False  # shown once, by this handler
     _handler = handler

@@ -11,6 +11,9 @@ from typing import Any
 
 from evals.api import Prepared, RunRequest, execute, prepare
 from evals.metrics import METRICS, OUTPUTS
+from evals.models.fp8 import Fp8Spec
+from evals.models.precision import PrecisionPolicy, load_policy
+from evals.models.yamlspec import InputError
 from evals.rundir import new_run_dir, write_atomic
 from evals.sensitivity import (
     Group,
@@ -23,9 +26,6 @@ from evals.sensitivity import (
 )
 from evals.sensitivity import write_json as write_sensitivity_json
 from evals.tracking import mlflow_tracker
-from models.fp8 import Fp8Spec
-from models.precision import PrecisionPolicy, load_policy
-from models.yamlspec import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def sweep(
 
 
 def sensitivity_table(result: Sweep, metric: str) -> str:
-    from reports.render import text_table
+    from evals.reports.render import text_table
 
     rows = [
         [str(i + 1), r.group, f"{r.params:,}", f"{r.only_quantized:.3f}", f"{r.only_kept:.3f}"]

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from evals.mlflow_review import headline_metrics, run_name
+from evals.models.yamlspec import InputError
 from evals.records import PolicySummary, SampleRecord, read_records, summarize
 from evals.tracker_protocol import Tracker
-from models.yamlspec import InputError
 
 RUN_FILES = ("run.json", "records.jsonl", "summary.json", "verdict.json", "summary.md", "report.html", "junit.xml")
 LOGGED_FILE = "mlflow.json"

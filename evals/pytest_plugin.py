@@ -88,10 +88,10 @@ def evals_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 @pytest.fixture(scope="session")
 def reference_pipeline(request: pytest.FixtureRequest) -> Any:
-    """The suite's reference model (`models.sources.LoadedModel`: `.pipeline`, `.fingerprint`)."""
+    """The suite's reference model (`evals.models.sources.LoadedModel`: `.pipeline`, `.fingerprint`)."""
     from evals.api import resolve_device
+    from evals.models.sources import load_source, resolved_dtype_name
     from evals.suite import load_suite
-    from models.sources import load_source, resolved_dtype_name
 
     suite = load_suite(_suite_path(request.config))
     device = resolve_device("auto")
@@ -103,8 +103,8 @@ def reference_pipeline(request: pytest.FixtureRequest) -> Any:
 def candidate_pipeline(request: pytest.FixtureRequest, reference_pipeline: Any) -> Any:
     """Factory: `candidate_pipeline("fp8-e4m3-rowwise")` -> `evals.candidates.Candidate` (`.pipeline`, `.plan`)."""
     from evals.candidates import build_candidate
+    from evals.models.precision import load_policy
     from evals.suite import load_suite
-    from models.precision import load_policy
 
     generation = load_suite(_suite_path(request.config)).generation
 

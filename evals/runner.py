@@ -30,13 +30,13 @@ from evals.fail_fast import FailFast
 from evals.gates import Verdict, evaluate_gates
 from evals.generation import from_uint8, generate, to_uint8
 from evals.metrics import load_metric
+from evals.models.sources import LoadedModel
 from evals.publish import LOGGED_FILE, candidate_params, publish_results
 from evals.records import PolicySummary, RecordsWriter, SampleRecord, read_records, summarize, summary_to_json
 from evals.rundir import copy_png, save_png, write_atomic, write_json
 from evals.suite_types import Sample, Suite
 from evals.tracker_protocol import Tracker
 from evals.weights import MissingWeights
-from models.sources import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -474,7 +474,7 @@ class SuiteRunner:
             if self.run_notes:
                 write_json(self.run_dir / "notes.json", self.run_notes)
         with self._timed("finishing.reports"):
-            from reports.html import write_reports
+            from evals.reports.html import write_reports
 
             write_reports(self.run_dir)
         self._write_timings()

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from evals.candidates import Candidate, _pipeline_with
-from models.fp8 import Fp8Linear
-from models.precision import LayerPlan, PrecisionPolicy, resolve_plan
-from models.sources import LoadedModel
-from models.yamlspec import InputError
+from evals.models.fp8 import Fp8Linear
+from evals.models.precision import LayerPlan, PrecisionPolicy, resolve_plan
+from evals.models.sources import LoadedModel
+from evals.models.yamlspec import InputError
 
 GROUPINGS = ("block", "type", "module")
 BLOCK = re.compile(r"^(transformer_blocks\.\d+)\.(.+)$")

@@ -10,6 +10,16 @@ from typing import Any
 
 from evals.detectors import DETECTORS, detector_params
 from evals.metrics import METRICS, OUTPUTS
+from evals.models.yamlspec import (
+    Errors,
+    InputError,
+    YamlDoc,
+    check_mapping,
+    did_you_mean,
+    expect,
+    expect_choice,
+    load_yaml,
+)
 from evals.suite_types import (
     BENCH_FIGURES,
     BENCH_KEYS,
@@ -26,7 +36,6 @@ from evals.suite_types import (
     Generation,
     Suite,
 )
-from models.yamlspec import Errors, InputError, YamlDoc, check_mapping, did_you_mean, expect, expect_choice, load_yaml
 
 
 def _int(doc: YamlDoc, value: Any, path: tuple[Any, ...], minimum: int) -> int:

@@ -166,7 +166,7 @@ class MlflowTracker:
 
     def log_candidate_image(self, policy: str, sample_id: str, path: Path, reference: Path) -> None:
         """The candidate image, and beside it a grid (reference | candidate | difference heatmap)."""
-        from reports.images import comparison_grid
+        from evals.reports.images import comparison_grid
 
         image = load_png(path)
         run_id = self.candidate_ids[policy]

@@ -21,7 +21,7 @@ TEST_SUITES = REPO / "tests" / "suites"
 @pytest.fixture(scope="session")
 def tiny_model():
     """The built-in tiny reference pipeline on the CPU (built once; tests must not modify it)."""
-    from models.sources import load_source
+    from evals.models.sources import load_source
 
     return load_source("tiny", "float32", "cpu")
 

@@ -1,4 +1,4 @@
-"""Checks of the Triton kernels (models/fp8_kernels.py) against the torch code, shared by the GPU
+"""Checks of the Triton kernels (evals/models/fp8_kernels.py) against the torch code, shared by the GPU
 tests and by the CPU tests that run the same kernels in Triton's interpreter (`TRITON_INTERPRET=1`).
 
 The interpreter converts floats its own way (Triton 3.8): float32 -> FP8 is not round-to-nearest
@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models import fp8_kernels
-from models.fp8 import quantize
+from evals.models import fp8_kernels
+from evals.models.fp8 import quantize
 
 HALF_STEP = 2**-4  # of a row's amax: half e4m3's spacing just below its largest values
 INTERPRETED_BYTES = 0.15  # share of bytes that may differ in the interpreter (see above)
@@ -53,7 +53,7 @@ def _to_fp8(values: torch.Tensor, exact: bool) -> torch.Tensor:
 
 
 def _reference_q(exact_values: torch.Tensor, scale: torch.Tensor, exact: bool) -> torch.Tensor:
-    """models.fp8.quantize's FP8 values for rows with these scales, converted as the kernels convert."""
+    """evals.models.fp8.quantize's FP8 values for rows with these scales, converted as the kernels convert."""
     fp8_max = torch.finfo(torch.float8_e4m3fn).max
     return _to_fp8((exact_values.float() / scale).clamp(-fp8_max, fp8_max), exact)
 

@@ -11,9 +11,9 @@ from evals import baselines
 from evals.api import CheckpointArg
 from evals.cli import main
 from evals.gates import evaluate_gates
+from evals.models.yamlspec import InputError
 from evals.records import PolicySummary, RecordsWriter, SampleRecord, summarize, summary_to_json
 from evals.suite_types import GateSpec
-from models.yamlspec import InputError
 from tests.conftest import SUITES, write
 
 SUITE = """name: mini

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import models.precision
+import evals.models.precision
 from evals.cli import main
 from evals.rundir import save_png
 from tests.conftest import TEST_SUITES, write
@@ -116,7 +116,7 @@ def test_wrong_scales_fail_the_psnr_gate(
     workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A deliberately broken candidate: every weight scale off by 30%."""
-    original = models.precision.apply_policy
+    original = evals.models.precision.apply_policy
 
     def broken_scales(policy, components, input_amax=None):
         out, plan = original(policy, components, input_amax)
@@ -125,7 +125,7 @@ def test_wrong_scales_fail_the_psnr_gate(
                 module.weight_scale.mul_(1.3)
         return out, plan
 
-    monkeypatch.setattr(models.precision, "apply_policy", broken_scales)
+    monkeypatch.setattr(evals.models.precision, "apply_policy", broken_scales)
     monkeypatch.setattr("evals.candidates.apply_policy", broken_scales)
     assert main(["run", SMOKE, *FAST]) == 1
     out = capsys.readouterr().out
@@ -137,7 +137,7 @@ def test_wrong_scales_fail_the_psnr_gate(
 
 
 def test_nan_in_the_candidate_vae_is_caught_before_8_bit(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = models.precision.apply_policy
+    original = evals.models.precision.apply_policy
 
     def nan_vae(policy, components, input_amax=None):
         out, plan = original(policy, components, input_amax)
@@ -161,7 +161,7 @@ def test_nan_in_the_candidate_vae_is_caught_before_8_bit(workdir: Path, monkeypa
 def test_several_candidates_share_one_reference(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     e5m2 = write(
         workdir / "e5m2.yaml",
-        (Path(models.precision.POLICY_DIR) / "fp8-e4m3-rowwise.yaml")
+        (Path(evals.models.precision.POLICY_DIR) / "fp8-e4m3-rowwise.yaml")
         .read_text()
         .replace("name: fp8-e4m3-rowwise", "name: e5m2-tensor")
         .replace("format: e4m3fn, weights: per_channel", "format: e5m2, weights: per_tensor"),
@@ -198,7 +198,7 @@ def test_bad_input_exits_2_and_writes_nothing(
     workdir: Path, capsys: pytest.CaptureFixture[str], kind: str, edit: tuple[str, str], message: str
 ) -> None:
     suite_text = (TEST_SUITES / "smoke.yaml").read_text()
-    policy_text = (Path(models.precision.POLICY_DIR) / "fp8-e4m3-rowwise.yaml").read_text()
+    policy_text = (Path(evals.models.precision.POLICY_DIR) / "fp8-e4m3-rowwise.yaml").read_text()
     if kind == "suite":
         assert edit[0] in suite_text
         suite_text = suite_text.replace(edit[0], edit[1], 1)
@@ -226,7 +226,7 @@ def test_bad_arguments_exit_2(workdir: Path, capsys: pytest.CaptureFixture[str])
 
 
 def test_validate_command(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["validate", SMOKE, str(Path(models.precision.POLICY_DIR) / "fp8-e4m3-rowwise.yaml")]) == 0
+    assert main(["validate", SMOKE, str(Path(evals.models.precision.POLICY_DIR) / "fp8-e4m3-rowwise.yaml")]) == 0
     assert "16 samples" in capsys.readouterr().out
 
 

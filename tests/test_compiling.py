@@ -12,8 +12,8 @@ import torch._dynamo.config as dynamo_config
 
 from evals.bench import BenchSetup, step_inputs
 from evals.compiling import CompileFellBack, block_kind, compile_blocks, explain_failure
-from models.precision import apply_policy, load_policy
-from models.sources import load_source
+from evals.models.precision import apply_policy, load_policy
+from evals.models.sources import load_source
 from tests.conftest import write
 
 

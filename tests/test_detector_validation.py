@@ -14,8 +14,8 @@ from PIL import Image
 from benchmarks.labelled_images import clean_set, defect_set, photo, with_stripes
 from evals.cli import main
 from evals.detectors import DETECTORS, detector_params, run_detectors
+from evals.models.yamlspec import InputError
 from evals.suite import load_suite
-from models.yamlspec import InputError
 from tests.conftest import TEST_SUITES, write
 
 

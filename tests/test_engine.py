@@ -14,13 +14,13 @@ from safetensors.torch import load_file, save_file
 from evals.candidates import build_candidate, calibrate, candidate_from_checkpoint
 from evals.cli import main
 from evals.generation import generate
+from evals.models.checkpoints import import_comfy_scaled_fp8, load_quantized_transformer, save_quantized_transformer
+from evals.models.fp8 import Fp8Linear, Fp8Spec, dequantize, quantize, quantize_blocks
+from evals.models.precision import POLICY_DIR, apply_policy, load_policy, shipped_policies
+from evals.models.sources import load_source
+from evals.models.tiny import TRANSFORMER_CONFIG
+from evals.models.yamlspec import InputError
 from evals.suite_types import Case, Generation, Sample
-from models.checkpoints import import_comfy_scaled_fp8, load_quantized_transformer, save_quantized_transformer
-from models.fp8 import Fp8Linear, Fp8Spec, dequantize, quantize, quantize_blocks
-from models.precision import POLICY_DIR, apply_policy, load_policy, shipped_policies
-from models.sources import load_source
-from models.tiny import TRANSFORMER_CONFIG
-from models.yamlspec import InputError
 from tests.conftest import REPO, TEST_SUITES, write
 from tests.sd3_original_keys import to_original_keys
 

@@ -57,8 +57,8 @@ def test_validate_resolves_against_the_model_given(tmp_path: Path, capsys: pytes
 def test_shipped_suites_configs_and_policies_are_found_from_anywhere(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from evals.models.sources import _locate
     from evals.suite import SHIPPED_SUITES, load_suite
-    from models.sources import _locate
 
     monkeypatch.chdir(tmp_path)  # not the repository
     assert load_suite("smoke").path == str(SHIPPED_SUITES / "smoke.yaml")
@@ -86,7 +86,7 @@ def test_the_wheel_carries_suites_baselines_configs_policies_and_tiny_weights(tm
         "evals/suites/baselines/smoke/fp8-e4m3-rowwise.json",
         "models/configs/sd35-large/transformer/config.json",
         "models/policies/fp8-e4m3-rowwise.yaml",
-        "models/weights/tiny-sd3.safetensors",
+        "evals/models/weights/tiny-sd3.safetensors",
     ):
         assert expected in names, expected
 
@@ -121,7 +121,7 @@ def test_compare_names_a_policy_in_one_run_once() -> None:
 def test_a_full_size_transformer_on_the_cpu_gets_a_warning() -> None:
     import torch
 
-    from models.sources import cpu_warning
+    from evals.models.sources import cpu_warning
 
     class Pipeline:
         def __init__(self, features: int):

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.fp8 import FORMATS, Fp8Linear, Fp8Spec, dequantize, fp8_max, quantize, resolve_backend
+from evals.models.fp8 import FORMATS, Fp8Linear, Fp8Spec, dequantize, fp8_max, quantize, resolve_backend
 
 # Relative rounding error bound: half a unit in the last place, 2^-(mantissa bits + 1).
 HALF_ULP = {"e4m3fn": 2.0**-4, "e5m2": 2.0**-3}

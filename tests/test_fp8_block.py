@@ -1,4 +1,4 @@
-"""The fused FP8 joint block (models/fp8_block.py) and its LayerNorm-modulate-quantize kernel
+"""The fused FP8 joint block (evals/models/fp8_block.py) and its LayerNorm-modulate-quantize kernel
 (models/fp8_kernels.norm_quantize): which blocks get it, that names and CPU results survive it, and
 on a GPU that it computes what diffusers' block computes, eager and compiled."""
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from diffusers.models.attention import JointTransformerBlock
 
-from models.fp8_block import Fp8JointTransformerBlock, fusable, fuse_blocks, unfuse_blocks
-from models.precision import apply_policy, load_policy
+from evals.models.fp8_block import Fp8JointTransformerBlock, fusable, fuse_blocks, unfuse_blocks
+from evals.models.precision import apply_policy, load_policy
 from tests.conftest import write
 from tests.kernel_checks import check_norm_quantize, check_quantize_heads
 
@@ -54,7 +54,7 @@ def rowwise(transformer: torch.nn.Module) -> torch.nn.Module:
 
 
 def fp8_gemm_on_cpu() -> bool:
-    from models.fp8 import scaled_mm_runs
+    from evals.models.fp8 import scaled_mm_runs
 
     return scaled_mm_runs("cpu", None, "e4m3fn", torch.float32)
 

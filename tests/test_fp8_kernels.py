@@ -1,4 +1,4 @@
-"""The fused FP8 feed-forward (models/fp8_feedforward.py) and its Triton kernel (models/fp8_kernels.py):
+"""The fused FP8 feed-forward (evals/models/fp8_feedforward.py) and its Triton kernel (evals/models/fp8_kernels.py):
 where it applies, that checkpoint names survive it, and on a GPU that it computes what the unfused
 code computes."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.fp8 import Fp8Linear, Fp8Spec
-from models.fp8_feedforward import Fp8GeluFeedForward, fuse_feed_forwards
-from models.precision import apply_policy, load_policy
+from evals.models.fp8 import Fp8Linear, Fp8Spec
+from evals.models.fp8_feedforward import Fp8GeluFeedForward, fuse_feed_forwards
+from evals.models.precision import apply_policy, load_policy
 from tests.kernel_checks import check_quantize_rows
 
 

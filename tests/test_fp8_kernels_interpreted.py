@@ -1,4 +1,4 @@
-"""The Triton kernels of models/fp8_kernels.py on a CPU, in Triton's interpreter: indexing, masks,
+"""The Triton kernels of evals/models/fp8_kernels.py on a CPU, in Triton's interpreter: indexing, masks,
 strides and arithmetic are checked in CI too, not only on a GPU (tests/kernel_checks.py says what
 the interpreter's FP8 rounding changes). The GELU variant is GPU-only: it uses the GPU's tanh
 instruction, which the interpreter cannot run."""
@@ -42,7 +42,7 @@ def test_kernel_matches_the_torch_code_in_the_interpreter(kernel: str) -> None:
 def test_a_wrong_kernel_fails_the_check() -> None:
     """The check can fail: the row kernel with its bias dropped is caught."""
     code = (
-        "from models import fp8_kernels\n"
+        "from evals.models import fp8_kernels\n"
         "real = fp8_kernels.quantize_rows\n"
         "fp8_kernels.quantize_rows = lambda x, dtype, bias, gelu: real(x, dtype, None, gelu)\n"
         "from tests.kernel_checks import check_quantize_rows\n"

@@ -1,11 +1,13 @@
-"""The import graph keeps its layers: `models/` (the SD3 pipeline, FP8 layers, policies) imports
-nothing from `evals/` or `reports/`; the modules that promise not to load torch do not."""
+"""The import graph keeps its layers: `evals.models` (the SD3 pipeline, FP8 layers, policies) imports
+nothing else from `evals`; `evals.reports` renders run directories without torch or `evals.models`;
+there is one import package; the modules that promise not to load torch do not."""
 
 from __future__ import annotations
 
 import ast
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -13,34 +15,61 @@ import pytest
 from tests.conftest import REPO
 
 
-def imported_packages(path: Path) -> set[str]:
-    """Top-level packages a module imports, at module level or inside functions."""
+def imported_modules(path: Path) -> set[str]:
+    """Modules a file imports, at module level or inside functions (`from a.b import c` gives `a.b`)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found |= {alias.name.split(".")[0] for alias in node.names}
+            found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module.split(".")[0])
+            found.add(node.module)
     return found
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "models").rglob("*.py")), ids=lambda p: p.name)
-def test_models_import_nothing_from_evals_or_reports(path: Path) -> None:
-    assert not imported_packages(path) & {"evals", "reports"}
+def project_imports(path: Path) -> set[str]:
+    """The `evals.*` modules a file imports, outside its own subpackage (`evals.models` for a module
+    of evals/models, `evals.reports` for one of evals/reports)."""
+    own = ".".join(path.relative_to(REPO).parts[:2])
+    return {m for m in imported_modules(path) if m.split(".")[0] == "evals" and not m.startswith(own)}
 
 
-def test_the_check_sees_an_import() -> None:
-    assert imported_packages(REPO / "evals" / "api.py") >= {"evals", "models"}
+def modules_of(package: str) -> list[Path]:
+    return sorted((REPO / "evals" / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", modules_of("models"), ids=lambda p: p.name)
+def test_models_import_nothing_else_from_evals(path: Path) -> None:
+    assert project_imports(path) == set()
+
+
+@pytest.mark.parametrize("path", modules_of("reports"), ids=lambda p: p.name)
+def test_reports_import_neither_torch_nor_models(path: Path) -> None:
+    imported = imported_modules(path)
+    assert not {m for m in imported if m.split(".")[0] == "torch" or m.startswith("evals.models")}
+
+
+def test_the_checks_see_an_import() -> None:
+    assert project_imports(REPO / "evals" / "api.py") >= {"evals.models.sources", "evals.runner"}
+    assert project_imports(REPO / "evals" / "models" / "precision.py") == set()
+    assert "evals.rundir" in project_imports(REPO / "evals" / "reports" / "render.py")
+
+
+def test_one_import_package() -> None:
+    """`models/` and `reports/` at the top hold data and templates, no Python: an installed `models`
+    or `reports` of another distribution is never shadowed, and this one installs only `evals`."""
+    for folder in ("models", "reports", "suites"):
+        assert not list((REPO / folder).glob("*.py")), folder
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["tool"]["setuptools"]["packages"]["find"]["include"] == ["evals*"]
 
 
 def module_graph() -> dict[str, set[str]]:
     """Module -> the project modules it imports, anywhere in it except under `if TYPE_CHECKING:`
     (annotations only, nothing runs)."""
     paths = {}
-    for package in ("evals", "models", "reports"):
-        for path in (REPO / package).rglob("*.py"):
-            parts = path.relative_to(REPO).with_suffix("").parts
-            paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    for path in (REPO / "evals").rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        paths[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     graph: dict[str, set[str]] = {}
     for name, path in paths.items():
         tree = ast.parse(path.read_text())
@@ -98,7 +127,7 @@ def test_no_module_imports_itself_round_about() -> None:
 
 TORCH_FREE = """
 import sys
-import models.yamlspec, evals.suite, evals.gates, evals.records, evals.cli, reports.render
+import evals.models.yamlspec, evals.suite, evals.gates, evals.records, evals.cli, evals.reports.html
 from evals.cli import main
 try:
     main(["--help"])

@@ -13,7 +13,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from evals.metrics import METRICS, load_metric, metric_info
 from evals.metrics.psnr import psnr_per_image
 from evals.metrics.ssim import ssim_per_image
-from models.yamlspec import InputError
+from evals.models.yamlspec import InputError
 
 
 def photos() -> list[np.ndarray]:

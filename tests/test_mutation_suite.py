@@ -179,7 +179,7 @@ def test_mutants_are_deterministic(built: Built, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", [name for name, *_ in POLICY_MUTANTS])
 def test_policy_mutants_are_valid_policies(built: Built, name: str) -> None:
-    from models.precision import load_policy
+    from evals.models.precision import load_policy
 
     mutant = built.mutants[name]
     assert mutant.policy is not None and mutant.checkpoint is None

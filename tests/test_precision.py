@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.fp8 import Fp8Linear
-from models.precision import apply_policy, backend_summary, load_policy, resolve_plan
-from models.yamlspec import InputError
+from evals.models.fp8 import Fp8Linear
+from evals.models.precision import apply_policy, backend_summary, load_policy, resolve_plan
+from evals.models.yamlspec import InputError
 from tests.conftest import write
 
 POLICY = """\

@@ -29,10 +29,10 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 import evals.api  # noqa: E402
 import evals.metrics.psnr  # noqa: E402
 import evals.metrics.ssim  # noqa: E402
+import evals.models.fp8  # noqa: E402
+import evals.models.tiny  # noqa: E402
 import evals.runner  # noqa: E402
 import evals.testing  # noqa: E402, F401
-import models.fp8  # noqa: E402
-import models.tiny  # noqa: E402, F401
 
 MINI_SUITE = """\
 name: mini

@@ -14,9 +14,9 @@ from PIL import Image
 
 from evals.gates import NO_BASELINE, evaluate_gates
 from evals.records import SampleRecord, summarize, summary_to_json
+from evals.reports.html import render_html
+from evals.reports.render import gate_table_text, write_summary_markdown
 from evals.suite_types import GateSpec
-from reports.html import render_html
-from reports.render import gate_table_text, write_summary_markdown
 
 HOSTILE = "<script>alert(1)</script>"
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib.cbook import boxplot_stats
 
-from reports.svg import box_plot, box_stats, nice_ticks
+from evals.reports.svg import box_plot, box_stats, nice_ticks
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -87,7 +87,7 @@ def test_names_and_titles_are_escaped() -> None:
 def test_the_report_plots_import_no_plotting_library() -> None:
     code = (
         "import sys\n"
-        "from reports.html import _distribution_plots\n"
+        "from evals.reports.html import _distribution_plots\n"
         "from tests.test_records import record\n"
         "out = _distribution_plots([record('fp8', f's{i}', 30.0 + i) for i in range(8)])\n"
         "assert out.startswith('<svg'), out[:80]\n"

@@ -11,10 +11,10 @@ import torch
 from evals.candidates import build_candidate
 from evals.cli import main
 from evals.generation import generate
+from evals.models.precision import load_policy
+from evals.models.sources import load_source
 from evals.sensitivity import SwitchableCandidate, group_key, linear_groups
 from evals.suite_types import Case, Generation, Sample
-from models.precision import load_policy
-from models.sources import load_source
 from tests.conftest import write
 
 PLANTED = "transformer_blocks.0.attn.to_out.0"

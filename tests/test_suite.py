@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from evals.models.yamlspec import InputError
 from evals.suite import load_suite
-from models.yamlspec import InputError
 from tests.conftest import SUITES, write
 
 VALID = """\

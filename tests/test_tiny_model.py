@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from benchmarks.tiny_captions import caption_checks, dominant_colour
+from evals.models.tiny import T5_TOKENS, WEIGHTS_FILE, WEIGHTS_SHA256, load_trained_components
+from evals.models.tiny_data import COLOURS, render
 from evals.suite_types import Generation
-from models.tiny import T5_TOKENS, WEIGHTS_FILE, WEIGHTS_SHA256, load_trained_components
-from models.tiny_data import COLOURS, render
 
 SMOKE_GENERATION = Generation(64, 64, 8, 4.5, 16, T5_TOKENS)  # suites/smoke.yaml's settings, larger batches
 
@@ -26,7 +26,7 @@ def test_weights_are_committed_small_and_match_their_recorded_hash() -> None:
 def test_every_parameter_comes_from_the_file(tiny_model) -> None:
     """Strict loading: no component keeps a random-init value (the trained and random builds differ
     in every weight tensor of every component)."""
-    from models.tiny import TRAINED, build_tiny_components
+    from evals.models.tiny import TRAINED, build_tiny_components
 
     random = build_tiny_components(0)
     for name in TRAINED:
@@ -74,7 +74,7 @@ def test_training_data_captions_say_what_is_drawn() -> None:
 
 
 def test_training_encodes_prompts_as_the_pipeline_does(tiny_model) -> None:
-    from models.tiny_train import encode_text, tokenize
+    from evals.models.tiny_train import encode_text, tokenize
 
     pipe = tiny_model.pipeline
     prompts = ["a large red circle on a white background", "", "a yellow shop sign that reads STOP, at night"]
@@ -89,7 +89,7 @@ def test_training_encodes_prompts_as_the_pipeline_does(tiny_model) -> None:
 
 def test_the_training_script_runs_and_writes_a_loadable_file(tmp_path: Path) -> None:
     """A few steps on the CPU (the real run needs a GPU): the file it writes loads strictly."""
-    from models.tiny_train import main
+    from evals.models.tiny_train import main
 
     out = tmp_path / "w.safetensors"
     args = ["--device", "cpu", "--data", "64", "--vae-steps", "1", "--vae-batch", "4", "--steps", "1"]

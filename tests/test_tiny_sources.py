@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from evals.generation import generate
+from evals.models.sources import load_source
+from evals.models.yamlspec import InputError
 from evals.suite_types import Case, Generation, Sample
-from models.sources import load_source
-from models.yamlspec import InputError
 from tests.conftest import REPO
 
 GEN = Generation(height=64, width=64, steps=2, guidance=4.5, batch_size=2)
@@ -33,7 +33,7 @@ def test_tiny_is_identical_across_processes(tiny_model) -> None:
         "import os; os.environ['HF_HUB_OFFLINE']='1'\n"
         "import hashlib, torch\n"
         "from evals.generation import generate\n"
-        "from models.sources import load_source\n"
+        "from evals.models.sources import load_source\n"
         "from tests.test_tiny_sources import BATCH, GEN\n"
         f"torch.set_num_threads({torch.get_num_threads()})\n"
         "img = generate(load_source('tiny', 'float32', 'cpu').pipeline, BATCH, GEN)\n"
@@ -79,8 +79,8 @@ def test_bad_tiny_seed() -> None:
 
 @pytest.mark.parametrize("source", ["random:sd35-huge", "random:sd35-medium:x"])
 def test_a_random_architecture_source_is_checked(source: str) -> None:
-    from models.sources import load_source
-    from models.yamlspec import InputError
+    from evals.models.sources import load_source
+    from evals.models.yamlspec import InputError
 
     with pytest.raises(InputError, match="expected random:ARCH"):
         load_source(source)

@@ -10,7 +10,7 @@ import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from models.yamlspec import InputError, did_you_mean
+from evals.models.yamlspec import InputError, did_you_mean
 
 if TYPE_CHECKING:
     from evals.metrics.base import ImageMetric

@@ -1,6 +1,6 @@
 """SD3.5's feed-forward (Linear, tanh-GELU, Linear) with both linears in FP8: on a CUDA GPU the
 first GEMM's bias, the GELU and the second GEMM's per-token input quantization run as one Triton
-kernel (`models/fp8_kernels.py`) that reads the wide (4x hidden) activation once. Inductor's fusion
+kernel (`evals/models/fp8_kernels.py`) that reads the wide (4x hidden) activation once. Inductor's fusion
 of the same code read it twice and ran the exact tanh, which made it the slowest kernel of an FP8
 block after the GEMMs and attention.
 
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from models import fp8_kernels
-from models.fp8 import FORMATS, Fp8Linear
+from evals.models import fp8_kernels
+from evals.models.fp8 import FORMATS, Fp8Linear
 
 
 def _fusable(module: nn.Module) -> bool:

@@ -14,9 +14,8 @@ from typing import Any
 from xml.etree import ElementTree
 
 from evals.records import SampleRecord, read_records
-from evals.rundir import load_png, write_atomic
-from reports.images import comparison_grid, png_data_uri
-from reports.render import (
+from evals.reports.images import comparison_grid, png_data_uri
+from evals.reports.render import (
     NOISE_FLOOR,
     STATUS,
     _fmt,
@@ -31,28 +30,14 @@ from reports.render import (
     threshold_text,
     write_summary_markdown,
 )
-from reports.svg import box_plot
+from evals.reports.svg import box_plot
+from evals.rundir import load_png, write_atomic
 
 WORST = 4
 """Worst samples shown per candidate."""
 
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; max-width: 1200px; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 14px; }
-th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; }
-th { background: #f3f3f3; }
-.pass { color: #137333; font-weight: 600; } .fail { color: #c5221f; font-weight: 600; }
-.warn { color: #b06000; font-weight: 600; } .skip { color: #666; }
-.sample img { image-rendering: pixelated; width: min(100%, 800px); }
-.sample { margin: 1em 0; } .caption { font-size: 13px; color: #444; }
-#summary { border: 1px solid #ccc; padding: 0 1em; margin-bottom: 1.5em; }
-#summary li { margin: 0.2em 0; }
-details { border-left: 4px solid #ccc; margin: 0.6em 0; padding: 0 0 0 1em; }
-details.failed { border-color: #c5221f; } details.warned { border-color: #b06000; }
-details.passed { border-color: #137333; }
-details > summary { font-size: 1.2em; font-weight: 600; padding: 0.3em 0; cursor: pointer; }
-details > summary .counts { font-size: 0.8em; font-weight: normal; color: #444; }
-"""
+STYLE_FILE = Path(__file__).resolve().parent / "templates" / "report.css"
+"""The report's style sheet, inlined so that report.html is one file that can be mailed or attached."""
 
 OUTCOME = {"fail": "FAILED", "warn": "PASSED with warnings", "pass": "PASSED"}
 CANDIDATE_COUNTS = (("fail", "failed"), ("warn", "passed with warnings"), ("pass", "passed"))
@@ -311,7 +296,8 @@ def render_html(run_dir: Path) -> str:
     title = f"{run['suite']['name']}: {status}"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>{STYLE}</style></head><body>
+<style>
+{STYLE_FILE.read_text()}</style></head><body>
 <h1>{html.escape(run["suite"]["name"])}: <span class="{"pass" if verdict["passed"] else "fail"}">{status}</span></h1>
 {_summary(run, verdict, candidates, notes)}
 {"".join(sections)}

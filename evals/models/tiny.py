@@ -2,7 +2,7 @@
 
 It has the shape of SD3.5-Medium (two CLIP encoders, no T5, a dual-attention first block, RMS q/k
 norm, a 16-channel VAE) at a size that makes a 64x64 image in well under a second on a CPU. `tiny`
-loads the trained weights committed in `models/weights/` (made by `python -m models.tiny_train`, see
+loads the trained weights committed in `models/weights/` (made by `python -m evals.models.tiny_train`, see
 that module); `tiny-random[:SEED]` is the same architecture with seeded random weights, for tests
 that need a model whose weights differ. Either way the same source gives bit-identical images in
 every process.
@@ -22,7 +22,7 @@ import torch
 TINY_SEED = 0
 TINY_VERSION = "tiny-sd3-v2"  # bump when the configs below change: it is part of the model fingerprint
 WEIGHTS_FILE = Path(__file__).resolve().parent / "weights" / "tiny-sd3.safetensors"
-# printed by models/tiny_train.py when it wrote WEIGHTS_FILE; tests/test_tiny_model.py checks it
+# printed by evals/models/tiny_train.py when it wrote WEIGHTS_FILE; tests/test_tiny_model.py checks it
 WEIGHTS_SHA256 = "cd7afc0dc0aa82a5917f8c160338e4761d8b23463cb9cfaeed3878ccf2221c70"
 T5_TOKENS = 8
 """The T5 budget the model was trained with (T5 is absent: zeros stand in). Suites on `tiny` set
@@ -163,7 +163,7 @@ def load_trained_components(path: Path = WEIGHTS_FILE) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
             f"the tiny model's weights are missing: {path} (they are committed in the repository; "
-            "`python -m models.tiny_train` on a GPU makes them again)"
+            "`python -m evals.models.tiny_train` on a GPU makes them again)"
         )
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from diffusers.models.attention import JointTransformerBlock
 from torch import nn
 
-from models import fp8_kernels
-from models.fp8 import FORMATS
-from models.fp8_feedforward import Fp8GeluFeedForward, fuse_feed_forwards, per_token_gemm
+from evals.models import fp8_kernels
+from evals.models.fp8 import FORMATS
+from evals.models.fp8_feedforward import Fp8GeluFeedForward, fuse_feed_forwards, per_token_gemm
 
 QuantizedRows = fp8_kernels.QuantizedRows
 

@@ -1,6 +1,6 @@
-"""Train the tiny CI model: `python -m models.tiny_train --out models/weights/tiny-sd3.safetensors`.
+"""Train the tiny CI model: `python -m evals.models.tiny_train --out evals/models/weights/tiny-sd3.safetensors`.
 
-Seeded and self-contained: the data are the captioned scenes of `models/tiny_data.py`, rendered here
+Seeded and self-contained: the data are the captioned scenes of `evals/models/tiny_data.py`, rendered here
 (no download). Two phases, on one GPU in about 7 minutes (6.8 on an H200):
 
 1. the VAE (16 latent channels, 4x down-sampling) learns to reconstruct the scenes (L1 + a little
@@ -30,8 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from models.tiny import T5_TOKENS, TINY_VERSION, TRAINED, build_tiny_components, weights_sha256
-from models.tiny_data import render
+from evals.models.tiny import T5_TOKENS, TINY_VERSION, TRAINED, build_tiny_components, weights_sha256
+from evals.models.tiny_data import render
 
 CHUNK = 2048
 
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--out", type=Path, default=Path("models/weights/tiny-sd3.safetensors"))
+    p.add_argument("--out", type=Path, default=Path("evals/models/weights/tiny-sd3.safetensors"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", type=int, default=100_000, help="scenes rendered once and sampled from")
     p.add_argument("--vae-steps", type=int, default=2000)

@@ -2,16 +2,16 @@
 row's amax and writes its FP8 values and scale, optionally after the bias and tanh-GELU that sit
 between the two GEMMs of a feed-forward. Inductor's own fusion of the same code reads each row
 twice with looped reductions (rows of 2432 and 9728 values in SD3.5-Large); a row here stays in
-registers. Numbers match `models.fp8.quantize` of the eager code (the bias sum and the GELU are rounded to
+registers. Numbers match `evals.models.fp8.quantize` of the eager code (the bias sum and the GELU are rounded to
 the activation dtype first, as eager does), but for the GELU's tanh, which is the GPU's
 approximate one (see the kernel).
 
-Two more for the fused joint block (`models/fp8_block.py`): `norm_quantize` (optional residual
+Two more for the fused joint block (`evals/models/fp8_block.py`): `norm_quantize` (optional residual
 update, LayerNorm, one or two modulations, per-token quantization: one pass per token) and
 `quantize_heads` (per-token quantization of an attention output read in SDPA's layout).
 
 Each is a `torch.library.triton_op`, so compiled blocks call it as a kernel inside their graph; the
-Triton kernels themselves are in `models/fp8_triton.py`, imported on first use.
+Triton kernels themselves are in `evals/models/fp8_triton.py`, imported on first use.
 `available(x)` says whether they run for a tensor (CUDA and Triton present).
 """
 
@@ -41,7 +41,7 @@ def _ops() -> None:
     """Define the ops on first use (importing Triton is slow and CPU runs never need it)."""
     import triton
 
-    from models.fp8_triton import norm_quantize_kernel, quantize_heads_kernel, quantize_rows_kernel
+    from evals.models.fp8_triton import norm_quantize_kernel, quantize_heads_kernel, quantize_rows_kernel
 
     @torch.library.triton_op("evals_fp8::quantize_rows", mutates_args=())
     def quantize_rows(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.yamlspec import InputError
+from evals.models.yamlspec import InputError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 GET_WEIGHTS_HINT = (
@@ -192,7 +192,7 @@ def load_source(
 
     dtype = resolve_dtype(dtype_name, device)
     if is_tiny(source):
-        from models.tiny import build_tiny_pipeline, tiny_fingerprint
+        from evals.models.tiny import build_tiny_pipeline, tiny_fingerprint
 
         seed = _tiny_seed(source)
         pipe = build_tiny_pipeline(seed)
@@ -205,7 +205,7 @@ def load_source(
         return LoadedModel(pipeline=pipe, source=source, fingerprint=fingerprint)
 
     if source.startswith("random:"):
-        from models.random_sd35 import ARCHITECTURES, build_random_pipeline, random_fingerprint
+        from evals.models.random_sd35 import ARCHITECTURES, build_random_pipeline, random_fingerprint
 
         architecture, _, seed_text = source.removeprefix("random:").partition(":")
         if architecture not in ARCHITECTURES or not (seed_text or "0").isdigit():

@@ -1,6 +1,6 @@
 """Strict YAML input: load with line numbers, check keys and types, fail with file:line and key.
 
-Shared by precision policies (`models.precision`) and suites (`evals.suite`): it lives in `models`, the
+Shared by precision policies (`evals.models.precision`) and suites (`evals.suite`): it lives in `models`, the
 lower layer, so that `models` imports nothing from `evals`. Imports no torch.
 """
 

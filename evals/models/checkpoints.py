@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from models.fp8 import FORMATS, Fp8Linear, Fp8Spec, resolve_backend
-from models.yamlspec import InputError
+from evals.models.fp8 import FORMATS, Fp8Linear, Fp8Spec, resolve_backend
+from evals.models.yamlspec import InputError
 
 FORMAT_MARKER = "sd35-fp8-gate/quantized-transformer"
 FORMAT_VERSION = "1"
@@ -89,7 +89,7 @@ def _assemble(reference: Any, fp8_layers: dict[str, Fp8Linear], rest: dict[str, 
             f"{source}: does not fit this model's transformer (missing {missing[:3]}, unexpected "
             f"{result.unexpected_keys[:3]}); is it for another SD3 variant?"
         )
-    from models.fp8_block import fuse_fp8_modules  # diffusers' block classes: imported when needed
+    from evals.models.fp8_block import fuse_fp8_modules  # diffusers' block classes: imported when needed
 
     fuse_fp8_modules(module)
     return module

@@ -18,8 +18,17 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from models.fp8_spec import ACTIVATIONS, BACKENDS, FORMAT_NAMES, WEIGHT_SCALES, Fp8Spec
-from models.yamlspec import Errors, InputError, YamlDoc, check_mapping, did_you_mean, expect, expect_choice, load_yaml
+from evals.models.fp8_spec import ACTIVATIONS, BACKENDS, FORMAT_NAMES, WEIGHT_SCALES, Fp8Spec
+from evals.models.yamlspec import (
+    Errors,
+    InputError,
+    YamlDoc,
+    check_mapping,
+    did_you_mean,
+    expect,
+    expect_choice,
+    load_yaml,
+)
 
 POLICY_DIR = Path(__file__).parent / "policies"
 COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -55,7 +64,7 @@ class ComponentPolicy:
 @dataclass(frozen=True)
 class Calibration:
     prompts: int = 8
-    """Calibration prompts (the first N of `models.calibration.CALIBRATION_PROMPTS`)."""
+    """Calibration prompts (the first N of `evals.models.calibration.CALIBRATION_PROMPTS`)."""
     seed: int = 0
     """Generator seed of the calibration images."""
 
@@ -157,7 +166,7 @@ def _parse_component(doc: YamlDoc, name: str, raw: Any) -> ComponentPolicy:
 
 
 def _parse_calibration(doc: YamlDoc, raw: Any) -> Calibration:
-    from models.calibration_prompts import CALIBRATION_PROMPTS
+    from evals.models.calibration_prompts import CALIBRATION_PROMPTS
 
     c = check_mapping(doc, raw, ("calibration",), optional=("prompts", "seed"))
     prompts = expect(doc, c.get("prompts", 8), ("calibration", "prompts"), int, "an integer")
@@ -231,7 +240,7 @@ def resolve_plan(policy: PrecisionPolicy, components: dict[str, Any], device: An
     `device` is where the layers will run (default: where their weights are); weights may be on the
     meta device, so a plan can be made from configs alone.
     """
-    from models.fp8 import resolve_backend
+    from evals.models.fp8 import resolve_backend
 
     plan: list[LayerPlan] = []
     for comp_name, comp_policy in policy.components.items():
@@ -302,8 +311,8 @@ def apply_policy(
     """
     import torch
 
-    from models.fp8 import Fp8Linear
-    from models.sources import cast
+    from evals.models.fp8 import Fp8Linear
+    from evals.models.sources import cast
 
     plan = resolve_plan(policy, components)
     out = dict(components)
@@ -331,7 +340,7 @@ def apply_policy(
             fp8 = Fp8Linear.from_linear(module.get_submodule(layer.name), layer.spec, layer.backend, amax)
             module.set_submodule(layer.name, fp8)
         if layers:
-            from models.fp8_block import fuse_fp8_modules
+            from evals.models.fp8_block import fuse_fp8_modules
 
             fuse_fp8_modules(module)
         out[comp_name] = module

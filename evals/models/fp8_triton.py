@@ -1,4 +1,4 @@
-"""The Triton kernels behind `models.fp8_kernels`' ops. Imported only by `fp8_kernels._ops()`, on
+"""The Triton kernels behind `evals.models.fp8_kernels`' ops. Imported only by `fp8_kernels._ops()`, on
 first use (importing Triton is slow and CPU runs never need it); module-level, so that Triton's
 interpreter (`TRITON_INTERPRET=1`, the CPU tests) resolves the helper they share, as the GPU
 compiler does.
@@ -50,7 +50,7 @@ def quantize_rows_kernel(
         )
         value = (0.5 * value * (1.0 + tanh)).to(x_ptr.dtype.element_ty).to(tl.float32)
     amax = tl.max(tl.where(inside, tl.abs(value), 0.0), axis=1)
-    scale = tl.maximum(amax, 1e-12) / FP8_MAX  # 1e-12: models.fp8.MIN_SCALE
+    scale = tl.maximum(amax, 1e-12) / FP8_MAX  # 1e-12: evals.models.fp8.MIN_SCALE
     q = tl.clamp(value / scale[:, None], -FP8_MAX, FP8_MAX)
     tl.store(q_ptr + row * cols + col, q.to(q_ptr.dtype.element_ty), mask=inside)
     tl.store(scale_ptr + row, scale[:, None], mask=row < rows)

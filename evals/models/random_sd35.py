@@ -75,7 +75,7 @@ def build_random_pipeline(architecture: str, dtype: torch.dtype, device: str, se
     )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    from models.tiny import build_tiny_tokenizer
+    from evals.models.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     special = {

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from models.calibration_prompts import CALIBRATION_PROMPTS
+from evals.models.calibration_prompts import CALIBRATION_PROMPTS
 
 
 @torch.inference_mode()
