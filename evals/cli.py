@@ -192,6 +192,9 @@ def _parser() -> argparse.ArgumentParser:
     from evals.cli_validate import add_validate_command
 
     add_validate_command(sub)
+    from evals.schemas import add_schema_command
+
+    add_schema_command(sub)
     return parser
 
 

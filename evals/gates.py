@@ -73,6 +73,7 @@ class GateResult:
             "tags": list(self.gate.tags),
             "baseline": self.baseline,
             "baseline_gate": self.gate.baseline is not None,
+            "baseline_limit": self.gate.baseline[0] if self.gate.baseline else None,
             "reason": self.reason,
         }
 

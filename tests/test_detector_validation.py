@@ -107,8 +107,8 @@ def test_suite_detector_thresholds(tmp_path: Path) -> None:
     for bad, message in [
         ("{stripe_noise: {min_amplitud: 0.01}}", "did you mean 'min_amplitude'"),
         ("{stripe_noise: {min_amplitude: high}}", "expected a number"),
-        ("{checkerboard: {min_z: 3}}", "unknown key"),  # not among the suite's detectors
-        ("{nonfinite: {}}", "has no thresholds"),
+        ("{checkerboard: {min_z: 3}}", "detector_thresholds.checkerboard: 'checkerboard' is not listed in 'detectors'"),
+        ("{nonfinite: {}}", "detector_thresholds.nonfinite: unknown key"),  # a detector without thresholds
     ]:
         path = write(tmp_path / "bad.yaml", text.replace("{stripe_noise: {min_amplitude: 0.01}}", bad))
         with pytest.raises(InputError, match=message):

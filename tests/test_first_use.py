@@ -84,8 +84,9 @@ def test_the_wheel_carries_suites_baselines_configs_policies_and_tiny_weights(tm
         "evals/suites/smoke.yaml",
         "evals/suites/sd35-core.yaml",
         "evals/suites/baselines/smoke/fp8-e4m3-rowwise.json",
-        "models/configs/sd35-large/transformer/config.json",
-        "models/policies/fp8-e4m3-rowwise.yaml",
+        "evals/models/configs/sd35-large/transformer/config.json",
+        "evals/models/policies/fp8-e4m3-rowwise.yaml",
+        "evals/reports/templates/report.css",
         "evals/models/weights/tiny-sd3.safetensors",
     ):
         assert expected in names, expected

@@ -4,11 +4,16 @@ parsed and validated by `evals validate` and `evals --help`'s neighbours without
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
-FORMAT_NAMES = ("e4m3fn", "e5m2")
-WEIGHT_SCALES = ("per_tensor", "per_channel", "per_block")
-ACTIVATIONS = ("none", "dynamic_per_tensor", "dynamic_per_token", "static")
-BACKENDS = ("auto", "scaled_mm", "emulated", "weight_only")
+Format = Literal["e4m3fn", "e5m2"]
+WeightScale = Literal["per_tensor", "per_channel", "per_block"]
+Activations = Literal["none", "dynamic_per_tensor", "dynamic_per_token", "static"]
+Backend = Literal["auto", "scaled_mm", "emulated", "weight_only"]
+FORMAT_NAMES: tuple[str, ...] = get_args(Format)
+WEIGHT_SCALES: tuple[str, ...] = get_args(WeightScale)
+ACTIVATIONS: tuple[str, ...] = get_args(Activations)
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 @dataclass(frozen=True)

@@ -18,25 +18,15 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from evals.models.fp8_spec import ACTIVATIONS, BACKENDS, FORMAT_NAMES, WEIGHT_SCALES, Fp8Spec
-from evals.models.yamlspec import (
-    Errors,
-    InputError,
-    YamlDoc,
-    check_mapping,
-    did_you_mean,
-    expect,
-    expect_choice,
-    load_yaml,
-)
+from evals.models import policy_schema as schema
+from evals.models.fp8_spec import Fp8Spec
+from evals.models.yamlspec import Errors, InputError, YamlDoc, did_you_mean, load_yaml, validate
 
 POLICY_DIR = Path(__file__).parent / "policies"
-COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+COMPONENTS = tuple(schema.Components.model_fields)
 QUANTIZABLE = ("transformer",)  # FP8 rules apply to the transformer; other components take a dtype
-DROPPABLE = ("text_encoder_3",)  # T5: SD3 runs without it (zeros stand in for its embeddings)
-DTYPES = ("float32", "bfloat16", "float16")
-SPEC_FIELDS = {"format": FORMAT_NAMES, "weights": WEIGHT_SCALES, "activations": ACTIVATIONS, "backend": BACKENDS}
-SPEC_KEYS = ("precision", *SPEC_FIELDS, "block_size", "fast_accum")
+SPEC_KEYS = ("format", "weights", "activations", "backend", "block_size", "fast_accum")
+"""The keys of a `default` or a rule that become Fp8Spec fields."""
 
 
 @dataclass(frozen=True)
@@ -115,26 +105,16 @@ class LayerPlan:
         return {**asdict(self), "spec": asdict(self.spec) if self.spec else None}
 
 
-def _parse_spec(doc: YamlDoc, raw: Any, path: tuple[Any, ...], base: Fp8Spec) -> Fp8Spec | None:
-    """A `{precision: keep}` or `{format, weights, activations, backend, block_size, fast_accum}` mapping."""
-    m = check_mapping(doc, raw, path, optional=SPEC_KEYS)
-    precision = expect_choice(doc, m.get("precision", "fp8"), path + ("precision",), ("fp8", "keep"))
-    if precision == "keep":
-        for key in SPEC_KEYS[1:]:
-            if key in m:
-                raise doc.error(path + (key,), f"{key!r} makes no sense with precision: keep")
+def _spec(doc: YamlDoc, given: schema.Fp8Settings, path: tuple[Any, ...], base: Fp8Spec) -> Fp8Spec | None:
+    """The FP8 settings of a `default` or a rule: `base`'s, with the keys given replaced; None to keep."""
+    keys = [k for k in SPEC_KEYS if k in given.model_fields_set]
+    if given.precision == "keep":
+        for key in keys:
+            raise doc.error(path + (key,), f"{key!r} makes no sense with precision: keep")
         return None
-    values: dict[str, Any] = {
-        key: expect_choice(doc, m[key], path + (key,), choices) for key, choices in SPEC_FIELDS.items() if key in m
-    }
-    if "block_size" in m:
-        block = expect(doc, m["block_size"], path + ("block_size",), int, "an integer")
-        if block < 1 or block & (block - 1):
-            raise doc.error(path + ("block_size",), f"expected a power of two, got {block}")
-        values["block_size"] = block
-    if "fast_accum" in m:
-        values["fast_accum"] = expect(doc, m["fast_accum"], path + ("fast_accum",), bool, "true or false")
-    spec = replace(base, **values)
+    if given.block_size is not None and given.block_size & (given.block_size - 1):
+        raise doc.error(path + ("block_size",), f"expected a power of two, got {given.block_size}")
+    spec = replace(base, **{k: getattr(given, k) for k in keys if getattr(given, k) is not None})
     if spec.backend == "scaled_mm" and spec.activations == "none":
         raise doc.error(
             path + ("backend",), "scaled_mm needs quantized activations; use weight_only for activations: none"
@@ -144,36 +124,26 @@ def _parse_spec(doc: YamlDoc, raw: Any, path: tuple[Any, ...], base: Fp8Spec) ->
     return spec
 
 
-def _parse_component(doc: YamlDoc, name: str, raw: Any) -> ComponentPolicy:
+def _component(doc: YamlDoc, name: str, given: schema.Component, errors: Errors) -> ComponentPolicy:
     path = ("components", name)
-    keys = ("dtype", *(("default", "rules") if name in QUANTIZABLE else ()), *(("drop",) if name in DROPPABLE else ()))
-    c = check_mapping(doc, raw, path, optional=keys)
-    drop = expect(doc, c.get("drop", False), path + ("drop",), bool, "true or false")
-    if drop and len(c) > 1:
-        raise doc.error(path, "a dropped component takes no other settings")
-    dtype = expect_choice(doc, c["dtype"], path + ("dtype",), DTYPES) if "dtype" in c else None
-    default = _parse_spec(doc, c["default"], path + ("default",), Fp8Spec()) if "default" in c else None
+    drop = isinstance(given, schema.T5) and given.drop
+    if drop and len(given.model_fields_set) > 1:
+        errors.found.append(doc.error(path, "a dropped component takes no other settings"))
+    if not isinstance(given, schema.Transformer):
+        return ComponentPolicy(dtype=given.dtype, drop=drop)
+    default = None
+    if given.default is not None:
+        default = errors.attempt(lambda: _spec(doc, given.default, path + ("default",), Fp8Spec()), None)  # type: ignore[arg-type]
     base = default or Fp8Spec()
-    rules_raw = expect(doc, c.get("rules", []), path + ("rules",), list, "a list of rules")
     rules = []
-    for i, r in enumerate(rules_raw):
-        rpath = path + ("rules", i)
-        check_mapping(doc, r, rpath, required=("match",), optional=SPEC_KEYS)
-        pattern = expect(doc, r["match"], rpath + ("match",), str, "an fnmatch pattern string")
-        spec = _parse_spec(doc, {k: v for k, v in r.items() if k != "match"}, rpath, base)
-        rules.append(Rule(pattern, spec, doc.line(rpath)))
-    return ComponentPolicy(dtype=dtype, default=default, rules=tuple(rules), drop=drop)
+    for i, rule in enumerate(given.rules):
+        rule_path = path + ("rules", i)
 
+        def parse(rule: schema.Rule = rule, rule_path: tuple[Any, ...] = rule_path) -> Rule:
+            return Rule(rule.match, _spec(doc, rule, rule_path, base), doc.line(rule_path))
 
-def _parse_calibration(doc: YamlDoc, raw: Any) -> Calibration:
-    from evals.models.calibration_prompts import CALIBRATION_PROMPTS
-
-    c = check_mapping(doc, raw, ("calibration",), optional=("prompts", "seed"))
-    prompts = expect(doc, c.get("prompts", 8), ("calibration", "prompts"), int, "an integer")
-    if not 1 <= prompts <= len(CALIBRATION_PROMPTS):
-        raise doc.error(("calibration", "prompts"), f"expected 1..{len(CALIBRATION_PROMPTS)}, got {prompts}")
-    seed = expect(doc, c.get("seed", 0), ("calibration", "seed"), int, "an integer")
-    return Calibration(prompts=prompts, seed=seed)
+        rules.append(errors.attempt(parse, None))
+    return ComponentPolicy(dtype=given.dtype, default=default, rules=tuple(r for r in rules if r), drop=drop)
 
 
 def policy_path(name_or_path: str) -> Path:
@@ -195,23 +165,23 @@ def shipped_policies() -> list[str]:
 
 
 def load_policy(name_or_path: str) -> PrecisionPolicy:
-    """Parse and validate a policy; any problem raises InputError naming file, line and key."""
+    """Parse and validate a policy; any problem raises InputError naming file, line and key (every
+    problem of the file at once)."""
     doc = load_yaml(policy_path(name_or_path), "policy")
-    d = check_mapping(doc, doc.data, (), required=("name", "components"), optional=("description", "calibration"))
-    name = expect(doc, d["name"], ("name",), str, "a string")
-    if not name or not all(ch.isalnum() or ch in "-_." for ch in name) or name in ("ref", ".", ".."):
-        raise doc.error(
-            ("name",), f"name {name!r} must be letters, digits, '-', '_' or '.' (it names folders), not 'ref'"
-        )
-    comps = check_mapping(doc, d["components"], ("components",), optional=COMPONENTS)
+    given = validate(doc, schema.PolicyFile)
+    errors = Errors()
+    if given.name in ("ref", ".", ".."):
+        errors.found.append(doc.error(("name",), f"name {given.name!r} is reserved (it names folders)"))
+    components = {name: _component(doc, name, part, errors) for name, part in given.components if part is not None}
+    errors.raise_any()
     canonical = json.dumps(doc.data, sort_keys=True, default=str).encode()
     return PrecisionPolicy(
-        name=name,
+        name=given.name,
         path=str(doc.path),
         sha256=hashlib.sha256(canonical).hexdigest(),
-        components={c: _parse_component(doc, c, raw) for c, raw in comps.items()},
-        description=expect(doc, d.get("description", ""), ("description",), str, "a string"),
-        calibration=_parse_calibration(doc, d.get("calibration", {})),
+        components=components,
+        description=given.description,
+        calibration=Calibration(prompts=given.calibration.prompts, seed=given.calibration.seed),
     )
 
 

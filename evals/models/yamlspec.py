@@ -1,17 +1,23 @@
-"""Strict YAML input: load with line numbers, check keys and types, fail with file:line and key.
+"""Strict YAML input: load with line numbers, validate against a typed model (pydantic), fail with
+file:line, key and "did you mean".
 
-Shared by precision policies (`evals.models.precision`) and suites (`evals.suite`): it lives in `models`, the
-lower layer, so that `models` imports nothing from `evals`. Imports no torch.
+Shared by precision policies (`evals.models.precision`) and suites (`evals.suite`): it lives in
+`evals.models`, the lower layer, so that `evals.models` imports nothing else from `evals`. The typed
+models are the one description of a file's keys: they validate it and publish its JSON Schema.
+Imports no torch.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable, Mapping
+import functools
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import ErrorDetails
 
 T = TypeVar("T")
 
@@ -135,39 +141,107 @@ def load_yaml(path: str | Path, what: str) -> YamlDoc:
     return YamlDoc(path, data, lines)
 
 
-def check_mapping(
-    doc: YamlDoc,
-    value: Any,
-    key_path: tuple[Any, ...],
-    *,
-    required: Iterable[str] = (),
-    optional: Iterable[str] = (),
-) -> Mapping[str, Any]:
-    """Assert `value` is a mapping with exactly the allowed keys."""
-    if not isinstance(value, dict):
-        raise doc.error(key_path, f"expected a mapping, got {type(value).__name__}")
-    required, optional = set(required), set(optional)
-    allowed = required | optional
-    for key in value:
-        if key not in allowed:
-            raise doc.error(key_path + (key,), "unknown key" + did_you_mean(str(key), allowed))
-    for key in sorted(required - set(value)):
-        raise doc.error(key_path, f"missing required key {key!r}")
-    return value
+class StrictModel(BaseModel):
+    """One YAML mapping: exactly these keys, values of exactly these types (no "3" for 3, no `true`
+    for 1; an integer is a number)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
-def expect(doc: YamlDoc, value: Any, key_path: tuple[Any, ...], kind: type | tuple[type, ...], what: str) -> Any:
-    """Assert a value's type (bool is never accepted as a number)."""
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds:
-        raise doc.error(key_path, f"expected {what}, got {value!r}")
-    if not isinstance(value, kinds):
-        raise doc.error(key_path, f"expected {what}, got {type(value).__name__} {value!r}")
-    return value
+M = TypeVar("M", bound=BaseModel)
 
 
-def expect_choice(doc: YamlDoc, value: Any, key_path: tuple[Any, ...], choices: Iterable[str]) -> str:
-    choices = list(choices)
-    if not isinstance(value, str) or value not in choices:
-        raise doc.error(key_path, f"unknown value {value!r}" + did_you_mean(str(value), choices))
-    return value
+def validate(doc: YamlDoc, model: type[M]) -> M:
+    """The document as `model`; every structural problem at once, each an InputError naming the
+    file, line and key, with "did you mean" for unknown keys and values."""
+    try:
+        return model.model_validate(doc.data)
+    except ValidationError as exc:
+        errors = Errors()
+        said: set[str] = set()
+        for error in exc.errors(include_url=False):
+            path, message = _explain(error, json_schema(model))
+            found = doc.error(path, message)
+            if str(found) not in said:  # a union reports one problem once per member
+                said.add(str(found))
+                errors.found.append(found)
+        errors.raise_any()
+        raise AssertionError("unreachable: a ValidationError has errors") from exc
+
+
+@functools.cache
+def json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema()
+
+
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+
+
+def _explain(error: ErrorDetails, schema: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
+    """(key path, message) of one pydantic error, in this project's words."""
+    loc, kind, value, ctx = tuple(error["loc"]), error["type"], error["input"], error.get("ctx", {})
+    if loc and loc[-1] == "[key]":  # a mapping key outside its allowed names
+        loc = loc[:-1]
+        names = subschema(schema, loc[:-1]).get("propertyNames", {}).get("enum", [])
+        return loc, "unknown key" + did_you_mean(str(loc[-1]), names)
+    if kind == "missing":
+        return loc[:-1], f"missing required key {loc[-1]!r}"
+    if kind == "extra_forbidden":
+        return loc, "unknown key" + did_you_mean(str(loc[-1]), subschema(schema, loc[:-1]).get("properties", {}))
+    if kind == "literal_error":
+        choices = [str(c) for c in subschema(schema, loc).get("enum", [])]
+        return loc, f"unknown value {value!r}" + did_you_mean(str(value), choices)
+    number = "an integer" if isinstance(value, int) and subschema(schema, loc).get("type") == "integer" else "a number"
+    if kind in _EXPECTED:
+        got = repr(value) if isinstance(value, bool) or value is None else f"{type(value).__name__} {value!r}"
+        why = subschema(schema, loc).get("description")
+        return loc, f"expected {_EXPECTED[kind]}, got {got}" + (f" ({why})" if why else "")
+    if kind in ("greater_than_equal", "less_than_equal"):
+        sign, bound = (">=", ctx.get("ge")) if kind == "greater_than_equal" else ("<=", ctx.get("le"))
+        return loc, f"expected {number} {sign} {bound:g}, got {value}"
+    if kind == "multiple_of":
+        return loc, f"expected a multiple of {ctx['multiple_of']}, got {value}"
+    if kind == "too_short":
+        return loc, f"expected at least {ctx['min_length']} item(s), got none"
+    if kind == "string_pattern_mismatch":
+        why = subschema(schema, loc).get("description")
+        return loc, f"{loc[-1]} {value!r} must match {ctx['pattern']}" + (f" ({why})" if why else "")
+    return loc, str(error["msg"]).removeprefix("Value error, ")
+
+
+def subschema(schema: dict[str, Any], key_path: tuple[Any, ...]) -> dict[str, Any]:
+    """The part of a JSON Schema that describes the value at `key_path` ({} where none does)."""
+    node = _resolve(schema, schema)
+    for part in key_path:
+        if isinstance(part, int):
+            node = node.get("items", {})
+        elif part in node.get("properties", {}):
+            node = node["properties"][part]
+        else:
+            extra = node.get("additionalProperties")
+            node = extra if isinstance(extra, dict) else {}
+        node = _resolve(node, schema)
+    return node
+
+
+def _resolve(node: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """Follow `$ref`s and the non-null member of an `X | None`."""
+    while True:
+        if "$ref" in node:
+            node = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+        elif "anyOf" in node:
+            members = [n for n in node["anyOf"] if n.get("type") != "null"]
+            if len(members) != 1:
+                return node
+            node = members[0]
+        else:
+            return node

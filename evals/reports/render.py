@@ -24,8 +24,9 @@ def _fmt(value: float) -> str:
 def threshold_text(r: dict[str, Any]) -> str:
     """`>= 40`, or `max drop 0.5 vs baseline 52.1` for a regression gate; tags and warn marked."""
     text = f"{r['op']} {r['threshold']:g}"
-    if "vs baseline" in r["gate"]:
-        text = r["gate"].split(f" {r['stat']} ", 1)[1].split(" [tags")[0]
+    if r.get("baseline_gate"):
+        limit = r.get("baseline_limit") or "drop"  # max_drop or max_rel_drop (runs before 2026-11-29: drop)
+        text = f"{limit.replace('_', ' ')} {r['threshold']:g} vs baseline"
         if r.get("baseline") is not None:
             text += f" {_fmt(r['baseline'])}"
     if r.get("tags"):

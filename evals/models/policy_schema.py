@@ -1,0 +1,87 @@
+"""The precision policy file, described once: these models validate a policy's YAML (its structure,
+types and choices) and publish its JSON Schema (`evals schema policy`), which editors use to complete
+and check policy files. What depends on more than one key (inheritance from `default`, a backend
+that cannot run a combination) is checked by `evals.models.precision`. Imports no torch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from evals.models.calibration_prompts import CALIBRATION_PROMPTS
+from evals.models.fp8_spec import Activations, Backend, Format, WeightScale
+from evals.models.yamlspec import StrictModel
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
+
+
+class Fp8Settings(StrictModel):
+    """How a layer runs; a key left out is inherited from the component's `default`."""
+
+    precision: Literal["fp8", "keep"] = Field(
+        "fp8", description="fp8, or keep: the layer stays in the component's dtype"
+    )
+    format: Format | None = Field(None, description="e4m3fn (max 448, more mantissa) or e5m2 (max 57344, more range)")
+    weights: WeightScale | None = Field(
+        None, description="weight scale granularity: per_tensor, per_channel (one per output row) or per_block"
+    )
+    activations: Activations | None = Field(
+        None,
+        description="none (weight-only), dynamic_per_tensor, dynamic_per_token, or static (one calibrated scale)",
+    )
+    backend: Backend | None = Field(None, description="auto picks the fastest that runs here")
+    block_size: int | None = Field(
+        None, ge=1, description="side of the square weight tiles (per_block), a power of two"
+    )
+    fast_accum: bool | None = Field(None, description="the FP8 GEMM's faster, less precise accumulation (scaled_mm)")
+
+
+class Rule(Fp8Settings):
+    """A rule: the first whose pattern matches a layer's name decides it."""
+
+    match: str = Field(description="fnmatch pattern on the layer's qualified name inside its component")
+
+
+class Component(StrictModel):
+    dtype: Dtype | None = Field(None, description="the component's dtype; left out: the reference's")
+
+
+class Transformer(Component):
+    default: Fp8Settings | None = Field(None, description="settings of the layers no rule matches; left out: kept")
+    rules: list[Rule] = Field(default_factory=list, description="ordered rules, first match wins")
+
+
+class T5(Component):
+    drop: bool = Field(False, description="leave T5 out of the candidate (SD3 runs without it)")
+
+
+class Components(StrictModel):
+    """The pipeline's components; one left out stays as the reference has it. FP8 rules apply to the
+    transformer; the others take a dtype."""
+
+    transformer: Transformer | None = None
+    vae: Component | None = None
+    text_encoder: Component | None = None
+    text_encoder_2: Component | None = None
+    text_encoder_3: T5 | None = None
+
+
+class Calibration(StrictModel):
+    """How static activation scales are calibrated (used only where a layer is `static`)."""
+
+    prompts: int = Field(8, ge=1, le=len(CALIBRATION_PROMPTS), description="the first N calibration prompts")
+    seed: int = Field(0, description="generator seed of the calibration images")
+
+
+class PolicyFile(StrictModel):
+    """A precision policy: which layers of which component run in FP8, and how."""
+
+    name: str = Field(
+        pattern=NAME_PATTERN,
+        description="letters, digits, '-', '_' or '.': it names the candidate's folders, records and MLflow runs",
+    )
+    description: str = Field("", description="what the policy mirrors")
+    components: Components
+    calibration: Calibration = Calibration()
