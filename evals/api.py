@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from evals.models.yamlspec import InputError
 
 if TYPE_CHECKING:
+    from evals.background_tracker import BackgroundTracker
     from evals.candidates import Candidate
     from evals.distributed import Shard
     from evals.models.precision import PrecisionPolicy
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     from evals.runner import RunOutcome
     from evals.suite_types import Suite
     from evals.tracker_protocol import Tracker
-    from evals.tracking_wrappers import BackgroundTracker
 
 log = logging.getLogger(__name__)
 

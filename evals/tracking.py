@@ -1,5 +1,5 @@
 """Experiment tracking through MLflow (the `Tracker` protocol and the null tracker: tracker_protocol.py;
-the wrappers that keep a run going: tracking_wrappers.py). The only module that imports mlflow.
+the tracker a run talks to, on worker threads: background_tracker.py). The only module that imports mlflow.
 
 One experiment per suite; one parent run per `evals run` (reference images, verdict); one nested
 run per candidate policy (its metrics, per-sample table, images, plan). A tracker that fails
@@ -16,9 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from evals.background_tracker import BackgroundTracker
 from evals.rundir import load_png
 from evals.tracker_protocol import NullTracker, Tracker
-from evals.tracking_wrappers import BackgroundTracker, GuardedTracker
 
 log = logging.getLogger(__name__)
 
@@ -359,11 +359,11 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _open_mlflow() -> GuardedTracker | NullTracker:
-    """The guarded MLflow tracker; a store that cannot be opened costs the run its MLflow view, with
-    a warning, never the run itself."""
+def _open_mlflow() -> MlflowTracker | NullTracker:
+    """The MLflow tracker; a store that cannot be opened costs the run its MLflow view, with a
+    warning, never the run itself."""
     try:
-        return GuardedTracker(MlflowTracker())
+        return MlflowTracker()
     except Exception as exc:  # noqa: BLE001 - any store failure: the run directory still gets everything
         log.warning(
             f"MLflow is unavailable ({type(exc).__name__}: {exc}); results go to the run directory "
@@ -394,16 +394,14 @@ def open_mlflow_in_background() -> BackgroundTracker:
 
 
 def mlflow_tracker(tracker: Tracker) -> MlflowTracker | None:
-    """The MLflow tracker inside the wrappers, once everything queued is done; None when there is
+    """The MLflow tracker behind a run's tracker, once everything queued is done; None when there is
     none or its logging failed."""
-    layer = tracker
-    while not isinstance(layer, MlflowTracker):  # through the background and guard wrappers
-        if isinstance(layer, BackgroundTracker):
-            layer.wait()
-        if getattr(layer, "failed", None) or not hasattr(layer, "inner"):
+    if isinstance(tracker, BackgroundTracker):
+        tracker.wait()
+        if tracker.failed:
             return None
-        layer = layer.inner
-    return layer
+        tracker = tracker.inner  # type: ignore[assignment]
+    return tracker if isinstance(tracker, MlflowTracker) else None
 
 
 def log_bench(report: dict[str, Any], out_dir: Path) -> str | None:
