@@ -239,11 +239,11 @@ def execute(
 ) -> tuple[RunOutcome, Tracker]:
     """Run candidates against the reference into a new run directory (or finish the one in `resume`,
     skipping its finished samples); returns (RunOutcome, tracker). `tracker`: one opened earlier."""
+    from evals.background_tracker import open_tracker
     from evals.cache import ReferenceCache, default_cache_dir
     from evals.environment import git_commit
     from evals.rundir import new_run_dir
     from evals.runner import SuiteRunner
-    from evals.tracking import open_tracker
 
     check_unique_names(candidates)
     names = [c.name for c in candidates]
@@ -313,8 +313,9 @@ def execute(
 def _early_tracker(request: RunRequest) -> BackgroundTracker | None:
     """The tracker, opened now by its worker thread while the model loads, if that creates nothing
     (a bad input found later must leave no new store behind); else None: `execute` opens it."""
+    from evals.background_tracker import open_mlflow_in_background
     from evals.distributed import from_environment
-    from evals.tracking import open_mlflow_in_background, store_exists
+    from evals.tracking import store_exists
 
     if request.mlflow and from_environment().main and store_exists():
         return open_mlflow_in_background()
@@ -334,7 +335,7 @@ def _settled_on_error(tracker: BackgroundTracker | None) -> Iterator[None]:
 
 
 def _tracking_uri(tracker: Tracker) -> str | None:
-    from evals.tracking import mlflow_tracker
+    from evals.background_tracker import mlflow_tracker
 
     found = mlflow_tracker(tracker)
     return found.tracking_uri if found is not None else None

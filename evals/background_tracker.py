@@ -1,6 +1,7 @@
-"""The tracker a run talks to: `BackgroundTracker` opens the real tracker (MLflow) and logs to it on
-worker threads, so that MLflow overlaps generation, and owns its errors: the first one becomes one
-warning and stops tracking; the run goes on, complete in its run directory."""
+"""The tracker a run talks to, and how it is opened: `BackgroundTracker` opens the real tracker
+(MLflow) and logs to it on worker threads, so that MLflow overlaps generation, and owns its errors:
+the first one becomes one warning and stops tracking; the run goes on, complete in its run
+directory."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from evals.tracker_protocol import Tracker
+from evals.tracker_protocol import NullTracker, Tracker
+
+if TYPE_CHECKING:
+    from evals.tracking import MlflowTracker
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -121,3 +125,41 @@ class BackgroundTracker:
                 self._guarded(call)
             finally:
                 self._queue.task_done()
+
+
+def _open_mlflow() -> Tracker:
+    """The MLflow tracker; a store that cannot be opened costs the run its MLflow view, with a
+    warning, never the run itself."""
+    try:
+        from evals.tracking import MlflowTracker
+
+        return MlflowTracker()
+    except Exception as exc:  # noqa: BLE001 - any store failure: the run directory still gets everything
+        log.warning(
+            f"MLflow is unavailable ({type(exc).__name__}: {exc}); results go to the run directory "
+            "only; `evals log RUN_DIR` uploads them later"
+        )
+        return NullTracker()
+
+
+def open_tracker(enabled: bool) -> BackgroundTracker | NullTracker:
+    """The run's tracker: MLflow, opened by a worker thread while the run goes on, or NullTracker."""
+    return open_mlflow_in_background() if enabled else NullTracker()
+
+
+def open_mlflow_in_background() -> BackgroundTracker:
+    """The MLflow tracker, opened by a worker thread while the caller goes on."""
+    return BackgroundTracker(_open_mlflow)
+
+
+def mlflow_tracker(tracker: Tracker) -> MlflowTracker | None:
+    """The MLflow tracker behind a run's tracker, once everything queued is done; None when there is
+    none or its logging failed."""
+    from evals.tracking import MlflowTracker
+
+    if isinstance(tracker, BackgroundTracker):
+        tracker.wait()
+        if tracker.failed:
+            return None
+        tracker = tracker.inner  # type: ignore[assignment]
+    return tracker if isinstance(tracker, MlflowTracker) else None

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from evals.api import Prepared, RunRequest, execute, prepare
+from evals.background_tracker import mlflow_tracker
 from evals.metrics import METRICS, OUTPUTS
 from evals.models.fp8 import Fp8Spec
 from evals.models.precision import PrecisionPolicy, load_policy
@@ -25,7 +26,6 @@ from evals.sensitivity import (
     variant_name,
 )
 from evals.sensitivity import write_json as write_sensitivity_json
-from evals.tracking import mlflow_tracker
 
 logger = logging.getLogger(__name__)
 

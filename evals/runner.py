@@ -23,17 +23,18 @@ from evals.batches import BatchResult, GeneratedBatch
 from evals.cache import ReferenceCache, reference_key
 from evals.candidates import Candidate
 from evals.compiling import explain_failure
-from evals.detectors import detect_batch
 from evals.distributed import Shard
-from evals.environment import environment, git_commit
+from evals.environment import environment
 from evals.fail_fast import FailFast
 from evals.gates import Verdict, evaluate_gates
-from evals.generation import from_uint8, generate, to_uint8
+from evals.generation import generate
 from evals.metrics import load_metric
 from evals.models.sources import LoadedModel
 from evals.publish import LOGGED_FILE, candidate_params, publish_results
-from evals.records import PolicySummary, RecordsWriter, SampleRecord, read_records, summarize, summary_to_json
+from evals.records import PolicySummary, RecordsWriter, read_records, summarize, summary_to_json
+from evals.run_json import write_run_json
 from evals.rundir import copy_png, save_png, write_atomic, write_json
+from evals.scoring import BatchScorer
 from evals.suite_types import Sample, Suite
 from evals.tracker_protocol import Tracker
 from evals.weights import MissingWeights
@@ -57,11 +58,6 @@ def _cuda_index(device: str) -> int | None:
         return None
     index = torch.device(device).index
     return torch.cuda.current_device() if index is None else index
-
-
-def _findings(raw: torch.Tensor, suite: Suite, device: str = "cpu") -> list[dict[str, dict[str, Any]]]:
-    found = detect_batch(raw.to(device).permute(0, 2, 3, 1), suite.detectors, suite.detector_thresholds)
-    return [{n: f.to_dict() for n, f in item.items()} for item in found]
 
 
 class SuiteRunner:
@@ -128,47 +124,12 @@ class SuiteRunner:
         self.run_notes: list[str] = []  # rank 0: the notes of every process, for the report
         self.done = done  # (policy, sample id) already in records.jsonl: resuming; None for a new run
         self._baselines_found: tuple[dict[str, Any], dict[str, Any]] | None = None
+        self.scorer = BatchScorer(suite, self.metrics, device, cache, self._timed)
         self.fail_fast: FailFast | None = None
         if fail_fast:
             gated = [c.name for c in candidates if c.noise_floor is None]
             samples = len(suite.samples())
             self.fail_fast = FailFast(suite.gates, gated, self._baselines, samples)
-
-    def _write_run_json(self, tracking: dict[str, Any]) -> None:
-        write_json(
-            self.run_dir / "run.json",
-            {
-                "suite": {
-                    "name": self.suite.name,
-                    "path": str(Path(self.suite.path).resolve()),
-                    "sha256": self.suite.sha256,
-                },
-                "model": {"source": self.model.source, "fingerprint": self.model.fingerprint},
-                "reference_dtype": self.reference_dtype,
-                "generation": asdict(self.suite.generation),
-                "policies": [
-                    {
-                        "name": c.name,
-                        "sha256": c.policy_sha256,
-                        "backends": c.backends,
-                        "checkpoint": c.checkpoint,
-                        "policy_path": c.policy_path,
-                        "noise_floor": c.noise_floor,
-                        "baseline_of": c.baseline_policy,
-                    }
-                    for c in self.candidates
-                ],
-                "environment": self.env,
-                "git_commit": git_commit(),
-                "samples": len(self.suite.samples()),
-                "unavailable_metrics": self.unavailable,
-                "tracking": tracking,  # what MLflow was given, so that `evals log` can give it again
-            },
-        )
-        for c in self.candidates:
-            write_json(self.run_dir / "plans" / f"{c.name}.json", [layer.to_dict() for layer in c.plan])
-            if c.calibration is not None:  # the static scales, beside the policy's output
-                write_json(self.run_dir / "calibration" / f"{c.name}.json", c.calibration)
 
     def _reference_batch(self, batch: list[Sample], generated: GeneratedBatch) -> None:
         """The batch's reference images: from the cache when every one is there, else generated."""
@@ -192,20 +153,6 @@ class SuiteRunner:
         generated.reference_keys = keys if self.cache else []
         generated.reference_raw = self._generate(self.model.pipeline, batch)
 
-    def _reference_scored(self, generated: GeneratedBatch) -> tuple[np.ndarray, list[dict[str, Any]]]:
-        """8-bit reference images and their findings; generated ones go into the cache."""
-        if generated.cached is not None:
-            return generated.cached
-        assert generated.reference_raw is not None
-        raw = generated.reference_raw
-        with self._timed("detectors"):
-            images, findings = to_uint8(raw), _findings(raw, self.suite, self.device)
-        if generated.reference_keys:  # empty without a cache
-            assert self.cache is not None
-            for key, image, found in zip(generated.reference_keys, images, findings, strict=True):
-                self.cache.put(key, image, {"detectors": found})
-        return images, findings
-
     def _generate(self, pipe: Any, batch: list[Sample], images_per_call: int | None = None) -> torch.Tensor:
         """`generate`, halving the number of images per call on CUDA out-of-memory (and keeping the
         smaller size for the rest of the run, reference and candidates alike)."""
@@ -227,12 +174,6 @@ class SuiteRunner:
                 log.warning(note)
                 self.notes.append(note)
 
-    def _score(self, cand: torch.Tensor, ref: torch.Tensor, prompts: list[str]) -> dict[str, list[float]]:
-        scores: dict[str, list[float]] = {}
-        for metric in self.metrics.values():
-            scores.update({name: values.tolist() for name, values in metric(cand, ref, prompts).items()})
-        return scores
-
     def run(self, tracker_params: dict[str, Any], tracker_tags: dict[str, str]) -> RunOutcome | None:
         """Run every unfinished sample; on a torchrun shard other than rank 0, compute only and
         return None (rank 0 writes everything).
@@ -249,7 +190,17 @@ class SuiteRunner:
         records_path = self.run_dir / "records.jsonl"
         if shard.main:
             if self.done is None:
-                self._write_run_json({"params": tracker_params, "tags": tracker_tags})
+                tracking = {"params": tracker_params, "tags": tracker_tags}
+                write_run_json(
+                    self.run_dir,
+                    self.suite,
+                    self.model,
+                    self.candidates,
+                    self.reference_dtype,
+                    self.env,
+                    self.unavailable,
+                    tracking,
+                )
             self.tracker.start_run(
                 self.suite.name, f"{self.suite.name}: running", tracker_params, tracker_tags, self.run_dir / LOGGED_FILE
             )
@@ -306,7 +257,7 @@ class SuiteRunner:
         """The worker's part of a batch: scores and findings, then (rank 0) files, records, MLflow."""
         stream = self._scoring_stream
         with torch.cuda.stream(stream) if stream is not None else nullcontext():
-            mine = self._score_batch(generated) if generated is not None else None
+            mine = self.scorer.score(generated) if generated is not None else None
         for result in self.shard.gather(mine):
             if result is not None and writer is not None:
                 with self._timed("writing"):
@@ -362,45 +313,6 @@ class SuiteRunner:
             advance()
         generated.notes = self.notes[noted:]
         return generated
-
-    def _score_batch(self, generated: GeneratedBatch) -> BatchResult:
-        """Scores, findings and records of one generated batch."""
-        batch, todo = generated.batch, generated.todo
-        result = BatchResult(ids=[s.id for s in batch], notes=generated.notes)
-        if not any(todo.values()):
-            return result
-        ref_u8, ref_findings = self._reference_scored(generated)
-        result.reference_generated = 0 if generated.cached is not None else len(batch)
-        result.reference = list(ref_u8)
-        result.reference_files = generated.cached_files
-        ref_paths = [f"images/ref/{s.id}.png" for s in batch]
-        ref = from_uint8(ref_u8)
-        for cand, raw, seconds in generated.candidates:
-            result.candidate_generated += len(batch)
-            cand_u8 = to_uint8(raw)
-            with self._timed("metrics"):
-                scores = self._score(from_uint8(cand_u8), ref, [s.case.prompt for s in batch])
-            with self._timed("detectors"):
-                findings = _findings(raw, self.suite, self.device)
-            for i, sample in enumerate(batch):
-                if sample.id not in todo[cand.name]:
-                    continue  # finished before an interruption; regenerated only to keep the batch
-                record = SampleRecord(
-                    policy=cand.name,
-                    sample_id=sample.id,
-                    case_id=sample.case.id,
-                    prompt=sample.case.prompt,
-                    seed=sample.seed,
-                    tags=sample.case.tags,
-                    metrics={m: v[i] for m, v in scores.items()},
-                    detectors=findings[i],
-                    reference_detectors=ref_findings[i],
-                    image=f"images/{cand.name}/{sample.id}.png",
-                    reference_image=ref_paths[i],
-                    seconds_per_image=seconds,
-                )
-                result.samples.append((cand_u8[i], record))
-        return result
 
     def _store(self, result: BatchResult, writer: RecordsWriter) -> None:
         """Images, then records (a record never points at a missing image), then MLflow."""

@@ -1,5 +1,6 @@
-"""Experiment tracking through MLflow (the `Tracker` protocol and the null tracker: tracker_protocol.py;
-the tracker a run talks to, on worker threads: background_tracker.py). The only module that imports mlflow.
+"""Experiment tracking through MLflow (the `Tracker` protocol and the null tracker:
+tracker_protocol.py; the tracker a run talks to, on worker threads, and how it is opened:
+background_tracker.py). The only module that imports mlflow.
 
 One experiment per suite; one parent run per `evals run` (reference images, verdict); one nested
 run per candidate policy (its metrics, per-sample table, images, plan). A tracker that fails
@@ -16,9 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from evals.background_tracker import BackgroundTracker
 from evals.rundir import load_png
-from evals.tracker_protocol import NullTracker, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -359,19 +358,6 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _open_mlflow() -> MlflowTracker | NullTracker:
-    """The MLflow tracker; a store that cannot be opened costs the run its MLflow view, with a
-    warning, never the run itself."""
-    try:
-        return MlflowTracker()
-    except Exception as exc:  # noqa: BLE001 - any store failure: the run directory still gets everything
-        log.warning(
-            f"MLflow is unavailable ({type(exc).__name__}: {exc}); results go to the run directory "
-            "only; `evals log RUN_DIR` uploads them later"
-        )
-        return NullTracker()
-
-
 def store_exists() -> bool:
     """Whether opening the MLflow store creates nothing: a tracking server, or a local sqlite file
     that is already there (MLflow's default store is ./mlflow.db)."""
@@ -381,27 +367,6 @@ def store_exists() -> bool:
     if uri.startswith(("http://", "https://")):
         return True
     return uri.startswith("sqlite:///") and Path(uri.removeprefix("sqlite:///")).is_file()
-
-
-def open_tracker(enabled: bool) -> BackgroundTracker | NullTracker:
-    """The run's tracker: MLflow, opened by a worker thread while the run goes on, or NullTracker."""
-    return open_mlflow_in_background() if enabled else NullTracker()
-
-
-def open_mlflow_in_background() -> BackgroundTracker:
-    """The MLflow tracker, opened by a worker thread while the caller goes on."""
-    return BackgroundTracker(_open_mlflow)
-
-
-def mlflow_tracker(tracker: Tracker) -> MlflowTracker | None:
-    """The MLflow tracker behind a run's tracker, once everything queued is done; None when there is
-    none or its logging failed."""
-    if isinstance(tracker, BackgroundTracker):
-        tracker.wait()
-        if tracker.failed:
-            return None
-        tracker = tracker.inner  # type: ignore[assignment]
-    return tracker if isinstance(tracker, MlflowTracker) else None
 
 
 def log_bench(report: dict[str, Any], out_dir: Path) -> str | None:

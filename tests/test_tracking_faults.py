@@ -131,7 +131,7 @@ class SlowImages:
 
 
 def test_background_tracking_logs_images_side_by_side_and_finishes_after_them() -> None:
-    from evals.tracking import BackgroundTracker
+    from evals.background_tracker import BackgroundTracker
 
     inner = SlowImages()
     tracker = BackgroundTracker(lambda: inner)
