@@ -13,7 +13,6 @@ PER_SAMPLE = "per_sample"
 DETECTOR_STATS = ("count", "rate", "new_count")  # new_count: flagged where the reference is not
 COMPILE_CHOICES = ("auto", "none", "blocks")  # `compile:` of a suite, `evals run --compile`
 BENCH_FIGURES = ("latency_ratio", "weights_ratio")  # candidate / reference, from the suite's `bench`
-BENCH_KEYS = {"resolution": 16, "batch": 1, "warmup": 0, "iters": 1}  # key -> smallest value
 OPS = (">=", "<=", ">", "<", "==", "!=")
 REFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Image sides must divide into whole latent patches: SD3's VAE scale (8) times its patch size (2).
