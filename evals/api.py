@@ -6,10 +6,10 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from evals.models.yamlspec import InputError
 
@@ -38,13 +38,9 @@ class CheckpointArg:
         """`FILE` or `NAME=FILE`."""
         name, sep, rest = text.partition("=")
         if sep and name and "/" not in name and os.sep not in name:
-            from evals.candidates import CANDIDATE_NAME
+            from evals.models.names import check_name
 
-            if not CANDIDATE_NAME.match(name):
-                raise InputError(
-                    f"--candidate-checkpoint {text}: the name {name!r} must match {CANDIDATE_NAME.pattern}"
-                )
-            return cls(Path(rest), name)
+            return cls(Path(rest), check_name(name, f"--candidate-checkpoint {text}: the name"))
         return cls(Path(text))
 
 
@@ -129,6 +125,10 @@ class Prepared:
     """Where the run's start-up is counted from (`evals.startup_origin`)."""
     compile: str = "none"
     """`blocks` or `none` for the candidates' transformer blocks (request, else suite; auto resolved)."""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """The suite's metrics, loaded on `device`."""
+    unavailable: dict[str, str] = field(default_factory=dict)
+    """Metric -> why it cannot run here (weights absent); gates on it fail unless optional."""
 
 
 def prepare(request: RunRequest, suite: Suite | None = None) -> Prepared:
@@ -139,6 +139,7 @@ def prepare(request: RunRequest, suite: Suite | None = None) -> Prepared:
     from evals.suite import load_suite
 
     suite = suite or load_suite(request.suite)
+    check_output_dirs(request)
     for checkpoint in request.candidate_checkpoints:
         path = checkpoint.path
         if path.suffix != ".safetensors" or not path.is_file():
@@ -174,7 +175,22 @@ def prepare(request: RunRequest, suite: Suite | None = None) -> Prepared:
     if warning and shard.main:
         log.warning(warning)
     compiled = compile_mode(request.compile or suite.compile, device)
-    return Prepared(suite, model, device, reference_dtype, shard, startup, started, compiled)
+    from evals.scoring import load_metrics
+
+    metrics, unavailable = load_metrics(suite, device, request.weights)  # a bad weights file stops us here
+    return Prepared(suite, model, device, reference_dtype, shard, startup, started, compiled, metrics, unavailable)
+
+
+def check_output_dirs(request: RunRequest) -> None:
+    """The run directory's parent and the reference cache must be directories this process can
+    write (or create): checked before any work, so that a bad option leaves nothing behind."""
+    from evals.cache import CACHE_ENV, default_cache_dir
+    from evals.rundir import check_writable_dir
+
+    check_writable_dir(request.runs_dir, "--runs-dir")
+    if request.use_cache:
+        what = "--cache-dir" if request.cache_dir else f"the reference cache (${CACHE_ENV} or the default; --no-cache)"
+        check_writable_dir(request.cache_dir or default_cache_dir(), what)
 
 
 def compile_mode(choice: str, device: str) -> str:
@@ -208,6 +224,9 @@ def build_candidates(
     candidates += [candidate_from_checkpoint(prepared.model, c.path, c.name) for c in checkpoints]
     check_unique_names(candidates)
     if baseline:
+        from evals.models.names import check_name
+
+        check_name(baseline, "--baseline")  # it names a baseline file
         for candidate in candidates:
             candidate.baseline_of = baseline
     if prepared.compile == "blocks":
@@ -240,15 +259,11 @@ def execute(
     """Run candidates against the reference into a new run directory (or finish the one in `resume`,
     skipping its finished samples); returns (RunOutcome, tracker). `tracker`: one opened earlier."""
     from evals.background_tracker import open_tracker
-    from evals.cache import ReferenceCache, default_cache_dir
-    from evals.environment import git_commit
+    from evals.run_lock import lock_run_dir
     from evals.rundir import new_run_dir
-    from evals.runner import SuiteRunner
 
     check_unique_names(candidates)
-    names = [c.name for c in candidates]
-    suite, model, shard = prepared.suite, prepared.model, prepared.shard
-    cache = ReferenceCache(request.cache_dir or default_cache_dir()) if request.use_cache else None
+    suite, shard = prepared.suite, prepared.shard
     # Only rank 0 writes the run directory and talks to MLflow; the others compute and send.
     if tracker is None:
         start = time.perf_counter()
@@ -261,9 +276,38 @@ def execute(
             Path(shard.broadcast(str(new_run_dir(runs_dir or request.runs_dir, suite.name)) if shard.main else None)),
             None,
         )
+    # A resume holds its run directory's lock already (taken before it read the records).
+    with lock_run_dir(run_dir) if shard.main and not resume else nullcontext():
+        outcome = _run_locked(prepared, candidates, request, run_dir, done, tracker, bool(resume))
+    if shard.active:  # every rank leaves with rank 0's outcome, hence the same exit code
+        from evals import distributed
+
+        outcome = shard.broadcast(outcome)
+        distributed.stop(shard)
+    assert outcome is not None  # rank 0's, on every rank
+    return outcome, tracker
+
+
+def _run_locked(
+    prepared: Prepared,
+    candidates: list[Candidate],
+    request: RunRequest,
+    run_dir: Path,
+    done: set[tuple[str, str]] | None,
+    tracker: Tracker,
+    resumed: bool,
+) -> RunOutcome | None:
+    """`execute`'s run, in a run directory this process owns (rank 0) or computes for (the others)."""
+    from evals.cache import ReferenceCache, default_cache_dir
+    from evals.environment import git_commit
+    from evals.runner import SuiteRunner
+
+    suite, model, shard = prepared.suite, prepared.model, prepared.shard
+    names = [c.name for c in candidates]
+    cache = ReferenceCache(request.cache_dir or default_cache_dir()) if request.use_cache else None
     if shard.main:
         workers = f" ({shard.world} processes)" if shard.active else ""
-        log.info(f"run directory: {run_dir}{' (resumed)' if resume else ''}{workers}")
+        log.info(f"run directory: {run_dir}{' (resumed)' if resumed else ''}{workers}")
     runner = SuiteRunner(
         suite,
         model,
@@ -273,8 +317,9 @@ def execute(
         cache,
         prepared.device,
         prepared.reference_dtype,
+        metrics=prepared.metrics,
+        unavailable=prepared.unavailable,
         progress=request.progress,
-        weights=request.weights,
         done=done,
         shard=shard,
         started=prepared.started,
@@ -295,22 +340,15 @@ def execute(
     }
     tags = {"git_commit": git_commit(), "run_dir": str(run_dir), **ci_tags()}
     try:
-        outcome = runner.run(params, tags)
+        return runner.run(params, tags)
     except BaseException:
         if shard.main:
             log.error(f"the run broke; every finished sample is in {run_dir / 'records.jsonl'}")
             tracker.interrupted()  # its MLflow runs end KILLED, not RUNNING; a resume reopens them
         raise
-    if shard.active:  # every rank leaves with rank 0's outcome, hence the same exit code
-        from evals import distributed
-
-        outcome = shard.broadcast(outcome)
-        distributed.stop(shard)
-    assert outcome is not None  # rank 0's, on every rank
-    return outcome, tracker
 
 
-def _early_tracker(request: RunRequest) -> BackgroundTracker | None:
+def early_tracker(request: RunRequest) -> BackgroundTracker | None:
     """The tracker, opened now by its worker thread while the model loads, if that creates nothing
     (a bad input found later must leave no new store behind); else None: `execute` opens it."""
     from evals.background_tracker import open_mlflow_in_background
@@ -323,7 +361,7 @@ def _early_tracker(request: RunRequest) -> BackgroundTracker | None:
 
 
 @contextmanager
-def _settled_on_error(tracker: BackgroundTracker | None) -> Iterator[None]:
+def settled_on_error(tracker: BackgroundTracker | None) -> Iterator[None]:
     """On an error, let an early tracker finish opening (a store migration must not be cut off by
     the exit) before it propagates."""
     try:
@@ -334,7 +372,7 @@ def _settled_on_error(tracker: BackgroundTracker | None) -> Iterator[None]:
         raise
 
 
-def _tracking_uri(tracker: Tracker) -> str | None:
+def tracking_uri_of(tracker: Tracker) -> str | None:
     from evals.background_tracker import mlflow_tracker
 
     found = mlflow_tracker(tracker)
@@ -356,62 +394,9 @@ def run_suite_file(request: RunRequest) -> tuple[RunOutcome, Suite, str | None]:
             f"{request.suite}: no candidate; pass --policy or --candidate-checkpoint, or list `policies:` in the suite"
         )
     policies = [load_policy(name) for name in policy_names]
-    early = _early_tracker(request)
-    with _settled_on_error(early):
+    early = early_tracker(request)
+    with settled_on_error(early):
         prepared = prepare(request, suite)
         candidates = build_candidates(prepared, policies, request.candidate_checkpoints, request.baseline)
     outcome, tracker = execute(prepared, candidates, request, tracker=early)
-    return outcome, prepared.suite, _tracking_uri(tracker)
-
-
-def resume_run(run_dir: Path, request: RunRequest) -> tuple[RunOutcome, Suite, str | None]:
-    """Finish an interrupted run: same suite, model and candidates as its run.json says; every sample
-    already in records.jsonl is kept and skipped."""
-    import json
-
-    from evals.models.precision import load_policy
-    from evals.records import drop_torn_tail, read_records
-    from evals.suite import load_suite
-
-    if not run_dir.is_dir():
-        raise InputError(f"--resume {run_dir}: no such run directory")
-    try:
-        run = json.loads((run_dir / "run.json").read_text())
-        suite_info, policies_info = run["suite"], run["policies"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"--resume {run_dir}: not a run directory ({exc})") from exc
-    suite = load_suite(suite_info["path"])
-    if suite.sha256 != suite_info["sha256"]:
-        raise InputError(f"--resume {run_dir}: {suite_info['path']} changed since the run started; start a new run")
-    policies_info = [p for p in policies_info if not p.get("noise_floor")]  # rebuilt from the suite
-    if any(not p.get("policy_path") and not p.get("checkpoint") for p in policies_info):
-        raise InputError(f"--resume {run_dir}: run.json does not say where its candidates came from")
-    request = RunRequest(
-        **{
-            **request.__dict__,
-            "suite": Path(suite_info["path"]),
-            "model": run["model"]["source"],
-            "reference_dtype": run["reference_dtype"],
-            "policies": [p["policy_path"] for p in policies_info if p.get("policy_path")],
-            "candidate_checkpoints": [
-                CheckpointArg(Path(p["checkpoint"]), p["name"]) for p in policies_info if p.get("checkpoint")
-            ],
-        }
-    )
-    early = _early_tracker(request)
-    with _settled_on_error(early):
-        prepared = prepare(request, suite)
-        if prepared.model.fingerprint != run["model"]["fingerprint"]:
-            raise InputError(f"--resume {run_dir}: the model's files changed since the run started")
-        policies = [load_policy(p) for p in request.policies]
-        candidates = build_candidates(prepared, policies, request.candidate_checkpoints, request.baseline)
-        if sorted(c.policy_sha256 for c in candidates if not c.noise_floor) != sorted(
-            p["sha256"] for p in policies_info
-        ):
-            raise InputError(f"--resume {run_dir}: a candidate's policy or checkpoint changed since the run started")
-        records_path = run_dir / "records.jsonl"
-        if drop_torn_tail(records_path):
-            log.warning("dropped a half-written last record (the run was killed mid-write)")
-        done = {(r.policy, r.sample_id) for r in read_records(records_path)} if records_path.is_file() else set()
-    outcome, tracker = execute(prepared, candidates, request, resume=(run_dir, done), tracker=early)
-    return outcome, suite, _tracking_uri(tracker)
+    return outcome, prepared.suite, tracking_uri_of(tracker)

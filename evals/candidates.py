@@ -3,7 +3,6 @@ a harmless change), or a quantized checkpoint file; each a pipeline that shares 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,10 +10,10 @@ from typing import Any
 
 import torch
 
+from evals.models.names import check_name, tame_name
 from evals.models.precision import LayerPlan, PrecisionPolicy, apply_policy, backend_summary, resolve_plan
 from evals.models.sources import LoadedModel
-from evals.models.yamlspec import InputError
-from evals.suite_types import CASE_ID, Generation
+from evals.suite_types import Generation
 
 
 @dataclass
@@ -87,9 +86,6 @@ def build_candidate(model: LoadedModel, policy: PrecisionPolicy, gen: Generation
     )
 
 
-CANDIDATE_NAME = CASE_ID
-"""What a candidate's name may be: it becomes a folder and file name in the run directory."""
-
 NOISE_FLOOR = "noise-floor"
 """Name of the pseudo-candidate that measures the reference against itself; never gated."""
 
@@ -133,14 +129,13 @@ def candidate_from_checkpoint(model: LoadedModel, path: Path, name: str | None =
     with path.open("rb") as f:
         digest = meta.get("policy_sha256") or hashlib.sha256(f.read(1 << 24)).hexdigest()
     components = dict(model.pipeline.components, transformer=transformer)
-    # a file's own name is made tame; a name from its metadata (untrusted) must already be
-    source_policy = str(meta.get("policy") or re.sub(r"[^a-z0-9_.-]+", "-", path.stem.lower()).strip("-._"))
-    display = name or source_policy
-    if not CANDIDATE_NAME.match(display):
-        raise InputError(
-            f"--candidate-checkpoint {path}: candidate name {display!r} must match {CANDIDATE_NAME.pattern} "
-            "(it names files in the run directory); name it with NAME=FILE"
-        )
+    # A file's own name is made tame; names from its metadata (untrusted) must already be safe.
+    from_metadata = meta.get("policy")
+    if from_metadata is None:
+        source_policy = tame_name(path.stem)
+    else:
+        source_policy = check_name(from_metadata, f"--candidate-checkpoint {path}: its metadata 'policy'")
+    display = check_name(name or source_policy, f"--candidate-checkpoint {path}: the candidate name (NAME=FILE)")
     return Candidate(
         display, _pipeline_with(model, components), digest, plan, checkpoint=str(path), baseline_of=source_policy
     )

@@ -302,7 +302,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         compile=args.compile,
     )
     if args.resume is not None:
-        from evals.api import resume_run
+        from evals.resume import resume_run
 
         outcome, suite, tracking_uri = resume_run(args.resume, request)
     else:
@@ -312,7 +312,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not from_environment().main:  # rank 0 reports; under torchrun the others only share its exit code
         return int(outcome.verdict.exit_code)
     print(gate_table_text(outcome.run_dir))
-    used = len(list((outcome.run_dir / "images" / "ref").glob("*.png")))  # fewer than the suite's after --fail-fast
+    from evals.records import REFERENCE_FOLDER
+
+    # fewer than the suite's after --fail-fast
+    used = len(list((outcome.run_dir / "images" / REFERENCE_FOLDER).glob("*.png")))
     print(
         f"reference images generated: {outcome.reference_generated} "
         f"({used - outcome.reference_generated} reused), candidate images: {outcome.candidate_generated}"

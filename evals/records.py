@@ -14,9 +14,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from evals.models.names import check_name
+from evals.models.yamlspec import InputError
 from evals.suite_types import METRIC_STATS
 
 SCHEMA_VERSION = 1
+REFERENCE_FOLDER = "ref"
+"""images/ref/ holds the reference images; no candidate may be named so."""
+
+
+def image_path(policy: str, sample_id: str) -> str:
+    """Where a candidate's (or, for REFERENCE_FOLDER, the reference's) image of a sample is, relative
+    to the run directory: the one layout, so that a record can be checked against it."""
+    return f"images/{policy}/{sample_id}.png"
 
 
 @dataclass(frozen=True)
@@ -56,7 +66,17 @@ class SampleRecord:
         if data.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(f"records schema {data.get('schema_version')!r}, this version reads {SCHEMA_VERSION}")
         data = dict(data, tags=tuple(data["tags"]))
-        return cls(**data)
+        record = cls(**data)
+        # A record names files the report and MLflow read: it may name only this run's own images.
+        check_name(record.policy, "policy")
+        check_name(record.sample_id, "sample_id")
+        for key, expected in (
+            ("image", image_path(record.policy, record.sample_id)),
+            ("reference_image", image_path(REFERENCE_FOLDER, record.sample_id)),
+        ):
+            if getattr(record, key) != expected:
+                raise ValueError(f"{key} {getattr(record, key)!r}: expected {expected!r}")
+        return record
 
 
 class RecordsWriter:
@@ -65,7 +85,9 @@ class RecordsWriter:
 
     def __init__(self, path: Path):
         self.path = path
-        self._file = path.open("a", encoding="utf-8")
+        # Never through a link planted at its name (O_NOFOLLOW): records are appended to this run's file only.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        self._file = os.fdopen(fd, "a", encoding="utf-8")
 
     def write(self, record: SampleRecord) -> None:
         self._file.write(record.to_json() + "\n")
@@ -82,16 +104,6 @@ class RecordsWriter:
         self.close()
 
 
-def drop_torn_tail(path: Path) -> bool:
-    """Cut a last line that a killed process left half-written; True if one was cut."""
-    data = path.read_bytes() if path.is_file() else b""
-    if not data or data.endswith(b"\n"):
-        return False
-    with path.open("r+b") as f:
-        f.truncate(data.rfind(b"\n") + 1)
-    return True
-
-
 def read_records(path: Path) -> Iterator[SampleRecord]:
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -99,7 +111,7 @@ def read_records(path: Path) -> Iterator[SampleRecord]:
                 continue
             try:
                 yield SampleRecord.from_dict(json.loads(line))
-            except (ValueError, TypeError, KeyError) as exc:
+            except (ValueError, TypeError, KeyError, InputError) as exc:
                 raise ValueError(f"{path}:{line_no}: bad record: {exc}") from exc
 
 

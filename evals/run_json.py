@@ -34,7 +34,7 @@ def write_run_json(
                 "path": str(Path(suite.path).resolve()),
                 "sha256": suite.sha256,
             },
-            "model": {"source": model.source, "fingerprint": model.fingerprint},
+            "model": {"source": _absolute_if_path(model.source), "fingerprint": model.fingerprint},
             "reference_dtype": reference_dtype,
             "generation": asdict(suite.generation),
             "policies": [
@@ -42,8 +42,8 @@ def write_run_json(
                     "name": c.name,
                     "sha256": c.policy_sha256,
                     "backends": c.backends,
-                    "checkpoint": c.checkpoint,
-                    "policy_path": c.policy_path,
+                    "checkpoint": c.checkpoint and _absolute_if_path(c.checkpoint),
+                    "policy_path": c.policy_path and _absolute_if_path(c.policy_path),
                     "noise_floor": c.noise_floor,
                     "baseline_of": c.baseline_policy,
                 }
@@ -60,3 +60,10 @@ def write_run_json(
         write_json(run_dir / "plans" / f"{c.name}.json", [layer.to_dict() for layer in c.plan])
         if c.calibration is not None:  # the static scales, beside the policy's output
             write_json(run_dir / "calibration" / f"{c.name}.json", c.calibration)
+
+
+def _absolute_if_path(text: str) -> str:
+    """A file or folder as an absolute path (a resume may start from another directory); other
+    sources (`tiny`, `random:sd35-large`, a Hub id) as they are."""
+    path = Path(text)
+    return str(path.resolve()) if path.exists() else text

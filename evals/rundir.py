@@ -18,25 +18,43 @@ from typing import Any
 
 import numpy as np
 
+from evals.models.names import check_name
+from evals.models.yamlspec import InputError
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once, at import: os.umask can only be read by setting it
+
 
 def new_run_dir(runs_root: Path, suite_name: str) -> Path:
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    path = runs_root / f"{stamp}-{suite_name}"
-    path.mkdir(parents=True, exist_ok=False)
-    return path
+    """A new, empty run directory under `runs_root` (created with its parents); never one that exists."""
+    check_name(suite_name, "suite name")
+    while True:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        path = runs_root / f"{stamp}-{suite_name}"
+        try:
+            path.mkdir(parents=True, exist_ok=False)
+            return path
+        except FileExistsError:  # another run started in the same microsecond
+            continue
+
+
+def check_no_links(run_dir: Path) -> None:
+    """A run directory holds only its own files: a symbolic link inside one (planted, or copied in)
+    would make a writer follow it out of the directory, so a run that finds one refuses to write."""
+    for folder, dirs, files in os.walk(run_dir, followlinks=False):
+        for name in dirs + files:
+            path = Path(folder) / name
+            if path.is_symlink():
+                raise InputError(
+                    f"{run_dir}: {path.relative_to(run_dir)} is a symbolic link; a run directory holds only "
+                    "the files its run wrote (remove the link, or start a new run)"
+                )
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Write via a temp file and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _renamed_into(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -45,11 +63,21 @@ def write_json(path: Path, data: Any) -> None:
 
 @contextmanager
 def _renamed_into(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` to write; renamed onto `path` once written (never half a file)."""
+    """A new temporary file beside `path` to write, renamed onto `path` once written (never half a
+    file). Its name is unique and it is created exclusively, so concurrent writers of one path (the
+    reference cache) never share it, and a link planted at a temporary name is never followed; the
+    rename replaces a link at `path` itself rather than writing through it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    yield tmp
-    os.replace(tmp, path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it private; the file gets the usual permissions
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_png(path: Path, image_u8: np.ndarray) -> None:
@@ -72,3 +100,17 @@ def load_png(path: Path) -> np.ndarray:
 
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB")).copy()
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """InputError unless `path` is a directory this process can write, or one it can create (its
+    nearest existing parent is a writable directory). Creates nothing: checked before a run starts,
+    so that a bad option leaves nothing behind."""
+    for existing in (path, *path.parents):
+        if existing.exists() or existing.is_symlink():
+            break
+    if not existing.is_dir():
+        where = "" if existing == path else f" ({existing} is not a directory)"
+        raise InputError(f"{what} {path}: expected a directory{where}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path}: {existing} is not writable")

@@ -28,16 +28,22 @@ from evals.environment import environment
 from evals.fail_fast import FailFast
 from evals.gates import Verdict, evaluate_gates
 from evals.generation import generate
-from evals.metrics import load_metric
 from evals.models.sources import LoadedModel
 from evals.publish import LOGGED_FILE, candidate_params, publish_results
-from evals.records import PolicySummary, RecordsWriter, read_records, summarize, summary_to_json
+from evals.records import (
+    REFERENCE_FOLDER,
+    PolicySummary,
+    RecordsWriter,
+    image_path,
+    read_records,
+    summarize,
+    summary_to_json,
+)
 from evals.run_json import write_run_json
 from evals.rundir import copy_png, save_png, write_atomic, write_json
 from evals.scoring import BatchScorer
 from evals.suite_types import Sample, Suite
 from evals.tracker_protocol import Tracker
-from evals.weights import MissingWeights
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +88,9 @@ class SuiteRunner:
         cache: ReferenceCache | None,
         device: str,
         reference_dtype: str,
+        metrics: dict[str, Any],
+        unavailable: dict[str, str],
         progress: bool = True,
-        weights: dict[str, str] | None = None,
         done: set[tuple[str, str]] | None = None,
         shard: Shard | None = None,
         started: float | None = None,
@@ -101,16 +108,8 @@ class SuiteRunner:
         self.reference_dtype = reference_dtype
         self.progress = progress
         self.env = environment(device)
-        self.metrics: dict[str, Any] = {}
-        self.unavailable: dict[str, str] = {}  # metric -> why (weights absent): gates on it fail unless optional
-        for name in suite.metrics:
-            try:
-                self.metrics[name] = load_metric(
-                    name, device, {**suite.weights, **(weights or {})}, suite.metric_options.get(name)
-                )
-            except MissingWeights as exc:
-                self.unavailable[name] = str(exc)
-                log.warning(f"metric {name} unavailable: {exc}")
+        self.metrics = metrics
+        self.unavailable = unavailable  # metric -> why (weights absent): gates on it fail unless optional
         self.reference_generated = 0
         self.candidate_generated = 0
         # Where this process's time went: the start-up steps measured before, then generation, metrics, ...
@@ -321,7 +320,7 @@ class SuiteRunner:
         self.run_notes.extend(result.notes)
         cached: list[Path | None] = [*result.reference_files] or [None] * len(result.reference)
         for sample_id, image, source in zip(result.ids, result.reference, cached, strict=False):
-            path = self.run_dir / "images" / "ref" / f"{sample_id}.png"
+            path = self.run_dir / image_path(REFERENCE_FOLDER, sample_id)
             if source is None:
                 save_png(path, image)
             else:

@@ -3,6 +3,7 @@ record per finished sample; generated reference images go into the cache on the 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -14,8 +15,10 @@ from evals.batches import BatchResult, GeneratedBatch
 from evals.cache import ReferenceCache
 from evals.detectors import detect_batch
 from evals.generation import from_uint8, to_uint8
-from evals.records import SampleRecord
+from evals.records import REFERENCE_FOLDER, SampleRecord, image_path
 from evals.suite_types import Suite
+
+log = logging.getLogger(__name__)
 
 
 def findings_of(raw: torch.Tensor, suite: Suite, device: str = "cpu") -> list[dict[str, dict[str, Any]]]:
@@ -68,7 +71,7 @@ class BatchScorer:
         result.reference_generated = 0 if generated.cached is not None else len(batch)
         result.reference = list(ref_u8)
         result.reference_files = generated.cached_files
-        ref_paths = [f"images/ref/{s.id}.png" for s in batch]
+        ref_paths = [image_path(REFERENCE_FOLDER, s.id) for s in batch]
         ref = from_uint8(ref_u8)
         for cand, raw, seconds in generated.candidates:
             result.candidate_generated += len(batch)
@@ -90,9 +93,26 @@ class BatchScorer:
                     metrics={m: v[i] for m, v in scores.items()},
                     detectors=findings[i],
                     reference_detectors=ref_findings[i],
-                    image=f"images/{cand.name}/{sample.id}.png",
+                    image=image_path(cand.name, sample.id),
                     reference_image=ref_paths[i],
                     seconds_per_image=seconds,
                 )
                 result.samples.append((cand_u8[i], record))
         return result
+
+
+def load_metrics(suite: Suite, device: str, weights: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The suite's metrics, loaded on `device` with the suite's weights files overridden by `weights`;
+    and the ones whose weights are absent here, with why (gates on them fail unless optional)."""
+    from evals.metrics import load_metric
+    from evals.weights import MissingWeights
+
+    metrics: dict[str, Any] = {}
+    unavailable: dict[str, str] = {}
+    for name in suite.metrics:
+        try:
+            metrics[name] = load_metric(name, device, {**suite.weights, **weights}, suite.metric_options.get(name))
+        except MissingWeights as exc:
+            unavailable[name] = str(exc)
+            log.warning(f"metric {name} unavailable: {exc}")
+    return metrics, unavailable

@@ -3,9 +3,10 @@ choices a suite file may name. Frozen dataclasses; `evals.suite` reads YAML into
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from evals.models.names import SAFE_NAME
 
 METRIC_STATS = ("mean", "median", "min", "max", "p05", "p95")
 PER_SAMPLE = "per_sample"
@@ -17,7 +18,7 @@ OPS = (">=", "<=", ">", "<", "==", "!=")
 REFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Image sides must divide into whole latent patches: SD3's VAE scale (8) times its patch size (2).
 SIDE_MULTIPLE = 16
-CASE_ID = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")  # ids become file names: keep them tame
+CASE_ID = SAFE_NAME  # ids become file names: the one rule for names that reach a path
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import evals.records
 from evals.cli import main
-from evals.records import drop_torn_tail
 from tests.conftest import REPO, TEST_SUITES, write
 
 FAST = ["--no-mlflow", "--no-progress"]
@@ -118,8 +119,10 @@ def test_kill_9_mid_run_then_resume(workdir: Path, monkeypatch: pytest.MonkeyPat
     assert 5 <= kept < 24
     killed = json.loads((records.parent / "mlflow.json").read_text())
     assert killed["complete"] is False
+    lock = json.loads((records.parent / ".lock").read_text())  # left by the killed process: stale
+    assert lock["pid"] == process.pid
     assert main(["run", "--resume", str(records.parent), "--no-progress"]) == 0
-    assert len(scored(records.parent)) == 24
+    assert len(scored(records.parent)) == 24 and not (records.parent / ".lock").exists()
 
     from mlflow import MlflowClient
 
@@ -134,11 +137,76 @@ def test_kill_9_mid_run_then_resume(workdir: Path, monkeypatch: pytest.MonkeyPat
     assert scored(records.parent) == scored(whole)
 
 
-def test_torn_last_line_is_dropped(tmp_path: Path) -> None:
-    path = tmp_path / "records.jsonl"
-    path.write_text('{"a": 1}\n{"b": 2}\n{"c": ')
-    assert drop_torn_tail(path) and path.read_text() == '{"a": 1}\n{"b": 2}\n'
-    assert not drop_torn_tail(path)
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished smoke run, started with relative suite and policy paths from a folder of its own:
+    every resume below starts from another working directory."""
+    home = tmp_path_factory.mktemp("finished")
+    write(home / "suite.yaml", (TEST_SUITES / "smoke.yaml").read_text())
+    write(home / "policy.yaml", (REPO / "models" / "policies" / "fp8-e4m3-rowwise.yaml").read_text())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(home)
+        patch.setenv("EVALS_CACHE_DIR", str(home / "cache"))
+        assert main(["run", "suite.yaml", "--policy", "policy.yaml", *FAST]) == 0
+    (run_dir,) = (home / "runs").iterdir()
+    return run_dir
+
+
+def record_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
+
+
+def _delete(run_dir: Path, record: dict, key: str) -> None:
+    (run_dir / record[key]).unlink()
+
+
+def _truncate(run_dir: Path, record: dict, key: str) -> None:
+    image = run_dir / record[key]
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+
+
+def _append(run_dir: Path, data: bytes) -> None:
+    with (run_dir / "records.jsonl").open("ab") as f:
+        f.write(data)
+
+
+# How a run directory can be found on resume, and what a resume must still make of it.
+DAMAGE = {
+    "candidate image deleted": lambda d, r: _delete(d, r[3], "image"),
+    "reference image deleted": lambda d, r: _delete(d, r[5], "reference_image"),
+    "candidate image half-written": lambda d, r: _truncate(d, r[7], "image"),
+    "NUL bytes as the last record": lambda d, r: _append(d, b"\x00" * 300),
+    "torn last record": lambda d, r: _append(d, json.dumps(r[0]).encode()[:90]),
+    "garbage line in the middle": lambda d, r: (d / "records.jsonl").write_bytes(
+        b"\n".join(json.dumps(x).encode() for x in r[:4])
+        + b"\n\xff\xfe{not json\n"
+        + b"".join(json.dumps(x).encode() + b"\n" for x in r[4:])
+    ),
+    "records counted twice": lambda d, r: _append(d, b"".join(json.dumps(x).encode() + b"\n" for x in r[:5])),
+    "record naming a file outside": lambda d, r: _append(
+        d, json.dumps({**r[2], "image": "../../../outside.png"}).encode() + b"\n"
+    ),
+    "record of another suite": lambda d, r: _append(d, json.dumps({**r[2], "sample_id": "other-s0"}).encode() + b"\n"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE), ids=list(DAMAGE))
+def test_resume_repairs_and_ends_with_an_uninterrupted_runs_records(
+    finished: Path, workdir: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    run_dir = workdir / finished.name
+    shutil.copytree(finished, run_dir)
+    for done in ("verdict.json", "summary.json", "report.html"):
+        (run_dir / done).unlink(missing_ok=True)
+    DAMAGE[damage](run_dir, record_lines(finished))
+    assert main(["run", "--resume", str(run_dir), *FAST]) == 0
+    lines = record_lines(run_dir)
+    assert len(lines) == 16 and len({(r["policy"], r["sample_id"]) for r in lines}) == 16  # none twice
+    assert scored(run_dir) == scored(finished)
+    assert all(Image.open(run_dir / r[k]).size == (64, 64) for r in lines for k in ("image", "reference_image"))
+    assert json.loads((run_dir / "verdict.json").read_text())["passed"]
+    assert "dropped line" in caplog.text
+    assert not (run_dir / ".lock").exists() and not (workdir / "outside.png").exists()
 
 
 def test_resume_refuses_a_changed_suite_or_no_run(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
