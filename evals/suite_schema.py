@@ -11,7 +11,7 @@ from pydantic import Field, create_model
 
 from evals.detectors import DETECTORS, detector_params
 from evals.metrics import METRICS, OUTPUTS
-from evals.models.yamlspec import StrictModel
+from evals.models.yamlspec import MAX_SEED, StrictModel
 from evals.suite_types import (
     BENCH_FIGURES,
     CASE_ID,
@@ -43,7 +43,29 @@ else:  # the registries decide the names a suite may use
     CompileChoice = Literal[COMPILE_CHOICES]
     BenchFigure = Literal[BENCH_FIGURES]
 
-Seed = Annotated[int, Field(ge=0)]
+# Upper bounds no real suite comes near; past them a value is a typo that would crash or hang a run.
+MAX_SIDE = 8192  # pixels a side (SD3.5 is trained at about 1 megapixel, 1024 a side)
+MAX_STEPS = 1000  # denoising steps (the SD3.5 suites use 28)
+MAX_GUIDANCE = 100.0  # classifier-free guidance (SD3.5 uses 3.5 to 7)
+MAX_BATCH = 1024  # images per pipeline call, and the bench's transformer batch
+MAX_SEQUENCE_LENGTH = 512  # T5 tokens: the SD3 pipelines refuse more
+MAX_BENCH_WARMUP = 100  # untimed bench calls (default 3)
+MAX_BENCH_ITERS = 1000  # timed bench steps (default 10)
+# Each detector threshold's range. Luma, amplitudes and shares are on the 0..1 scale; z is a
+# consistency score (defaults 6.5); a period is in pixels. tests/test_schemas.py checks every
+# threshold of every registered detector has one.
+THRESHOLD_BOUNDS: dict[str, tuple[float, float]] = {
+    "max_mean": (0, 1),
+    "max_p99": (0, 1),
+    "max_share": (0, 1),
+    "min_range": (0, 1),
+    "min_amplitude": (0, 1),
+    "min_z": (0, 1000),
+    "max_period": (2, MAX_SIDE),
+}
+
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+SEEDS = "0 to 2**64-1"
 
 
 class Generation(StrictModel):
@@ -51,16 +73,26 @@ class Generation(StrictModel):
 
     height: int = Field(
         ge=SIDE_MULTIPLE,
+        le=MAX_SIDE,
         multiple_of=SIDE_MULTIPLE,
-        description=f"image height in pixels, a multiple of {SIDE_MULTIPLE}",
+        description=f"image height in pixels, a multiple of {SIDE_MULTIPLE}, at most {MAX_SIDE}",
     )
     width: int = Field(
-        ge=SIDE_MULTIPLE, multiple_of=SIDE_MULTIPLE, description=f"image width in pixels, a multiple of {SIDE_MULTIPLE}"
+        ge=SIDE_MULTIPLE,
+        le=MAX_SIDE,
+        multiple_of=SIDE_MULTIPLE,
+        description=f"image width in pixels, a multiple of {SIDE_MULTIPLE}, at most {MAX_SIDE}",
     )
-    steps: int = Field(ge=1, description="denoising steps")
-    guidance: float = Field(ge=0, description="classifier-free guidance scale")
-    batch_size: int = Field(ge=1, description="images per pipeline call; reference and candidates share batches")
-    max_sequence_length: int = Field(256, ge=1, description="T5 token budget")
+    steps: int = Field(ge=1, le=MAX_STEPS, description=f"denoising steps, 1 to {MAX_STEPS}")
+    guidance: float = Field(ge=0, le=MAX_GUIDANCE, description=f"classifier-free guidance scale, 0 to {MAX_GUIDANCE:g}")
+    batch_size: int = Field(
+        ge=1,
+        le=MAX_BATCH,
+        description=f"images per pipeline call, 1 to {MAX_BATCH}; reference and candidates share batches",
+    )
+    max_sequence_length: int = Field(
+        256, ge=1, le=MAX_SEQUENCE_LENGTH, description=f"T5 token budget, 1 to {MAX_SEQUENCE_LENGTH}"
+    )
 
 
 class Case(StrictModel):
@@ -68,15 +100,17 @@ class Case(StrictModel):
 
     id: str = Field(pattern=CASE_ID.pattern, description="lower-case letters, digits, '_', '.', '-': it names files")
     prompt: str = Field(description="the prompt")
-    seeds: list[Seed] | None = Field(None, min_length=1, description="seeds (>= 0); left out: the suite's `seeds`")
+    seeds: list[Seed] | None = Field(None, min_length=1, description=f"seeds ({SEEDS}); left out: the suite's `seeds`")
     tags: list[str] = Field(default_factory=list, description="tags that gates can select")
 
 
 class BaselineLimit(StrictModel):
     """The drop allowed against the accepted baseline: exactly one of the two."""
 
-    max_drop: float | None = Field(None, ge=0, description="absolute drop (dB for PSNR)")
-    max_rel_drop: float | None = Field(None, ge=0, description="drop as a fraction of the baseline's value")
+    max_drop: float | None = Field(None, ge=0, description="absolute drop (dB for PSNR), a finite number >= 0")
+    max_rel_drop: float | None = Field(
+        None, ge=0, description="drop as a fraction of the baseline's value, a finite number >= 0"
+    )
 
 
 class Gate(StrictModel):
@@ -90,7 +124,7 @@ class Gate(StrictModel):
         "count, rate, new_count"
     )  # fmt: skip
     op: Op | None = Field(None, description="comparison with `value`")
-    value: float | None = Field(None, description="the threshold")
+    value: float | None = Field(None, description="the threshold, a finite number")
     optional: bool = Field(False, description="skip (shown) when the metric or baseline is unavailable here")
     severity: Literal["fail", "warn"] = Field("fail", description="warn: reported, does not fail the run")
     tags: list[str] = Field(default_factory=list, description="only the samples of cases with these tags")
@@ -105,24 +139,45 @@ class Bench(StrictModel):
     """Time the transformer step of reference and candidates (`bench` gates)."""
 
     resolution: int | None = Field(
-        None, ge=SIDE_MULTIPLE, multiple_of=SIDE_MULTIPLE, description="image side in pixels"
+        None,
+        ge=SIDE_MULTIPLE,
+        le=MAX_SIDE,
+        multiple_of=SIDE_MULTIPLE,
+        description=f"image side in pixels, a multiple of {SIDE_MULTIPLE}, at most {MAX_SIDE} (default 1024)",
     )
-    batch: int | None = Field(None, ge=1)
-    warmup: int | None = Field(None, ge=0)
-    iters: int | None = Field(None, ge=1)
+    batch: int | None = Field(
+        None, ge=1, le=MAX_BATCH, description=f"batch the transformer sees per step, 1 to {MAX_BATCH} (default 2)"
+    )
+    warmup: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_BENCH_WARMUP,
+        description=f"untimed calls after the first, 0 to {MAX_BENCH_WARMUP} (default 3)",
+    )
+    iters: int | None = Field(
+        None, ge=1, le=MAX_BENCH_ITERS, description=f"timed transformer steps, 1 to {MAX_BENCH_ITERS} (default 10)"
+    )
     compile: Literal["blocks", "none"] | None = None
     cuda_graph: bool | None = None
 
 
+def _threshold_field(default: Any, bounds: tuple[float, float] | None) -> tuple[Any, Any]:
+    kind = int if isinstance(default, int) else float
+    if bounds is None:  # a new detector's threshold before THRESHOLD_BOUNDS names it: finite only
+        return kind | None, Field(None, description=f"default {default}")
+    low, high = bounds
+    description = f"default {default}; {low:g} to {high:g}"
+    return kind | None, Field(None, ge=kind(low), le=kind(high), description=description)
+
+
 def _thresholds_model() -> Any:
-    """`detector_thresholds`: each detector's own threshold keys, their defaults in the descriptions."""
+    """`detector_thresholds`: each detector's own threshold keys, their defaults and ranges in the
+    descriptions. A threshold whose default is an integer takes integers."""
     fields: dict[str, Any] = {}
     for name in DETECTORS:
         params = detector_params(name)
         if params:
-            keys: dict[str, Any] = {
-                k: (float | None, Field(None, description=f"default {v}")) for k, v in params.items()
-            }
+            keys: dict[str, Any] = {k: _threshold_field(v, THRESHOLD_BOUNDS.get(k)) for k, v in params.items()}
             fields[name] = (create_model(f"{name}_thresholds", __base__=StrictModel, **keys) | None, None)
     return create_model("DetectorThresholds", __base__=StrictModel, **fields)
 
@@ -154,7 +209,7 @@ class SuiteFile(StrictModel):
     reference: Reference = Reference()
     policies: list[str] = Field(default_factory=list, description="candidates: shipped policy names or files")
     generation: Generation
-    seeds: list[Seed] | None = Field(None, min_length=1, description="seeds of cases that give none")
+    seeds: list[Seed] | None = Field(None, min_length=1, description=f"seeds ({SEEDS}) of cases that give none")
     cases: list[Case] = Field(min_length=1)
     metrics: list[MetricName]
     detectors: list[DetectorName] = Field(default_factory=list)

@@ -18,6 +18,15 @@ LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
 )
 
 
+DEEP_LISTS = "a: " + "[" * 10000 + "]" * 10000 + "\n"  # PyYAML's composer would recurse 10000 times
+DEEP_MAPPINGS = "".join(" " * i + f"k{i}:\n" for i in range(1000)) + " " * 1000 + "v\n"
+DETECTORS = "detectors: [black_frame, nonfinite, saturation, flat, stripe_noise, checkerboard]"
+
+
+def line_of(text: str, fragment: str) -> int:
+    return next(i for i, row in enumerate(text.splitlines(), 1) if fragment in row)
+
+
 def suite_with(old: str, new: str) -> str:
     assert old in SMOKE
     return SMOKE.replace(old, new, 1)
@@ -27,6 +36,12 @@ def policy_with(old: str, new: str) -> str:
     assert old in ROWWISE
     return ROWWISE.replace(old, new, 1)
 
+
+MODEL_LINE, STEPS_LINE, RULES_LINE = (
+    line_of(SMOKE, "model: tiny"),
+    line_of(SMOKE, "steps: 4"),
+    line_of(ROWWISE, "rules:"),
+)
 
 # (id, suite text or None for smoke, policy text or None for the shipped one, extra CLI args, message)
 CASES = [
@@ -99,6 +114,141 @@ CASES = [
         [],
         "exactly one of max_drop",
     ),
+    # numbers are finite and in range (checked before anything is loaded)
+    (
+        "guidance NaN",
+        suite_with("guidance: 4.5", "guidance: .nan"),
+        None,
+        [],
+        "guidance: expected a finite number, got nan",
+    ),
+    ("guidance infinite", suite_with("guidance: 4.5", "guidance: .inf"), None, [], "expected a finite number, got inf"),
+    (
+        "guidance too large",
+        suite_with("guidance: 4.5", "guidance: 1000.5"),
+        None,
+        [],
+        "expected a number <= 100, got 1000.5",
+    ),
+    (
+        "gate value NaN",
+        suite_with('op: ">=", value: 30}', 'op: ">=", value: .nan}'),
+        None,
+        [],
+        "gates[0].value: expected a finite number, got nan",
+    ),
+    (
+        "baseline drop -inf",
+        suite_with('op: ">=", value: 30}', "baseline: {max_drop: -.inf}}"),
+        None,
+        [],
+        "gates[0].baseline.max_drop: expected a finite number, got -inf",
+    ),
+    (
+        "seed past 2**64-1",
+        suite_with("seeds: [0, 1]", "seeds: [0, 18446744073709551616]"),
+        None,
+        [],
+        "seeds[1]: expected an integer <= 18446744073709551615, got 18446744073709551616",
+    ),
+    (
+        "case seed past 2**64-1",
+        suite_with("tags: [objects]}", "tags: [objects], seeds: [99999999999999999999999]}"),
+        None,
+        [],
+        "cases[0].seeds[0]: expected an integer <= 18446744073709551615",
+    ),
+    ("huge height", suite_with("height: 64", "height: 1048576"), None, [], "height: expected an integer <= 8192"),
+    ("a million steps", suite_with("steps: 4", "steps: 1000000"), None, [], "steps: expected an integer <= 1000"),
+    (
+        "huge batch",
+        suite_with("batch_size: 4", "batch_size: 100000"),
+        None,
+        [],
+        "batch_size: expected an integer <= 1024",
+    ),
+    (
+        "T5 budget past 512",
+        suite_with("max_sequence_length: 8", "max_sequence_length: 4096"),
+        None,
+        [],
+        "max_sequence_length: expected an integer <= 512",
+    ),
+    (
+        "bench iterations",
+        suite_with("gates:", "bench: {iters: 100000000}\ngates:"),
+        None,
+        [],
+        "bench.iters: expected an integer <= 1000",
+    ),
+    (
+        "detector threshold NaN",
+        suite_with(DETECTORS, DETECTORS + "\ndetector_thresholds: {stripe_noise: {min_z: .nan}}"),
+        None,
+        [],
+        "detector_thresholds.stripe_noise.min_z: expected a finite number, got nan",
+    ),
+    (
+        "detector threshold out of range",
+        suite_with(DETECTORS, DETECTORS + "\ndetector_thresholds: {flat: {min_range: 255}}"),
+        None,
+        [],
+        "detector_thresholds.flat.min_range: expected a number <= 1, got 255",
+    ),
+    (
+        "detector period not an integer",
+        suite_with(DETECTORS, DETECTORS + "\ndetector_thresholds: {stripe_noise: {max_period: 1.0e+300}}"),
+        None,
+        [],
+        "max_period: expected an integer, got float 1e+300",
+    ),
+    (
+        "policy calibration seed too large",
+        None,
+        policy_with("components:", "calibration: {seed: 18446744073709551615}\ncomponents:"),
+        [],
+        "calibration.seed: expected an integer <= 18446744073709551600",
+    ),
+    (
+        "policy calibration prompts NaN",
+        None,
+        policy_with("components:", "calibration: {prompts: .nan}\ncomponents:"),
+        [],
+        "calibration.prompts: expected an integer, got float nan",
+    ),
+    (
+        "policy block size too large",
+        None,
+        policy_with("weights: per_channel", "weights: per_block, block_size: 1048576"),
+        [],
+        "default.block_size: expected an integer <= 4096, got 1048576",
+    ),
+    # a key given twice is an error, not the last value
+    (
+        "duplicate key in a suite",
+        suite_with("model: tiny", "model: tiny\nmodel: random:sd35-large"),
+        None,
+        [],
+        f":{MODEL_LINE + 1}: duplicate key 'model' (first at line {MODEL_LINE})",
+    ),
+    (
+        "duplicate key in a flow mapping",
+        suite_with("steps: 4", "steps: 4, steps: 40"),
+        None,
+        [],
+        f":{STEPS_LINE}: generation: duplicate key 'steps' (first at line {STEPS_LINE})",
+    ),
+    (
+        "duplicate key in a policy",
+        None,
+        policy_with("    rules:", "    rules: []\n    rules:"),
+        [],
+        f":{RULES_LINE + 1}: components.transformer: duplicate key 'rules' (first at line {RULES_LINE})",
+    ),
+    # deep nesting is refused before PyYAML's composer recurses into it
+    ("deeply nested lists", suite_with("model: tiny", DEEP_LISTS.strip()), None, [], "nested more than 32 levels"),
+    ("deeply nested mappings", DEEP_MAPPINGS, None, [], "suite.yaml:33: YAML nested more than 32 levels deep"),
+    ("deeply nested policy", None, "name: p\n" + DEEP_LISTS, [], "policy.yaml:2: YAML nested more than 32 levels"),
 ]
 
 

@@ -11,10 +11,13 @@ from pydantic import Field
 
 from evals.models.calibration_prompts import CALIBRATION_PROMPTS
 from evals.models.fp8_spec import Activations, Backend, Format, WeightScale
-from evals.models.yamlspec import StrictModel
+from evals.models.yamlspec import MAX_SEED, StrictModel
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
+# Prompt i is rendered with seed + i, and torch takes seeds up to 2**64-1.
+MAX_CALIBRATION_SEED = MAX_SEED - (len(CALIBRATION_PROMPTS) - 1)
+MAX_BLOCK_SIZE = 4096  # weight tile side (the usual is 128); a larger tile than a layer is one tile anyway
 
 
 class Fp8Settings(StrictModel):
@@ -33,7 +36,10 @@ class Fp8Settings(StrictModel):
     )
     backend: Backend | None = Field(None, description="auto picks the fastest that runs here")
     block_size: int | None = Field(
-        None, ge=1, description="side of the square weight tiles (per_block), a power of two"
+        None,
+        ge=1,
+        le=MAX_BLOCK_SIZE,
+        description=f"side of the square weight tiles (per_block), a power of two, at most {MAX_BLOCK_SIZE}",
     )
     fast_accum: bool | None = Field(None, description="the FP8 GEMM's faster, less precise accumulation (scaled_mm)")
 
@@ -71,8 +77,18 @@ class Components(StrictModel):
 class Calibration(StrictModel):
     """How static activation scales are calibrated (used only where a layer is `static`)."""
 
-    prompts: int = Field(8, ge=1, le=len(CALIBRATION_PROMPTS), description="the first N calibration prompts")
-    seed: int = Field(0, description="generator seed of the calibration images")
+    prompts: int = Field(
+        8,
+        ge=1,
+        le=len(CALIBRATION_PROMPTS),
+        description=f"the first N calibration prompts, 1 to {len(CALIBRATION_PROMPTS)}",
+    )
+    seed: int = Field(
+        0,
+        ge=0,
+        le=MAX_CALIBRATION_SEED,
+        description=f"generator seed of the calibration images, 0 to {MAX_CALIBRATION_SEED} (prompt i uses seed + i)",
+    )
 
 
 class PolicyFile(StrictModel):

@@ -22,6 +22,8 @@ from pydantic_core import ErrorDetails
 T = TypeVar("T")
 
 MAX_YAML_BYTES = 1 << 20  # suites and policies are small; a huge file is a mistake or an attack
+MAX_YAML_DEPTH = 32  # nested mappings and lists: the shipped files need 4; PyYAML's composer recurses
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
 
 
 class InputError(Exception):
@@ -94,16 +96,44 @@ def format_key_path(key_path: tuple[Any, ...]) -> str:
     return out
 
 
-def _node_lines(node: yaml.Node, prefix: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
+def _node_lines(node: yaml.Node, prefix: tuple[Any, ...], out: dict[tuple[Any, ...], int], source: str) -> None:
+    """The line of every key path under `node`. A key given twice in one mapping is an error: PyYAML
+    would keep the last value without a word."""
     out.setdefault(prefix, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
+        first: dict[tuple[str, str], int] = {}
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
-            out[prefix + (key,)] = key_node.start_mark.line + 1
-            _node_lines(value_node, prefix + (key,), out)
+            line = key_node.start_mark.line + 1
+            if isinstance(key_node, yaml.ScalarNode):  # `steps` and "steps" are one key: same tag, same text
+                if (key_node.tag, key) in first:
+                    where = f"{format_key_path(prefix)}: " if prefix else ""
+                    message = f"{where}duplicate key {key!r} (first at line {first[key_node.tag, key]})"
+                    raise InputError(message, source=source, line=line)
+                first[key_node.tag, key] = line
+            out[prefix + (key,)] = line
+            _node_lines(value_node, prefix + (key,), out, source)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _node_lines(item, prefix + (index,), out)
+            _node_lines(item, prefix + (index,), out, source)
+
+
+def _check_events(text: str, path: Path, what: str) -> None:
+    """Refuse aliases and deep nesting on the event stream, which PyYAML's parser makes without
+    recursing, before its composer (which recurses once per level) sees the document."""
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = event.start_mark.line + 1 if event.start_mark else None
+        if isinstance(event, yaml.AliasEvent):
+            # Aliases let a few lines expand exponentially ("billion laughs"); suites never need them.
+            raise InputError(f"YAML aliases (*{event.anchor}) are not allowed in a {what}", source=str(path), line=line)
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                message = f"YAML nested more than {MAX_YAML_DEPTH} levels deep (mappings and lists)"
+                raise InputError(message, source=str(path), line=line)
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
 
 
 def load_yaml(path: str | Path, what: str) -> YamlDoc:
@@ -118,13 +148,7 @@ def load_yaml(path: str | Path, what: str) -> YamlDoc:
     except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"cannot read {what} file: {exc}", source=str(path)) from exc
     try:
-        # Aliases let a few lines expand exponentially ("billion laughs"); suites never need them.
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):
-            if isinstance(event, yaml.AliasEvent):
-                line = event.start_mark.line + 1 if event.start_mark else None
-                raise InputError(
-                    f"YAML aliases (*{event.anchor}) are not allowed in a {what}", source=str(path), line=line
-                )
+        _check_events(text, path, what)
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -137,15 +161,16 @@ def load_yaml(path: str | Path, what: str) -> YamlDoc:
         raise InputError(f"a {what} must be a YAML mapping, got {kind}", source=str(path), line=1)
     lines: dict[tuple[Any, ...], int] = {}
     if node is not None:
-        _node_lines(node, (), lines)
+        _node_lines(node, (), lines, str(path))
     return YamlDoc(path, data, lines)
 
 
 class StrictModel(BaseModel):
     """One YAML mapping: exactly these keys, values of exactly these types (no "3" for 3, no `true`
-    for 1; an integer is a number)."""
+    for 1; an integer is a number), every number finite (no `.nan`, `.inf`): inherited by every model
+    of a suite or policy, nested ones and `float | None` fields included."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -186,6 +211,19 @@ _EXPECTED = {
 }
 
 
+_BOUNDS = {  # pydantic's error type: the sign and the name of the bound in the error's context
+    "greater_than_equal": (">=", "ge"),
+    "less_than_equal": ("<=", "le"),
+    "greater_than": (">", "gt"),
+    "less_than": ("<", "lt"),
+}
+
+
+def _number(x: Any) -> str:
+    """A bound: an integer in full (2**64 - 1, not 1.84467e+19), a float as short as it reads (0, not 0.0)."""
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
 def _explain(error: ErrorDetails, schema: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
     """(key path, message) of one pydantic error, in this project's words."""
     loc, kind, value, ctx = tuple(error["loc"]), error["type"], error["input"], error.get("ctx", {})
@@ -205,9 +243,11 @@ def _explain(error: ErrorDetails, schema: dict[str, Any]) -> tuple[tuple[Any, ..
         got = repr(value) if isinstance(value, bool) or value is None else f"{type(value).__name__} {value!r}"
         why = subschema(schema, loc).get("description")
         return loc, f"expected {_EXPECTED[kind]}, got {got}" + (f" ({why})" if why else "")
-    if kind in ("greater_than_equal", "less_than_equal"):
-        sign, bound = (">=", ctx.get("ge")) if kind == "greater_than_equal" else ("<=", ctx.get("le"))
-        return loc, f"expected {number} {sign} {bound:g}, got {value}"
+    if kind in _BOUNDS:
+        sign, name = _BOUNDS[kind]
+        return loc, f"expected {number} {sign} {_number(ctx[name])}, got {value}"
+    if kind == "finite_number":
+        return loc, f"expected a finite number, got {value}"
     if kind == "multiple_of":
         return loc, f"expected a multiple of {ctx['multiple_of']}, got {value}"
     if kind == "too_short":
@@ -242,6 +282,7 @@ def _resolve(node: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
             members = [n for n in node["anyOf"] if n.get("type") != "null"]
             if len(members) != 1:
                 return node
-            node = members[0]
+            outer = {k: node[k] for k in ("description",) if k in node}  # an `X | None` field's description
+            node = {**outer, **members[0]}
         else:
             return node
