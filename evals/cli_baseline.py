@@ -61,7 +61,7 @@ def cmd_baseline_update(args: argparse.Namespace) -> int:
             if record.policy in samples:
                 for metric, value in record.metrics.items():
                     samples[record.policy].setdefault(metric, {})[record.sample_id] = value
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, InputError) as exc:
         raise InputError(f"{run_dir / 'records.jsonl'}: cannot read its records ({exc})") from exc
     provenance = {
         "run": run_dir.name,

@@ -65,7 +65,7 @@ def load_trusted_run(run_dir: Path) -> TrustedRun:
         raise InputError(f"{records_path}: missing; expected one scored sample per line ({RUN_FILES})")
     try:
         records = list(read_records(records_path))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+    except (OSError, ValueError, InputError) as exc:
         raise InputError(f"{records_path}: cannot read it ({exc}); expected one SampleRecord per line") from exc
     if not records:
         raise InputError(f"{records_path}: no records; expected one scored sample per line")

@@ -114,6 +114,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     for name in ("run.json", "records.jsonl", "summary.json", "verdict.json"):
         if not (run_dir / name).is_file():
             raise InputError(f"{run_dir}: {name} is missing; only a finished run has a report")
+    from evals.rundir import check_no_links
+
+    check_no_links(run_dir)  # the report is written into it
     for path in write_reports(run_dir):
         print(f"written: {path}")
     return 0

@@ -105,14 +105,16 @@ class RecordsWriter:
 
 
 def read_records(path: Path) -> Iterator[SampleRecord]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    """The records of a records.jsonl; a line that is not a record of this version is an InputError
+    naming the file and line (run directories can come from elsewhere)."""
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                yield SampleRecord.from_dict(json.loads(line))
-            except (ValueError, TypeError, KeyError, InputError) as exc:
-                raise ValueError(f"{path}:{line_no}: bad record: {exc}") from exc
+                yield SampleRecord.from_dict(json.loads(raw.decode("utf-8")))
+            except (ValueError, TypeError, KeyError, InputError, RecursionError) as exc:
+                raise InputError(f"bad record: {exc}", source=str(path), line=line_no) from exc
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

@@ -28,7 +28,20 @@ gates:
 
 
 def record(policy: str, sample_id: str, psnr: float) -> SampleRecord:
-    return SampleRecord(policy, sample_id, "a", "a red circle", 0, (), {"psnr": psnr}, {}, {}, "x.png", "r.png", 0.1)
+    return SampleRecord(
+        policy,
+        sample_id,
+        "a",
+        "a red circle",
+        0,
+        (),
+        {"psnr": psnr},
+        {},
+        {},
+        f"images/{policy}/{sample_id}.png",
+        f"images/ref/{sample_id}.png",
+        0.1,
+    )
 
 
 def fake_run(tmp_path: Path, results: dict[str, tuple[float, bool]], device: str = "cpu") -> Path:

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from evals.models.yamlspec import InputError
 from evals.records import (
     RecordsWriter,
     SampleRecord,
@@ -85,5 +86,5 @@ def test_records_reject_other_schema_versions(tmp_path: Path) -> None:
     data["schema_version"] = 99
     path = tmp_path / "records.jsonl"
     path.write_text(json.dumps(data) + "\n")
-    with pytest.raises(ValueError, match=r"records.jsonl:1: bad record: records schema 99"):
+    with pytest.raises(InputError, match=r"records.jsonl:1: bad record: records schema 99"):
         list(read_records(path))

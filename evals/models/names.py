@@ -19,7 +19,7 @@ SAFE_NAME_RULE = "lower-case letters, digits, '_', '.', '-', starting with a let
 
 
 def is_safe_name(name: object) -> bool:
-    return isinstance(name, str) and SAFE_NAME.match(name) is not None
+    return isinstance(name, str) and SAFE_NAME.fullmatch(name) is not None  # `$` would let a final newline by
 
 
 def check_name(name: object, what: str) -> str:

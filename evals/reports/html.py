@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
+import numpy as np
+
 from evals.records import SampleRecord, read_records
 from evals.reports.images import comparison_grid, png_data_uri
 from evals.reports.render import (
@@ -102,7 +104,17 @@ def _distribution_plots(records: list[SampleRecord], policies: list[str] | None 
 
 
 def _grid_uri(run_dir: Path, record: SampleRecord) -> str:
-    grid = comparison_grid(load_png(run_dir / record.reference_image), load_png(run_dir / record.image))
+    """Reference beside candidate; an image that is missing or unreadable shows as grey, so that the
+    report of a damaged run directory still renders (`evals run --resume` regenerates it)."""
+    images: list[np.ndarray | None] = []
+    for relative in (record.reference_image, record.image):
+        try:
+            images.append(load_png(run_dir / relative))
+        except (OSError, ValueError, SyntaxError):  # PIL raises these for absent or damaged files
+            images.append(None)
+    shape = next((i.shape for i in images if i is not None), (64, 64, 3))
+    reference, candidate = (np.full(shape, 128, np.uint8) if i is None else i for i in images)
+    grid = comparison_grid(reference, candidate)
     return png_data_uri(grid, compress_level=1)  # 10% larger than zlib's default, twice as fast
 
 
