@@ -67,7 +67,7 @@ CASES = [
         None,
         policy_with("name: fp8-e4m3-rowwise", "name: a/b"),
         [],
-        "must match ^[A-Za-z0-9._-]+$ (letters",
+        "must match ^[a-z0-9][a-z0-9_.-]{0,63}$ (lower-case letters",
     ),
     ("missing model folder", None, None, ["--model", "no/such/folder/here"], "model folder not found"),
     ("model folder without index", None, None, ["--model", "EMPTY_DIR"], "model_index.json"),

@@ -11,10 +11,10 @@ from pydantic import Field
 
 from evals.models.calibration_prompts import CALIBRATION_PROMPTS
 from evals.models.fp8_spec import Activations, Backend, Format, WeightScale
+from evals.models.names import SAFE_NAME, SAFE_NAME_RULE
 from evals.models.yamlspec import MAX_SEED, StrictModel
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
 # Prompt i is rendered with seed + i, and torch takes seeds up to 2**64-1.
 MAX_CALIBRATION_SEED = MAX_SEED - (len(CALIBRATION_PROMPTS) - 1)
 MAX_BLOCK_SIZE = 4096  # weight tile side (the usual is 128); a larger tile than a layer is one tile anyway
@@ -95,8 +95,8 @@ class PolicyFile(StrictModel):
     """A precision policy: which layers of which component run in FP8, and how."""
 
     name: str = Field(
-        pattern=NAME_PATTERN,
-        description="letters, digits, '-', '_' or '.': it names the candidate's folders, records and MLflow runs",
+        pattern=SAFE_NAME.pattern,
+        description=f"{SAFE_NAME_RULE} characters: it names the candidate's folders, records and MLflow runs",
     )
     description: str = Field("", description="what the policy mirrors")
     components: Components
