@@ -98,8 +98,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from evals.suite_types import Generation
 
     policy = load_policy(args.policy)
-    if args.out.suffix != ".safetensors":
-        raise InputError(f"--out {args.out}: expected a .safetensors file name")
+    check_writable_file(args.out, "--out")
     if policy.needs_calibration and args.suite is None:
         raise InputError(
             f"{policy.path}: static activations are calibrated at a suite's generation settings; pass --suite"
@@ -110,11 +109,35 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     dtype = resolved_dtype_name(args.reference_dtype, device)
     model = load_source(args.model, dtype, device, config=args.model_config, drop_t5=args.no_t5)
     candidate = build_candidate(model, policy, generation)
-    save_quantized_transformer(
-        candidate.pipeline.transformer, args.out, policy_name=policy.name, policy_sha256=policy.sha256
-    )
+    if not any(layer.component == "transformer" and layer.spec is not None for layer in candidate.plan):
+        raise InputError(f"{policy.path}: quantizes no layer of the transformer: there is nothing to save")
+    try:
+        save_quantized_transformer(
+            candidate.pipeline.transformer, args.out, policy_name=policy.name, policy_sha256=policy.sha256
+        )
+    except OSError as exc:  # the disk filled up, the folder went away: nothing is left behind
+        raise InputError(f"--out {args.out}: cannot write it ({exc})") from exc
     print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes; layers {candidate.backends})")
     return 0
+
+
+def check_writable_file(path: Path, option: str) -> None:
+    """InputError unless a .safetensors file can be written at `path`: not a folder, and its nearest
+    existing parent a folder this process may write to (the missing ones are made when it is written).
+    Checked before any work, and nothing is created."""
+    import os
+
+    if path.suffix != ".safetensors":
+        raise InputError(f"{option} {path}: expected a .safetensors file name")
+    if path.is_dir():
+        raise InputError(f"{option} {path}: is a directory, expected a file name")
+    for parent in path.absolute().parents:
+        if parent.is_dir():
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise InputError(f"{option} {path}: the directory {parent} is not writable")
+            return
+        if parent.exists() or parent.is_symlink():
+            raise InputError(f"{option} {path}: {parent} is not a directory, so nothing can be written under it")
 
 
 def _read_image(path: Path) -> Any:

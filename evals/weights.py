@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
+
+from evals.models.yamlspec import InputError
 
 # torchvision's ImageNet trunks, as `lpips` would download them.
 LPIPS_TRUNKS = {
@@ -24,6 +27,71 @@ CLIP_HF_FILE = "open_clip_model.safetensors"
 
 class MissingWeights(Exception):
     """A metric's weights are not on this machine; the message names the file and how to get it."""
+
+
+def read_state_dict(path: Path, expected: str) -> dict[str, Any]:
+    """The tensors of a weights file: `.safetensors`, else a torch state dict (`.pth`, ...) read with
+    `weights_only=True`, which restores tensors and plain containers and never runs code. A damaged
+    or hostile file, or one that is not a {name: tensor} dict (a {'state_dict': ...} wrapper is
+    unwrapped), is an InputError naming the file and `expected`, what it should hold."""
+    import torch
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as exc:  # each reader raises its own errors on a damaged or hostile file
+        raise InputError(f"{path}: {_unreadable(path, exc)}; expected {expected}") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state:
+        raise InputError(f"{path}: holds {type(state).__name__}, expected {expected} (a state dict of tensors)")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            what = f"entry {str(key)[:80]!r} is {type(value).__name__}"
+            raise InputError(f"{path}: {what}, expected {expected} (a state dict of tensors)")
+    return state
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why a weights file could not be read, without torch's advice to load it unsafely instead."""
+    import pickle
+
+    if isinstance(exc, pickle.UnpicklingError):
+        skip = ("Weights only load failed", "Check the documentation of torch.load")
+        parts = [p for p in str(exc).split("\n\n") if p.strip() and not p.strip().startswith(skip)]
+        detail = " ".join(" ".join(parts).split())[:300] or "not a pickle of tensors"
+        return f"not a torch state dict that loads without running code ({detail})"
+    kind = "safetensors" if path.suffix == ".safetensors" else "torch state dict"
+    return f"not a readable {kind} file ({type(exc).__name__}: {' '.join(str(exc).split())[:300]})"
+
+
+def check_weights_file(path: Path, expected: str) -> None:
+    """InputError naming `path` unless it is a readable weights file of float tensors (position ids
+    aside); a `.safetensors` file is checked from its header alone, without reading its tensors."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
+        except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
+            raise InputError(f"{path}: not a readable safetensors file ({exc}); expected {expected}") from exc
+        if not dtypes:
+            raise InputError(f"{path}: holds no tensors, expected {expected}")
+        floats = ("F16", "BF16", "F32", "F64")
+        named = {k: d for k, d in dtypes.items() if d not in floats}
+    else:
+        state = read_state_dict(path, expected)
+        named = {k: str(v.dtype) for k, v in state.items() if not v.dtype.is_floating_point or v.element_size() < 2}
+    odd = sorted(k for k in named if not k.endswith("position_ids"))
+    if odd:
+        raise InputError(f"{path}: {odd[0]} is {named[odd[0]]}, expected {expected} (float tensors)")
 
 
 def explicit_path(metric: str, overrides: dict[str, str]) -> Path | None:

@@ -8,13 +8,15 @@ from a local file or the Hugging Face cache (`evals.weights.clip_weights`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from evals.metrics import METRICS, MetricInfo
-from evals.weights import CLIP_MODEL, clip_weights
+from evals.models.yamlspec import InputError
+from evals.weights import CLIP_HF_FILE, CLIP_HF_REPO, CLIP_MODEL, check_weights_file, clip_weights
 
 
 def _preprocess(images: torch.Tensor, size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -45,6 +47,24 @@ def clip_scores(model: Any, tokenizer: Any, images: torch.Tensor, prompts: list[
     return (100 * (image_features * text_features).sum(dim=-1)).cpu()
 
 
+def load_clip(path: Path, name: str | None = None) -> Any:
+    """open_clip's model `name` with the weights of `path`, checked first: the file is read as
+    safetensors or with torch's `weights_only=True` (no code runs); a file that is damaged, is not a
+    state dict, or does not fit the model is an InputError naming it."""
+    import open_clip
+
+    name = name or CLIP_MODEL
+    expected = f"open_clip {name} weights (as {CLIP_HF_FILE} of {CLIP_HF_REPO})"
+    check_weights_file(path, expected)
+    try:
+        return open_clip.create_model(name, pretrained=str(path), load_weights=True)
+    except MemoryError:
+        raise
+    except Exception as exc:  # open_clip's loading, on tensors that do not fit the model
+        detail = " ".join(str(exc).split())[:300]
+        raise InputError(f"clip_score weights {path}: do not fit {name} ({detail}); expected {expected}") from exc
+
+
 class CLIPScore:
     info: ClassVar[MetricInfo] = METRICS["clip_score"]
 
@@ -54,8 +74,7 @@ class CLIPScore:
         import open_clip
 
         if model is None:
-            path = clip_weights(weights or {})
-            model = open_clip.create_model(CLIP_MODEL, pretrained=str(path), load_weights=True)
+            model = load_clip(clip_weights(weights or {}))
             tokenizer = open_clip.get_tokenizer(CLIP_MODEL)
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer

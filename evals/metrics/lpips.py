@@ -13,40 +13,45 @@ from typing import Any, ClassVar
 import torch
 
 from evals.metrics import METRICS, MetricInfo
+from evals.models.yamlspec import InputError
 from evals.weights import LPIPS_TRUNKS, lpips_trunk
+from evals.weights import read_state_dict as _read_weights
 
 NETS = tuple(LPIPS_TRUNKS)
+TRUNK_NAMES = {"alex": "AlexNet", "vgg": "VGG16", "squeeze": "SqueezeNet 1.1"}
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict")
-    return state
+def expected_trunk(net: str) -> str:
+    weights = f"torchvision's ImageNet {TRUNK_NAMES.get(net, net)} weights"
+    return f"{weights} ({LPIPS_TRUNKS.get(net, '?')}) for lpips net {net!r}"
 
 
-def build_lpips(net: str, trunk: dict[str, torch.Tensor]) -> Any:
-    """`lpips.LPIPS` with the package's linear heads and the given torchvision trunk weights."""
+def read_state_dict(path: Path, net: str = "alex") -> dict[str, torch.Tensor]:
+    """The trunk's tensors; a damaged or hostile file is an InputError naming it (never runs code)."""
+    return _read_weights(path, expected_trunk(net))
+
+
+def build_lpips(net: str, trunk: dict[str, torch.Tensor], source: str = "trunk weights") -> Any:
+    """`lpips.LPIPS` with the package's linear heads and the given torchvision trunk weights; weights
+    that do not fit (`source` names where they came from) are an InputError."""
     import lpips
 
     model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)  # random trunk, no download
     features = {k.removeprefix("features."): v for k, v in trunk.items() if k.startswith("features.")}
-    used = set()
     for index in range(1, model.net.N_slices + 1):
         for child_name, child in getattr(model.net, f"slice{index}").named_children():
             for param_name, param in child.named_parameters():
                 key = f"{child_name}.{param_name}"
-                if key not in features or features[key].shape != param.shape:
-                    raise ValueError(f"trunk weights do not fit lpips net {net!r}: {key} missing or misshapen")
+                given = features.get(key)
+                if given is None:
+                    raise InputError(f"{source}: no features.{key}; expected {expected_trunk(net)}")
+                if given.shape != param.shape or not given.dtype.is_floating_point or given.element_size() < 2:
+                    raise InputError(
+                        f"{source}: features.{key} is {str(given.dtype).removeprefix('torch.')} of shape "
+                        f"{tuple(given.shape)}, expected float of shape {tuple(param.shape)} ({expected_trunk(net)})"
+                    )
                 with torch.no_grad():
-                    param.copy_(features[key])
-                used.add(key)
-    if not used:
-        raise ValueError(f"no trunk weights for lpips net {net!r}")
+                    param.copy_(given)
     return model.eval()
 
 
@@ -67,7 +72,10 @@ class LPIPS:
         if net not in NETS:
             raise ValueError(f"lpips net {net!r}: expected one of {', '.join(NETS)}")
         self.net = net
-        self.model = (model or build_lpips(net, read_state_dict(lpips_trunk(net, weights or {})))).to(device)
+        if model is None:
+            path = lpips_trunk(net, weights or {})
+            model = build_lpips(net, read_state_dict(path, net), source=f"lpips weights {path}")
+        self.model = model.to(device)
 
     def __call__(self, candidate: torch.Tensor, reference: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         return {"lpips": lpips_per_image(self.model, candidate, reference)}

@@ -138,9 +138,36 @@ def _single_file_transformer(path: Path, config: Path, dtype: Any) -> Any:
             f"missing {config / 'transformer' / 'config.json'}: --model-config must be a diffusers SD3 folder "
             f"(its configs, text encoders and VAE); {GET_WEIGHTS_HINT}"
         )
-    return SD3Transformer2DModel.from_single_file(
-        str(path), config=str(config), subfolder="transformer", local_files_only=True, torch_dtype=dtype
-    )
+    _check_safetensors_header(path)
+    try:
+        return SD3Transformer2DModel.from_single_file(
+            str(path), config=str(config), subfolder="transformer", local_files_only=True, torch_dtype=dtype
+        )
+    except MemoryError:
+        raise
+    except Exception as exc:  # diffusers, on whatever keys, shapes and bytes the file holds
+        raise InputError(
+            f"{path}: not an SD3 transformer checkpoint that fits {config / 'transformer' / 'config.json'} "
+            f"({type(exc).__name__}: {_first_line(exc)})"
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines[:3])[:500]
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """InputError unless `path` is a complete safetensors file (its header only is read: cheap)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
+        raise InputError(f"{path}: not a readable safetensors file ({exc})") from exc
+    if not keys:
+        raise InputError(f"{path}: holds no tensors; expected an SD3 transformer checkpoint")
 
 
 def _locate(source: str, config: str | None) -> tuple[Path, Path | None]:
@@ -236,9 +263,16 @@ def load_source(
     if drop_t5:
         absent.update(text_encoder_3=None, tokenizer_3=None)
         fingerprint += ":no-t5"
-    pipe = StableDiffusion3Pipeline.from_pretrained(
-        str(folder), torch_dtype=dtype, local_files_only=True, use_safetensors=True, **absent, **overrides
-    )
+    try:
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            str(folder), torch_dtype=dtype, local_files_only=True, use_safetensors=True, **absent, **overrides
+        )
+    except MemoryError:
+        raise
+    except Exception as exc:  # a config or weights file of the folder that diffusers cannot read
+        raise InputError(
+            f"{folder}: cannot load the diffusers SD3 pipeline ({type(exc).__name__}: {_first_line(exc)})"
+        ) from exc
     pipe.set_progress_bar_config(disable=True)
     pipe.to(device)
     return LoadedModel(pipeline=pipe, source=source, fingerprint=fingerprint)

@@ -157,25 +157,48 @@ def weights_sha256(path: Path = WEIGHTS_FILE) -> str:
 
 
 def load_trained_components(path: Path = WEIGHTS_FILE) -> dict[str, Any]:
-    """The tiny pipeline's components with the trained weights of `path` (float32, eval mode)."""
-    from safetensors import safe_open
+    """The tiny pipeline's components with the trained weights of `path` (float32, eval mode); a
+    missing, unreadable or mismatched file is an InputError naming it."""
+    from safetensors import SafetensorError, safe_open
 
+    from evals.models.yamlspec import InputError
+
+    remedy = (
+        "they are committed in the repository (a Git LFS pointer or a damaged checkout shows this); "
+        "`python -m evals.models.tiny_train` on a GPU makes them again"
+    )
     if not path.is_file():
-        raise FileNotFoundError(
-            f"the tiny model's weights are missing: {path} (they are committed in the repository; "
-            "`python -m evals.models.tiny_train` on a GPU makes them again)"
-        )
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    factors = (float(meta["vae_shift_factor"]), float(meta["vae_scaling_factor"]))
+        raise InputError(f"the tiny model's weights are missing: {path} ({remedy})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
+        raise InputError(f"{path}: not a readable safetensors file ({exc}); {remedy}") from exc
+    try:
+        factors = (float(meta["vae_shift_factor"]), float(meta["vae_scaling_factor"]))
+    except (KeyError, ValueError) as exc:
+        raise InputError(
+            f"{path}: metadata vae_shift_factor/vae_scaling_factor missing or not numbers; {remedy}"
+        ) from exc
+    not_float = sorted(k for k, v in tensors.items() if not v.dtype.is_floating_point)
+    if not_float:
+        raise InputError(f"{path}: {not_float[0]} is {tensors[not_float[0]].dtype}, expected float weights; {remedy}")
     components = build_tiny_components(vae_factors=factors)
     for name in TRAINED:
         prefix = f"{name}."
         state = {k.removeprefix(prefix): v.float() for k, v in tensors.items() if k.startswith(prefix)}
         # strict: every parameter and buffer comes from the file, none keeps its random value
-        components[name].load_state_dict(state, strict=True)
+        try:
+            components[name].load_state_dict(state, strict=True)
+        except RuntimeError as exc:  # missing, unexpected or misshapen tensors
+            raise InputError(f"{path}: does not fit the tiny model's {name} ({_first_line(exc)}); {remedy}") from exc
     return components
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines[:3])[:500]
 
 
 def build_tiny_pipeline(seed: int | None = None) -> Any:
