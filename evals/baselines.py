@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evals.models.names import check_name
 from evals.models.yamlspec import InputError
 from evals.rundir import write_atomic
 
@@ -74,9 +75,14 @@ def _read(path: Path) -> dict[str, Any]:
     return data
 
 
+def baseline_file(folder: Path, policy: str) -> Path:
+    """Where `policy`'s baseline is: its name is checked, since it may come from a run directory."""
+    return folder / f"{check_name(policy, 'baseline policy name')}.json"
+
+
 def load_committed(folder: Path, policy: str, platform: str) -> Baseline | None:
     """The committed baseline of `policy` for `platform`, or None when there is none."""
-    path = folder / f"{policy}.json"
+    path = baseline_file(folder, policy)
     if not path.is_file():
         return None
     entry = _read(path)["platforms"].get(platform)
@@ -133,7 +139,7 @@ def update(
     as its baseline for `platform`; other platforms' entries are kept. Returns what changed."""
     changes = []
     for policy in policies:
-        path = folder / f"{policy}.json"
+        path = baseline_file(folder, policy)
         fresh: dict[str, Any] = {"version": BASELINE_VERSION, "suite": suite, "policy": policy, "platforms": {}}
         data = _read(path) if path.is_file() else fresh
         platforms: dict[str, Any] = data["platforms"]

@@ -3,6 +3,7 @@ a harmless change), or a quantized checkpoint file; each a pipeline that shares 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,7 +128,8 @@ def candidate_from_checkpoint(model: LoadedModel, path: Path, name: str | None =
         if isinstance(m, Fp8Linear)
     ]
     with path.open("rb") as f:
-        digest = meta.get("policy_sha256") or hashlib.sha256(f.read(1 << 24)).hexdigest()
+        given = meta.get("policy_sha256")  # untrusted: used only when it is a sha256 at all
+        digest = given if re.fullmatch(r"[0-9a-f]{64}", str(given)) else hashlib.sha256(f.read(1 << 24)).hexdigest()
     components = dict(model.pipeline.components, transformer=transformer)
     # A file's own name is made tame; names from its metadata (untrusted) must already be safe.
     from_metadata = meta.get("policy")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from evals.models.fp8 import FORMATS, Fp8Linear, Fp8Spec, dequantize, fp8_max, quantize, resolve_backend
+from evals.models.yamlspec import InputError
 
 # Relative rounding error bound: half a unit in the last place, 2^-(mantissa bits + 1).
 HALF_ULP = {"e4m3fn": 2.0**-4, "e5m2": 2.0**-3}
@@ -85,7 +86,7 @@ def test_backend_resolution() -> None:
     assert resolve_backend(Fp8Spec(backend="auto"), (10, 20), cpu, f32) == "emulated"
     assert resolve_backend(Fp8Spec(weights="per_block"), (64, 64), cpu, f32) == "emulated"
     assert resolve_backend(Fp8Spec(), (64, 64), torch.device("meta"), f32) == "emulated"
-    with pytest.raises(RuntimeError, match="scaled_mm cannot run this layer: the GEMM kernels need sides"):
+    with pytest.raises(InputError, match="scaled_mm cannot run this layer: the GEMM kernels need sides"):
         resolve_backend(Fp8Spec(backend="scaled_mm"), (10, 20), cpu, f32)
 
 

@@ -206,7 +206,7 @@ def _fp8_layer(
         _check_scale(path, f"{name}.input_scale", input_scale, (1, 1))
     try:
         backend = resolve_backend(spec, shape, device, compute_dtype)
-    except RuntimeError as exc:  # backend: scaled_mm named where it cannot run
+    except InputError as exc:  # backend: scaled_mm named where it cannot run
         raise InputError(f"{path}: layer {name!r}: {exc}") from exc
     return Fp8Linear(weight, scale, bias, spec, backend, compute_dtype, input_scale)
 

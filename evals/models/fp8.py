@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from evals.models.fp8_spec import ACTIVATIONS, BACKENDS, FORMAT_NAMES, WEIGHT_SCALES, Fp8Spec
+from evals.models.yamlspec import InputError
 
 FORMATS: dict[str, torch.dtype] = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 assert tuple(FORMATS) == FORMAT_NAMES
@@ -117,7 +118,7 @@ def resolve_backend(spec: Fp8Spec, shape: tuple[int, int], device: torch.device,
             f"torch._scaled_mm does not run {spec.format} on {device} (needs compute capability 8.9+ or the CPU kernel)"
         )
     if spec.backend == "scaled_mm" and why_not:
-        raise RuntimeError(f"backend scaled_mm cannot run this layer: {why_not}; use backend: auto or emulated")
+        raise InputError(f"backend scaled_mm cannot run this layer: {why_not}; use backend: auto or emulated")
     return "emulated" if why_not else "scaled_mm"
 
 

@@ -242,7 +242,10 @@ def resolve_plan(policy: PrecisionPolicy, components: dict[str, Any], device: An
                     break
             shape = (layer.out_features, layer.in_features)
             run_on = device if device is not None else layer.weight.device
-            backend = "keep" if spec is None else resolve_backend(spec, shape, run_on, layer.weight.dtype)
+            try:
+                backend = "keep" if spec is None else resolve_backend(spec, shape, run_on, layer.weight.dtype)
+            except InputError as exc:  # backend: scaled_mm where it cannot run
+                raise InputError(f"{comp_name}.{layer_name} ({rule_desc}): {exc}", source=policy.path) from exc
             plan.append(LayerPlan(comp_name, layer_name, shape, rule_desc, spec, backend, *_layer_bytes(layer, spec)))
     return plan
 
