@@ -26,8 +26,8 @@ Call = Callable[[Tracker], object]
 class BackgroundTracker:
     """A Tracker. One worker thread opens the inner tracker (importing MLflow and checking the store
     take seconds) and starts the runs, in order; the images go to a few threads of their own
-    (decoding, encoding and copying release the GIL). Every other call first waits for everything
-    queued, images included."""
+    (decoding, encoding and copying release the GIL). Every other call first waits for the opening
+    and everything queued, images included."""
 
     IMAGE_THREADS = 4
 
@@ -36,12 +36,14 @@ class BackgroundTracker:
         self.failed: str | None = None
         """Why tracking stopped: the inner tracker's first error."""
         self._queue: queue.Queue[tuple[Call, bool]] = queue.Queue()
+        self._opened = threading.Event()
         self._images = ThreadPoolExecutor(max_workers=self.IMAGE_THREADS, thread_name_prefix="mlflow-images")
         self._worker = threading.Thread(target=self._drain_forever, args=(open_inner,), name="mlflow", daemon=True)
         self._worker.start()
 
     def wait(self) -> None:
-        """Until everything queued is done."""
+        """Until the inner tracker is open (or could not be) and everything queued is done."""
+        self._opened.wait()
         self._queue.join()
 
     # Queued: the caller goes on at once.
@@ -95,7 +97,7 @@ class BackgroundTracker:
         return self._after_queue(lambda t: t.baselines(experiment, policies))
 
     def _after_queue(self, call: Callable[[Tracker], T]) -> T | None:
-        self._queue.join()
+        self.wait()
         return self._guarded(call)
 
     def _guarded(self, call: Callable[[Tracker], T]) -> T | None:
@@ -114,7 +116,10 @@ class BackgroundTracker:
             return None
 
     def _drain_forever(self, open_inner: Callable[[], Tracker]) -> None:
-        self.inner = open_inner()  # never raises: NullTracker when the store cannot be opened
+        try:
+            self.inner = open_inner()  # never raises: NullTracker when the store cannot be opened
+        finally:
+            self._opened.set()
         while True:
             call, is_image = self._queue.get()
             if is_image:  # the run it goes to is started: the queue is in order
@@ -127,29 +132,38 @@ class BackgroundTracker:
                 self._queue.task_done()
 
 
-def _open_mlflow() -> Tracker:
-    """The MLflow tracker; a store that cannot be opened costs the run its MLflow view, with a
-    warning, never the run itself."""
+def _open_mlflow(seconds: float) -> Tracker:
+    """The MLflow tracker; a store that cannot be opened (a tracking server that does not answer
+    within `seconds`: evals.mlflow_reach) costs the run its MLflow view, with a warning, never the
+    run itself."""
     try:
-        from evals.tracking import MlflowTracker
+        from evals.mlflow_reach import open_mlflow
 
-        return MlflowTracker()
+        return open_mlflow(seconds)
     except Exception as exc:  # noqa: BLE001 - any store failure: the run directory still gets everything
+        from evals.mlflow_reach import MlflowUnavailable
+
+        reason = str(exc) if isinstance(exc, MlflowUnavailable) else f"{type(exc).__name__}: {exc}"
         log.warning(
-            f"MLflow is unavailable ({type(exc).__name__}: {exc}); results go to the run directory "
-            "only; `evals log RUN_DIR` uploads them later"
+            f"MLflow is unavailable ({reason}); results go to the run directory only; "
+            "`evals log RUN_DIR` uploads them later"
         )
         return NullTracker()
 
 
 def open_tracker(enabled: bool) -> BackgroundTracker | NullTracker:
-    """The run's tracker: MLflow, opened by a worker thread while the run goes on, or NullTracker."""
+    """The run's tracker: MLflow, opened by a worker thread while the run goes on, or NullTracker.
+    A bad EVALS_MLFLOW_TIMEOUT is an InputError, raised here, on the caller's thread."""
     return open_mlflow_in_background() if enabled else NullTracker()
 
 
 def open_mlflow_in_background() -> BackgroundTracker:
-    """The MLflow tracker, opened by a worker thread while the caller goes on."""
-    return BackgroundTracker(_open_mlflow)
+    """The MLflow tracker, opened by a worker thread while the caller goes on. A bad
+    EVALS_MLFLOW_TIMEOUT is an InputError, raised here, on the caller's thread."""
+    from evals.mlflow_reach import budget
+
+    seconds = budget()
+    return BackgroundTracker(lambda: _open_mlflow(seconds))
 
 
 def mlflow_tracker(tracker: Tracker) -> MlflowTracker | None:

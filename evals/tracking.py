@@ -1,6 +1,6 @@
 """Experiment tracking through MLflow (the `Tracker` protocol and the null tracker:
 tracker_protocol.py; the tracker a run talks to, on worker threads, and how it is opened:
-background_tracker.py). The only module that imports mlflow.
+background_tracker.py; how long a run waits for a tracking server: mlflow_reach.py).
 
 One experiment per suite; one parent run per `evals run` (reference images, verdict); one nested
 run per candidate policy (its metrics, per-sample table, images, plan). A tracker that fails
