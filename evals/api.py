@@ -187,10 +187,11 @@ def check_output_dirs(request: RunRequest) -> None:
     from evals.cache import CACHE_ENV, default_cache_dir
     from evals.rundir import check_writable_dir
 
-    check_writable_dir(request.runs_dir, "--runs-dir")
+    check_writable_dir(request.runs_dir, f"--runs-dir {request.runs_dir}")
     if request.use_cache:
+        cache = request.cache_dir or default_cache_dir()
         what = "--cache-dir" if request.cache_dir else f"the reference cache (${CACHE_ENV} or the default; --no-cache)"
-        check_writable_dir(request.cache_dir or default_cache_dir(), what)
+        check_writable_dir(cache, f"{what} {cache}")
 
 
 def compile_mode(choice: str, device: str) -> str:

@@ -129,7 +129,10 @@ def candidate_from_checkpoint(model: LoadedModel, path: Path, name: str | None =
     ]
     with path.open("rb") as f:
         given = meta.get("policy_sha256")  # untrusted: used only when it is a sha256 at all
-        digest = given if re.fullmatch(r"[0-9a-f]{64}", str(given)) else hashlib.sha256(f.read(1 << 24)).hexdigest()
+        if given is not None and re.fullmatch(r"[0-9a-f]{64}", given):
+            digest = given
+        else:
+            digest = hashlib.sha256(f.read(1 << 24)).hexdigest()
     components = dict(model.pipeline.components, transformer=transformer)
     # A file's own name is made tame; names from its metadata (untrusted) must already be safe.
     from_metadata = meta.get("policy")

@@ -121,23 +121,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_writable_file(path: Path, option: str) -> None:
-    """InputError unless a .safetensors file can be written at `path`: not a folder, and its nearest
-    existing parent a folder this process may write to (the missing ones are made when it is written).
-    Checked before any work, and nothing is created."""
-    import os
+def check_writable_file(path: Path, option: str, suffix: str | None = ".safetensors") -> None:
+    """InputError unless a file can be written at `path` (named `*suffix`): not a folder, and its
+    folder one this process may write to or create. Checked before any work, and nothing is created."""
+    from evals.rundir import check_writable_dir
 
-    if path.suffix != ".safetensors":
-        raise InputError(f"{option} {path}: expected a .safetensors file name")
+    if suffix and path.suffix != suffix:
+        raise InputError(f"{option} {path}: expected a {suffix} file name")
     if path.is_dir():
         raise InputError(f"{option} {path}: is a directory, expected a file name")
-    for parent in path.absolute().parents:
-        if parent.is_dir():
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise InputError(f"{option} {path}: the directory {parent} is not writable")
-            return
-        if parent.exists() or parent.is_symlink():
-            raise InputError(f"{option} {path}: {parent} is not a directory, so nothing can be written under it")
+    check_writable_dir(path.absolute().parent, f"{option} {path}")
 
 
 def _read_image(path: Path) -> Any:
@@ -282,6 +275,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if setup.cuda_graph and not device.startswith("cuda"):
         raise InputError(f"--cuda-graph: CUDA graphs need a CUDA device, not {device}")
+    from evals.rundir import check_writable_dir
+
+    check_writable_dir(args.runs_dir, f"--runs-dir {args.runs_dir}")  # before minutes of timing, not after
+    if args.json:
+        check_writable_file(args.json, "--json", suffix=None)
     results = run_bench(args.model, args.policy or ["fp8-e4m3-rowwise"], setup, device, args.reference_dtype)
     from evals.environment import environment
 
@@ -296,7 +294,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     write_json(out_dir / "bench.json", report)
     write_atomic(out_dir / "bench.md", bench_markdown(report))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        write_atomic(args.json, json.dumps(report, indent=2) + "\n")
     print(bench_markdown(report))
     print(f"written: {out_dir}/bench.json, bench.md")
     if not args.no_mlflow:

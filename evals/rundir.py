@@ -103,14 +103,14 @@ def load_png(path: Path) -> np.ndarray:
 
 
 def check_writable_dir(path: Path, what: str) -> None:
-    """InputError unless `path` is a directory this process can write, or one it can create (its
-    nearest existing parent is a writable directory). Creates nothing: checked before a run starts,
-    so that a bad option leaves nothing behind."""
+    """InputError (its message starting with `what`, e.g. "--runs-dir runs") unless `path` is a
+    directory this process can write, or one it can create (its nearest existing parent is a writable
+    directory). Creates nothing: checked before any work, so that a bad option leaves nothing behind."""
     for existing in (path, *path.parents):
         if existing.exists() or existing.is_symlink():
             break
     if not existing.is_dir():
         where = "" if existing == path else f" ({existing} is not a directory)"
-        raise InputError(f"{what} {path}: expected a directory{where}")
+        raise InputError(f"{what}: expected a directory{where}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {path}: {existing} is not writable")
+        raise InputError(f"{what}: {existing} is not writable")

@@ -653,7 +653,7 @@ def test_quantize_out_in_a_read_only_directory_is_refused(
     out = locked / "new" / "x.safetensors"
     try:
         args = ["quantize", "fp8-e4m3-rowwise", "--out", str(out)]
-        assert_refused(inputs.parent, capsys, args, f"--out {out}: the directory {locked} is not writable")
+        assert_refused(inputs.parent, capsys, args, f"--out {out}: {locked} is not writable")
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o755)
