@@ -140,6 +140,10 @@ def prepare(request: RunRequest, suite: Suite | None = None) -> Prepared:
 
     suite = suite or load_suite(request.suite)
     check_output_dirs(request)
+    if request.mlflow:
+        from evals.mlflow_reach import budget
+
+        budget()  # a bad EVALS_MLFLOW_TIMEOUT stops the run before the model loads
     for checkpoint in request.candidate_checkpoints:
         path = checkpoint.path
         if path.suffix != ".safetensors" or not path.is_file():
