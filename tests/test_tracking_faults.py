@@ -153,7 +153,7 @@ def test_concurrent_runs_all_land_in_one_new_sqlite_store(tmp_path: Path) -> Non
     ]
     outputs = [p.communicate(timeout=600)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0, 0], outputs
-    assert not any("warning: MLflow" in out for out in outputs)
+    assert not any("warning: MLflow" in out for out in outputs), outputs
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
