@@ -114,9 +114,17 @@ def step_inputs(transformer: Any, setup: BenchSetup, device: str) -> dict[str, t
     }
 
 
+def tensor_bytes(tensor: Any) -> int:
+    """Bytes a tensor holds. A tensor subclass (torchao's quantized weights) reports its original
+    dtype's element size, so its own tensors (quantized data, scales) are counted instead."""
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return int(tensor.numel() * tensor.element_size())
+
+
 def module_gib(module: Any) -> float:
-    tensors = [*module.parameters(), *module.buffers()]
-    return sum(t.numel() * t.element_size() for t in tensors) / GIB
+    return sum(tensor_bytes(t) for t in [*module.parameters(), *module.buffers()]) / GIB
 
 
 def _sync(device: str) -> None:

@@ -92,6 +92,7 @@ def _human_bytes(n: float) -> str:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from evals.candidates import build_candidate
     from evals.models.checkpoints import save_quantized_transformer
+    from evals.models.fp8_spec import TORCHAO
     from evals.models.precision import load_policy
     from evals.models.sources import load_source, resolved_dtype_name
     from evals.suite import load_suite
@@ -99,6 +100,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     policy = load_policy(args.policy)
     check_writable_file(args.out, "--out")
+    if any(spec.backend == TORCHAO for spec in policy.specs()):
+        raise InputError(
+            f"{policy.path}: backend: torchao layers are torchao's own tensors, which `evals quantize` does not "
+            "save; evaluate the policy itself (`evals run --policy ...`)"
+        )
     if policy.needs_calibration and args.suite is None:
         raise InputError(
             f"{policy.path}: static activations are calibrated at a suite's generation settings; pass --suite"

@@ -49,7 +49,8 @@ class ModelLayers:
             policy = dataclasses.replace(
                 policy, components={k: v for k, v in policy.components.items() if k == "transformer"}
             )
-        plan = resolve_plan(policy, components, device=torch.device("cpu"))
+        # The meta device: a file is checked, not this machine (what runs where is a run's question).
+        plan = resolve_plan(policy, components, device=torch.device("meta"))
         return sum(layer.spec is not None for layer in plan)
 
 

@@ -115,7 +115,11 @@ def test_all_shipped_policies_load_and_apply(tiny_model) -> None:
     for name in shipped_policies():
         policy = load_policy(name)
         assert Path(policy.path).read_text().startswith("#"), f"{name}: say what it mirrors in a comment"
-        candidate = build_candidate(tiny_model, policy, GEN)
+        try:
+            candidate = build_candidate(tiny_model, policy, GEN)
+        except InputError as exc:  # only torchao's float8 dynamic recipes may refuse a CPU, and say why
+            assert "torchao's float8 dynamic recipes need a CUDA GPU" in str(exc) and not torch.cuda.is_available()
+            continue
         images = generate(candidate.pipeline, BATCH, GEN)
         assert torch.isfinite(images).all(), name
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evals.models.fp8_spec import ACTIVATIONS, BACKENDS, FORMAT_NAMES, WEIGHT_SCALES, Fp8Spec
+from evals.models.fp8_spec import ACTIVATIONS, BACKENDS, FORMAT_NAMES, TORCHAO, WEIGHT_SCALES, Fp8Spec
 from evals.models.yamlspec import InputError
 
 FORMATS: dict[str, torch.dtype] = {"e4m3fn": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -101,6 +101,13 @@ def scaled_mm_runs(device_type: str, device_index: int | None, fmt: str, out_dty
 
 def resolve_backend(spec: Fp8Spec, shape: tuple[int, int], device: torch.device, compute_dtype: torch.dtype) -> str:
     """The backend that will actually run a layer of this (out, in) shape (recorded in the plan)."""
+    if spec.backend == TORCHAO:
+        from evals.models.torchao_backend import torchao_problem
+
+        problem = torchao_problem(spec, device)
+        if problem:
+            raise InputError(problem)
+        return TORCHAO
     if spec.activations == "none":
         return "weight_only"
     if spec.backend in ("emulated", "weight_only"):
@@ -111,8 +118,8 @@ def resolve_backend(spec: Fp8Spec, shape: tuple[int, int], device: torch.device,
         why_not = "per_block weight scales have no FP8 GEMM kernel here"
     elif in_features % 16 or out_features % 16:
         why_not = f"the GEMM kernels need sides that are multiples of 16, got {shape}"
-    elif device.type == "meta":
-        why_not = "no device to probe"
+    elif device.type == "meta":  # a plan from configs alone: what was asked for
+        return "scaled_mm" if spec.backend == "scaled_mm" else "emulated"
     elif not scaled_mm_runs(device.type, device.index, spec.format, _out_dtype(compute_dtype)):
         why_not = (
             f"torch._scaled_mm does not run {spec.format} on {device} (needs compute capability 8.9+ or the CPU kernel)"

@@ -14,6 +14,29 @@ FORMAT_NAMES: tuple[str, ...] = get_args(Format)
 WEIGHT_SCALES: tuple[str, ...] = get_args(WeightScale)
 ACTIVATIONS: tuple[str, ...] = get_args(Activations)
 BACKENDS: tuple[str, ...] = get_args(Backend)
+"""This project's FP8 engine (`Fp8Linear`): what its layers and checkpoints may say."""
+
+# A policy may also hand layers to another tool's kernels (`backend: torchao`), which adds INT8.
+PolicyFormat = Literal["e4m3fn", "e5m2", "int8"]
+PolicyBackend = Literal["auto", "scaled_mm", "emulated", "weight_only", "torchao"]
+TORCHAO = "torchao"
+TORCHAO_RECIPES: dict[tuple[str, str, str], tuple[str, str | None]] = {
+    ("e4m3fn", "per_channel", "dynamic_per_token"): ("Float8DynamicActivationFloat8WeightConfig", "PerRow"),
+    ("e4m3fn", "per_tensor", "dynamic_per_tensor"): ("Float8DynamicActivationFloat8WeightConfig", "PerTensor"),
+    ("e4m3fn", "per_channel", "none"): ("Float8WeightOnlyConfig", None),
+    ("int8", "per_channel", "dynamic_per_token"): ("Int8DynamicActivationInt8WeightConfig", None),
+    ("int8", "per_channel", "none"): ("Int8WeightOnlyConfig", None),
+}
+"""(format, weights, activations) -> the torchao config class (in `torchao.quantization`) that runs it,
+and its granularity, for `backend: torchao`."""
+
+
+def torchao_recipe_problem(fmt: str, weights: str, activations: str) -> str | None:
+    """Why (format, weights, activations) has no torchao config (None when it has one)."""
+    if (fmt, weights, activations) in TORCHAO_RECIPES:
+        return None
+    known = "; ".join(f"{f}/{w}/{a}" for f, w, a in TORCHAO_RECIPES)
+    return f"torchao runs format/weights/activations {known}, not {fmt}/{weights}/{activations}"
 
 
 @dataclass(frozen=True)

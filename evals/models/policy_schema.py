@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field
 
 from evals.models.calibration_prompts import CALIBRATION_PROMPTS
-from evals.models.fp8_spec import Activations, Backend, Format, WeightScale
+from evals.models.fp8_spec import Activations, PolicyBackend, PolicyFormat, WeightScale
 from evals.models.names import SAFE_NAME, SAFE_NAME_RULE
 from evals.models.yamlspec import MAX_SEED, StrictModel
 
@@ -26,7 +26,9 @@ class Fp8Settings(StrictModel):
     precision: Literal["fp8", "keep"] = Field(
         "fp8", description="fp8, or keep: the layer stays in the component's dtype"
     )
-    format: Format | None = Field(None, description="e4m3fn (max 448, more mantissa) or e5m2 (max 57344, more range)")
+    format: PolicyFormat | None = Field(
+        None, description="e4m3fn (max 448, more mantissa), e5m2 (max 57344, more range), or int8 (backend: torchao)"
+    )
     weights: WeightScale | None = Field(
         None, description="weight scale granularity: per_tensor, per_channel (one per output row) or per_block"
     )
@@ -34,7 +36,9 @@ class Fp8Settings(StrictModel):
         None,
         description="none (weight-only), dynamic_per_tensor, dynamic_per_token, or static (one calibrated scale)",
     )
-    backend: Backend | None = Field(None, description="auto picks the fastest that runs here")
+    backend: PolicyBackend | None = Field(
+        None, description="auto picks the fastest of this project's kernels that runs here; torchao: torchao's"
+    )
     block_size: int | None = Field(
         None,
         ge=1,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from evals.models import policy_schema as schema
-from evals.models.fp8_spec import Fp8Spec
+from evals.models.fp8_spec import TORCHAO, Fp8Spec, torchao_recipe_problem
 from evals.models.yamlspec import Errors, InputError, YamlDoc, did_you_mean, load_yaml, validate
 
 POLICY_DIR = Path(__file__).parent / "policies"
@@ -74,12 +74,16 @@ class PrecisionPolicy:
     calibration: Calibration = Calibration()
     """How static activation scales are calibrated (used only when a layer is `static`)."""
 
-    @property
-    def needs_calibration(self) -> bool:
-        specs = [c.default for c in self.components.values()] + [
+    def specs(self) -> list[Fp8Spec]:
+        """Every layer setting the policy states (its defaults and rules; `keep` left out)."""
+        given = [c.default for c in self.components.values()] + [
             r.spec for c in self.components.values() for r in c.rules
         ]
-        return any(s is not None and s.activations == "static" for s in specs)
+        return [s for s in given if s is not None]
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(s.activations == "static" for s in self.specs())
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,7 @@ class LayerPlan:
     spec: Fp8Spec | None
     """FP8 settings, or None when kept."""
     backend: str
-    """Backend that runs it: scaled_mm, emulated, weight_only, or keep."""
+    """Backend that runs it: scaled_mm, emulated, weight_only, torchao, or keep."""
     bytes_before: int
     """Weight and bias bytes in the component's dtype."""
     bytes_after: int
@@ -121,6 +125,14 @@ def _spec(doc: YamlDoc, given: schema.Fp8Settings, path: tuple[Any, ...], base: 
         )
     if spec.backend == "scaled_mm" and spec.weights == "per_block":
         raise doc.error(path + ("backend",), "per_block weights have no scaled_mm kernel here; use auto or emulated")
+    if spec.backend == TORCHAO:
+        problem = torchao_recipe_problem(spec.format, spec.weights, spec.activations)
+        if problem:
+            raise doc.error(path + ("backend",), problem)
+        if spec.fast_accum:
+            raise doc.error(path + ("fast_accum",), "fast_accum is this project's scaled_mm setting, not torchao's")
+    elif spec.format == "int8":
+        raise doc.error(path + ("format",), "int8 runs on backend: torchao only (this project's engine is FP8)")
     return spec
 
 
@@ -302,8 +314,15 @@ def apply_policy(
         module = copy.deepcopy(module)
         if dtype is not None:
             cast(module, dtype)
+        handed_over = [(layer.name, layer.spec) for layer in layers if layer.backend == TORCHAO]
+        if handed_over:
+            from evals.models.torchao_backend import quantize_layers
+
+            quantize_layers(module, handed_over)  # type: ignore[arg-type]
         for layer in layers:
             assert layer.spec is not None
+            if layer.backend == TORCHAO:
+                continue
             amax = None
             if layer.spec.activations == "static":
                 key = f"{comp_name}.{layer.name}"
