@@ -3,6 +3,7 @@ a harmless change), or a quantized checkpoint file; each a pipeline that shares 
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,7 +80,36 @@ def calibrate(model: LoadedModel, policy: PrecisionPolicy, gen: Generation) -> d
     )
 
 
+def layers_of(transformer: Any, rule: str) -> list[LayerPlan]:
+    """The plan a built transformer shows (a checkpoint's, a factory's): each linear layer with the
+    backend that runs it (this project's FP8 engine, `keep` for a plain layer, else the weight's
+    tensor type, e.g. torchao's `Int8Tensor`) and its stored bytes."""
+    from evals.bench import tensor_bytes
+    from evals.models.fp8 import Fp8Linear
+
+    plan = []
+    for name, m in transformer.named_modules():
+        if isinstance(m, Fp8Linear):
+            spec, backend = m.spec, m.backend
+        elif isinstance(m, torch.nn.Linear):
+            plain = type(m.weight) in (torch.Tensor, torch.nn.Parameter)
+            spec, backend = None, "keep" if plain else type(m.weight).__name__
+        else:
+            continue
+        stored = sum(tensor_bytes(t) for t in [*m.parameters(), *m.buffers()])
+        plan.append(LayerPlan("transformer", name, (m.out_features, m.in_features), rule, spec, backend, 0, stored))
+    return plan
+
+
 def build_candidate(model: LoadedModel, policy: PrecisionPolicy, gen: Generation) -> Candidate:
+    if policy.factory:
+        from evals.models.factories import build_with_factory
+
+        components, digest = build_with_factory(policy.factory, policy.path, model.pipeline)
+        built = _pipeline_with(model, components)
+        sha256 = hashlib.sha256(f"{policy.sha256}:{digest}".encode()).hexdigest()  # a changed build is another
+        plan = layers_of(built.transformer, f"factory {policy.factory}")
+        return Candidate(policy.name, built, sha256, plan, policy_path=policy.path)
     amax = calibrate(model, policy, gen) if policy.needs_calibration else None
     components, plan = apply_policy(policy, model.pipeline.components, amax)
     return Candidate(
@@ -109,10 +139,7 @@ def noise_floor_candidate(model: LoadedModel, change: str) -> Candidate:
 def candidate_from_checkpoint(model: LoadedModel, path: Path, name: str | None = None) -> Candidate:
     """A candidate whose transformer is a quantized checkpoint: ours, or a ComfyUI scaled-FP8 file.
     Named `name`, else after the policy its metadata names, else the file; its baseline is that policy's."""
-    import hashlib
-
     from evals.models.checkpoints import import_comfy_scaled_fp8, is_comfy_scaled_fp8, load_quantized_transformer
-    from evals.models.fp8 import Fp8Linear
 
     reference = model.pipeline.transformer
     device = next(reference.parameters()).device
@@ -120,13 +147,7 @@ def candidate_from_checkpoint(model: LoadedModel, path: Path, name: str | None =
         transformer, meta = import_comfy_scaled_fp8(path, reference, device)
     else:
         transformer, meta = load_quantized_transformer(path, reference, device)
-    plan = [
-        LayerPlan(
-            "transformer", name, (m.out_features, m.in_features), f"checkpoint {path.name}", m.spec, m.backend, 0, 0
-        )
-        for name, m in transformer.named_modules()
-        if isinstance(m, Fp8Linear)
-    ]
+    plan = layers_of(transformer, f"checkpoint {path.name}")
     with path.open("rb") as f:
         given = meta.get("policy_sha256")  # untrusted: used only when it is a sha256 at all
         if given is not None and re.fullmatch(r"[0-9a-f]{64}", given):

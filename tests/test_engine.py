@@ -159,7 +159,7 @@ def test_quantized_checkpoint_round_trip_is_bit_exact(workdir: Path, tiny_model)
             original[key].view(torch.uint8) if value.dtype.itemsize == 1 else original[key],
         ), key
     from_file = candidate_from_checkpoint(tiny_model, path)
-    assert from_file.name == policy.name and from_file.backends == "scaled_mm:85"
+    assert from_file.name == policy.name and from_file.backends == candidate.backends == "keep:7,scaled_mm:85"
     assert torch.equal(generate(from_file.pipeline, BATCH, GEN), generate(candidate.pipeline, BATCH, GEN))
 
 

@@ -20,6 +20,8 @@ MAX_CALIBRATION_SEED = MAX_SEED - (len(CALIBRATION_PROMPTS) - 1)
 MAX_BLOCK_SIZE = 4096  # weight tile side (the usual is 128); a larger tile than a layer is one tile anyway
 
 
+FACTORY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+
 class Fp8Settings(StrictModel):
     """How a layer runs; a key left out is inherited from the component's `default`."""
 
@@ -103,5 +105,11 @@ class PolicyFile(StrictModel):
         description=f"{SAFE_NAME_RULE} characters: it names the candidate's folders, records and MLflow runs",
     )
     description: str = Field("", description="what the policy mirrors")
-    components: Components
+    components: Components | None = Field(None, description="what changes in each component (or `factory`)")
+    factory: str | None = Field(
+        None,
+        pattern=FACTORY_PATTERN,
+        description="`module:function` that builds the candidate from the reference pipeline and returns a "
+        "pipeline or a transformer (an in-house build); instead of `components`",
+    )
     calibration: Calibration = Calibration()

@@ -73,6 +73,8 @@ class PrecisionPolicy:
     """What the policy mirrors."""
     calibration: Calibration = Calibration()
     """How static activation scales are calibrated (used only when a layer is `static`)."""
+    factory: str | None = None
+    """`module:function` that builds the candidate instead (evals.factories); no components then."""
 
     def specs(self) -> list[Fp8Spec]:
         """Every layer setting the policy states (its defaults and rules; `keep` left out)."""
@@ -184,7 +186,10 @@ def load_policy(name_or_path: str) -> PrecisionPolicy:
     errors = Errors()
     if given.name in ("ref", ".", ".."):
         errors.found.append(doc.error(("name",), f"name {given.name!r} is reserved (it names folders)"))
-    components = {name: _component(doc, name, part, errors) for name, part in given.components if part is not None}
+    if (given.components is None) == (given.factory is None):
+        errors.found.append(doc.error((), "a policy has either `components` or a `factory`, not both or neither"))
+    parts = given.components or schema.Components()
+    components = {name: _component(doc, name, part, errors) for name, part in parts if part is not None}
     errors.raise_any()
     canonical = json.dumps(doc.data, sort_keys=True, default=str).encode()
     return PrecisionPolicy(
@@ -194,6 +199,7 @@ def load_policy(name_or_path: str) -> PrecisionPolicy:
         components=components,
         description=given.description,
         calibration=Calibration(prompts=given.calibration.prompts, seed=given.calibration.seed),
+        factory=given.factory,
     )
 
 
