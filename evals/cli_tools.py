@@ -14,19 +14,29 @@ from evals.models.yamlspec import InputError
 
 
 def cmd_policy_explain(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
 
     import torch
 
     from evals.models.precision import load_policy, plan_totals, resolve_plan
-    from evals.models.sources import load_transformer_skeleton
+    from evals.models.sources import is_tiny, load_source, load_transformer_skeleton
     from evals.reports.render import text_table
 
     policy = load_policy(args.policy)
     device = _resolve_device(args.device)
-    transformer = load_transformer_skeleton(args.model, args.dtype, config=args.model_config)
-    plan = resolve_plan(policy, {"transformer": transformer}, device=torch.device(device))
-    module_bytes = sum(p.numel() * p.element_size() for p in transformer.parameters())
+    components = {"transformer": load_transformer_skeleton(args.model, args.dtype, config=args.model_config)}
+    others = [c for c, part in policy.components.items() if c != "transformer" and (part.default or part.rules)]
+    if others and is_tiny(args.model):  # the whole pipeline is small: its text encoders and VAE too
+        pipeline = load_source(args.model, args.dtype, "cpu").pipeline
+        components.update({c: pipeline.components[c] for c in others if pipeline.components.get(c) is not None})
+    unseen = [c for c in others if c not in components]
+    if unseen:
+        print(f"not shown: {', '.join(unseen)} (only the transformer's architecture is loaded for {args.model})")
+    shown = dataclasses.replace(policy, components={k: v for k, v in policy.components.items() if k in components})
+    plan = resolve_plan(shown, components, device=torch.device(device))
+    quantized = sorted({layer.component for layer in plan} | {"transformer"})
+    module_bytes = sum(p.numel() * p.element_size() for c in quantized for p in components[c].parameters())
     totals = plan_totals(plan, module_bytes)
     if args.json:
         out = {
@@ -48,7 +58,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
         )
         rows.append(
             [
-                layer.name,
+                layer.name if layer.component == "transformer" else f"{layer.component}:{layer.name}",
                 f"{layer.shape[0]}x{layer.shape[1]}",
                 "keep" if spec is None else "fp8",
                 "-" if spec is None else spec.format,
@@ -74,7 +84,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
     print(
         f"\n{policy.name} on {args.model} ({args.dtype}, backends for {device}): "
         f"{totals['fp8_layers']}/{totals['linear_layers']} linear layers in FP8, "
-        f"{totals['fp8_param_share']:.1%} of linear parameters; transformer "
+        f"{totals['fp8_param_share']:.1%} of linear parameters; {' + '.join(quantized)} "
         f"{_human_bytes(totals['bytes_before'])} -> {_human_bytes(totals['bytes_after'])} "
         f"(saves {totals['saved_share']:.1%})"
     )
@@ -100,6 +110,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     policy = load_policy(args.policy)
     check_writable_file(args.out, "--out")
+    others = sorted({c for c, part in policy.components.items() if c != "transformer" and (part.default or part.rules)})
+    if others:
+        raise InputError(
+            f"{policy.path}: quantizes {', '.join(others)}; `evals quantize` saves the transformer only, so the "
+            "file would not be this policy's build: evaluate the policy itself (`evals run --policy ...`)"
+        )
     if any(spec.backend == TORCHAO for spec in policy.specs()):
         raise InputError(
             f"{policy.path}: backend: torchao layers are torchao's own tensors, which `evals quantize` does not "

@@ -90,7 +90,7 @@ BAD = [
     ),
     ("activations: dynamic_per_token}", "activations: none, backend: scaled_mm}", "scaled_mm needs quantized", 4),
     ("vae: {dtype: bfloat16}", "vae: {dtype: bf16}", "unknown value 'bf16' (did you mean 'bfloat16'?)", 9),
-    ("vae: {dtype: bfloat16}", "vae: {dtype: bfloat16, rules: []}", "unknown key", 9),
+    ("vae: {dtype: bfloat16}", "vae: {dtype: bfloat16, drop: true}", "unknown key", 9),
     ("vae: {dtype: bfloat16}", "unet: {dtype: bfloat16}", "unknown key", 9),
     ("name: test-policy", "name: ../evil", "must match ^[a-z0-9][a-z0-9_.-]{0,63}$ (lower-case letters", 1),
     ('- {match: "proj_out"', "- {match: 3", "match: expected a string, got int 3 (fnmatch pattern", 8),

@@ -22,6 +22,7 @@ MAX_BLOCK_SIZE = 4096  # weight tile side (the usual is 128); a larger tile than
 
 FACTORY_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 
+
 class Fp8Settings(StrictModel):
     """How a layer runs; a key left out is inherited from the component's `default`."""
 
@@ -60,24 +61,26 @@ class Component(StrictModel):
     dtype: Dtype | None = Field(None, description="the component's dtype; left out: the reference's")
 
 
-class Transformer(Component):
+class Quantizable(Component):
+    """A component whose linear layers the rules may quantize (every component of SD3)."""
+
     default: Fp8Settings | None = Field(None, description="settings of the layers no rule matches; left out: kept")
     rules: list[Rule] = Field(default_factory=list, description="ordered rules, first match wins")
 
 
-class T5(Component):
+class T5(Quantizable):
     drop: bool = Field(False, description="leave T5 out of the candidate (SD3 runs without it)")
 
 
 class Components(StrictModel):
-    """The pipeline's components; one left out stays as the reference has it. FP8 rules apply to the
-    transformer; the others take a dtype."""
+    """The pipeline's components; one left out stays as the reference has it. Each takes a dtype and
+    FP8 rules for its linear layers (the VAE's are its attention projections)."""
 
-    transformer: Transformer | None = None
-    vae: Component | None = None
-    text_encoder: Component | None = None
-    text_encoder_2: Component | None = None
-    text_encoder_3: T5 | None = None
+    transformer: Quantizable | None = None
+    vae: Quantizable | None = None
+    text_encoder: Quantizable | None = Field(None, description="CLIP-L")
+    text_encoder_2: Quantizable | None = Field(None, description="CLIP-G")
+    text_encoder_3: T5 | None = Field(None, description="T5-XXL")
 
 
 class Calibration(StrictModel):

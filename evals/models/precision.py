@@ -24,7 +24,7 @@ from evals.models.yamlspec import Errors, InputError, YamlDoc, did_you_mean, loa
 
 POLICY_DIR = Path(__file__).parent / "policies"
 COMPONENTS = tuple(schema.Components.model_fields)
-QUANTIZABLE = ("transformer",)  # FP8 rules apply to the transformer; other components take a dtype
+QUANTIZABLE = COMPONENTS  # FP8 rules apply to the linear layers of every component
 SPEC_KEYS = ("format", "weights", "activations", "backend", "block_size", "fast_accum")
 """The keys of a `default` or a rule that become Fp8Spec fields."""
 
@@ -143,7 +143,7 @@ def _component(doc: YamlDoc, name: str, given: schema.Component, errors: Errors)
     drop = isinstance(given, schema.T5) and given.drop
     if drop and len(given.model_fields_set) > 1:
         errors.found.append(doc.error(path, "a dropped component takes no other settings"))
-    if not isinstance(given, schema.Transformer):
+    if not isinstance(given, schema.Quantizable):
         return ComponentPolicy(dtype=given.dtype, drop=drop)
     default = None
     if given.default is not None:
@@ -337,7 +337,7 @@ def apply_policy(
                 amax = input_amax[key]
             fp8 = Fp8Linear.from_linear(module.get_submodule(layer.name), layer.spec, layer.backend, amax)
             module.set_submodule(layer.name, fp8)
-        if layers:
+        if layers and comp_name == "transformer":  # the fused paths are the SD3 blocks'
             from evals.models.fp8_block import fuse_fp8_modules
 
             fuse_fp8_modules(module)
