@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from evals.compiling import CompileReport, compile_blocks, explain_failure
+from evals.models.precision import tensor_bytes
 from evals.models.yamlspec import InputError
 
 log = logging.getLogger(__name__)
@@ -112,15 +113,6 @@ def step_inputs(transformer: Any, setup: BenchSetup, device: str) -> dict[str, t
         "pooled_projections": rand(setup.batch, cfg.pooled_projection_dim),
         "timestep": torch.full((setup.batch,), 500.0, device=device, dtype=dtype),
     }
-
-
-def tensor_bytes(tensor: Any) -> int:
-    """Bytes a tensor holds. A tensor subclass (torchao's quantized weights) reports its original
-    dtype's element size, so its own tensors (quantized data, scales) are counted instead."""
-    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
-        names, _ = tensor.__tensor_flatten__()
-        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
-    return int(tensor.numel() * tensor.element_size())
 
 
 def module_gib(module: Any) -> float:

@@ -84,8 +84,8 @@ def layers_of(transformer: Any, rule: str) -> list[LayerPlan]:
     """The plan a built transformer shows (a checkpoint's, a factory's): each linear layer with the
     backend that runs it (this project's FP8 engine, `keep` for a plain layer, else the weight's
     tensor type, e.g. torchao's `Int8Tensor`) and its stored bytes."""
-    from evals.bench import tensor_bytes
     from evals.models.fp8 import Fp8Linear
+    from evals.models.precision import tensor_bytes
 
     plan = []
     for name, m in transformer.named_modules():

@@ -209,6 +209,17 @@ def _linear_layers(module: Any) -> list[tuple[str, Any]]:
     return [(n, m) for n, m in module.named_modules() if isinstance(m, nn.Linear)]
 
 
+def tensor_bytes(tensor: Any) -> int:
+    """Bytes a tensor holds. A tensor subclass (torchao's quantized weights) reports its original
+    dtype's element size, so its own tensors (quantized data, scales) are counted instead."""
+    import torch
+
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return int(tensor.numel() * tensor.element_size())
+
+
 def _layer_bytes(layer: Any, spec: Fp8Spec | None) -> tuple[int, int]:
     weight, bias = layer.weight, layer.bias
     bias_bytes = 0 if bias is None else bias.numel() * bias.element_size()
