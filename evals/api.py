@@ -140,6 +140,10 @@ def prepare(request: RunRequest, suite: Suite | None = None) -> Prepared:
 
     suite = suite or load_suite(request.suite)
     check_output_dirs(request)
+    if request.baseline:
+        from evals.models.names import check_name
+
+        check_name(request.baseline, "--baseline")  # it names a baseline file
     if request.mlflow:
         from evals.mlflow_reach import budget
 
@@ -229,9 +233,6 @@ def build_candidates(
     candidates += [candidate_from_checkpoint(prepared.model, c.path, c.name) for c in checkpoints]
     check_unique_names(candidates)
     if baseline:
-        from evals.models.names import check_name
-
-        check_name(baseline, "--baseline")  # it names a baseline file
         for candidate in candidates:
             candidate.baseline_of = baseline
     if prepared.compile == "blocks":

@@ -47,9 +47,14 @@ def _describe(holder: dict[str, Any]) -> str:
     return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}{since} ({holder.get('command', '?')})"
 
 
-def _open_locked(path: Path) -> int:
-    """An fd of `path` holding its exclusive flock; InputError naming the holder when another has it."""
-    import fcntl
+def _open_locked(path: Path) -> int | None:
+    """An fd of `path` holding its exclusive flock; InputError naming the holder when another has it;
+    None where the system has no flock (Windows): the run goes on unlocked, with a warning."""
+    try:
+        import fcntl
+    except ImportError:
+        log.warning(f"{path.parent}: not locked (no flock on this system); do not resume it twice at once")
+        return None
 
     while True:
         try:
@@ -82,6 +87,9 @@ def lock_run_dir(run_dir: Path) -> Iterator[None]:
     naming this process; a stale lock from a killed process is taken over with a note."""
     path = run_dir / LOCK_FILE
     fd = _open_locked(path)
+    if fd is None:
+        yield
+        return
     try:
         stale = _holder(fd)
         if stale:

@@ -18,11 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from evals.models.names import check_name
+from evals.models.names import USUAL_FILE_MODE, check_name
 from evals.models.yamlspec import InputError
-
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read once, at import: os.umask can only be read by setting it
 
 
 def new_run_dir(runs_root: Path, suite_name: str) -> Path:
@@ -69,7 +66,7 @@ def _renamed_into(path: Path) -> Iterator[Path]:
     rename replaces a link at `path` itself rather than writing through it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it private; the file gets the usual permissions
+    os.fchmod(fd, USUAL_FILE_MODE)  # mkstemp makes it private; the file gets the usual permissions
     os.close(fd)
     tmp = Path(name)
     try:

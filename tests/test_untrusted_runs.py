@@ -260,3 +260,12 @@ def test_concurrent_cache_writers_of_the_same_keys_never_collide(tmp_path: Path,
         failures = list(pool.map(_write_entries, range(4)))
     assert failures == [0, 0, 0, 0]  # and no worker raised (pool.map re-raises)
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "Fp8"])
+def test_a_baseline_name_is_a_file_name_and_checked_first(
+    workdir: Path, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    assert main(["run", SMOKE, "--baseline", name, *FAST]) == 2
+    assert f"--baseline: {name!r} must match" in capsys.readouterr().err
+    assert list(workdir.iterdir()) == []

@@ -22,6 +22,7 @@ import torch
 
 from evals.models.fp8 import FORMATS, Fp8Linear, Fp8Spec, resolve_backend
 from evals.models.fp8_spec import ACTIVATIONS, BACKENDS, FORMAT_NAMES, WEIGHT_SCALES
+from evals.models.names import USUAL_FILE_MODE
 from evals.models.policy_schema import MAX_BLOCK_SIZE
 from evals.models.yamlspec import InputError
 
@@ -37,8 +38,6 @@ SPEC_CHOICES: dict[str, tuple[str, ...]] = {
     "activations": ACTIVATIONS,
     "backend": BACKENDS,
 }
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)  # read once, at import: os.umask can only be read by setting it
 
 
 def save_quantized_transformer(transformer: Any, path: Path, *, policy_name: str, policy_sha256: str) -> None:
@@ -70,7 +69,7 @@ def save_quantized_transformer(transformer: Any, path: Path, *, policy_name: str
         # safetensors writes a private (0600) file; the checkpoint gets the usual permissions
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW)
         try:
-            os.fchmod(fd, 0o666 & ~_UMASK)
+            os.fchmod(fd, USUAL_FILE_MODE)
         finally:
             os.close(fd)
         os.replace(name, path)

@@ -4,13 +4,13 @@ on resume, the command line), they are checked here before they are joined to a 
 
 Lower-case letters, digits, '_', '.', '-', starting with a letter or digit, at most 64 characters:
 no separator, no `..`, no hidden file, and no two names that differ only in case (which would be
-one file on a case-insensitive file system). Imports no torch.
+one file on a case-insensitive file system). Also the mode new files get. Imports no torch.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from pathlib import Path
 
 from evals.models.yamlspec import InputError
 
@@ -38,13 +38,8 @@ def tame_name(text: str) -> str:
     return name or "unnamed"
 
 
-def inside(root: Path, relative: str, what: str) -> Path:
-    """`root / relative` when `relative` stays inside `root` (no absolute path, no `..`, no link
-    leading out); else an InputError naming `what`."""
-    candidate = Path(relative)
-    if candidate.is_absolute() or ".." in candidate.parts:
-        raise InputError(f"{what}: {relative!r} is not a path inside {root}")
-    path = root / candidate
-    if not path.resolve().is_relative_to(root.resolve()):
-        raise InputError(f"{what}: {relative!r} leads out of {root}")
-    return path
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once, at import: os.umask can only be read by setting it
+USUAL_FILE_MODE = 0o666 & ~_UMASK
+"""What a new file gets from the user's umask: a file written through mkstemp (private, 0600)
+is given this before it is renamed into place."""
