@@ -75,13 +75,10 @@ def check_weights_file(path: Path, expected: str) -> None:
     """InputError naming `path` unless it is a readable weights file of float tensors (position ids
     aside); a `.safetensors` file is checked from its header alone, without reading its tensors."""
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError, safe_open
+        from evals.models.safetensors_files import opened_safetensors
 
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
-        except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
-            raise InputError(f"{path}: not a readable safetensors file ({exc}); expected {expected}") from exc
+        with opened_safetensors(path, f"expected {expected}") as f:
+            dtypes = {key: f.get_slice(key).get_dtype() for key in f.keys()}
         if not dtypes:
             raise InputError(f"{path}: holds no tensors, expected {expected}")
         floats = ("F16", "BF16", "F32", "F64")

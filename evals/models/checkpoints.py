@@ -24,6 +24,7 @@ from evals.models.fp8 import FORMATS, Fp8Linear, Fp8Spec, resolve_backend
 from evals.models.fp8_spec import ACTIVATIONS, BACKENDS, FORMAT_NAMES, WEIGHT_SCALES
 from evals.models.names import USUAL_FILE_MODE
 from evals.models.policy_schema import MAX_BLOCK_SIZE
+from evals.models.safetensors_files import opened_safetensors
 from evals.models.yamlspec import InputError
 
 FORMAT_MARKER = "sd35-fp8-gate/quantized-transformer"
@@ -79,18 +80,13 @@ def save_quantized_transformer(transformer: Any, path: Path, *, policy_name: str
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
     if path.suffix != ".safetensors":
         raise InputError(f"{path}: only .safetensors checkpoints are loaded (pickle files can run code)")
     if not path.is_file():
         raise InputError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
-        raise InputError(f"{path}: not a readable safetensors file ({exc})") from exc
+    with opened_safetensors(path) as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     return tensors, metadata
 
 
@@ -271,13 +267,8 @@ def load_quantized_transformer(path: Path, reference: Any, device: torch.device)
 
 
 def is_comfy_scaled_fp8(path: Path) -> bool:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return any(k in (COMFY_MARKER, COMFY_PREFIX + COMFY_MARKER) for k in f.keys())
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable safetensors file ({exc})") from exc
+    with opened_safetensors(path) as f:
+        return any(k in (COMFY_MARKER, COMFY_PREFIX + COMFY_MARKER) for k in f.keys())
 
 
 def import_comfy_scaled_fp8(path: Path, reference: Any, device: torch.device) -> tuple[Any, dict[str, str]]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evals.models.safetensors_files import opened_safetensors
 from evals.models.yamlspec import InputError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -159,13 +160,8 @@ def _first_line(exc: BaseException) -> str:
 
 def _check_safetensors_header(path: Path) -> None:
     """InputError unless `path` is a complete safetensors file (its header only is read: cheap)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
-        raise InputError(f"{path}: not a readable safetensors file ({exc})") from exc
+    with opened_safetensors(path) as f:
+        keys = list(f.keys())
     if not keys:
         raise InputError(f"{path}: holds no tensors; expected an SD3 transformer checkpoint")
 

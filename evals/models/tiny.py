@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from evals.models.safetensors_files import opened_safetensors
+
 TINY_SEED = 0
 TINY_VERSION = "tiny-sd3-v2"  # bump when the configs below change: it is part of the model fingerprint
 WEIGHTS_FILE = Path(__file__).resolve().parent / "weights" / "tiny-sd3.safetensors"
@@ -159,8 +161,6 @@ def weights_sha256(path: Path = WEIGHTS_FILE) -> str:
 def load_trained_components(path: Path = WEIGHTS_FILE) -> dict[str, Any]:
     """The tiny pipeline's components with the trained weights of `path` (float32, eval mode); a
     missing, unreadable or mismatched file is an InputError naming it."""
-    from safetensors import SafetensorError, safe_open
-
     from evals.models.yamlspec import InputError
 
     remedy = (
@@ -169,12 +169,9 @@ def load_trained_components(path: Path = WEIGHTS_FILE) -> dict[str, Any]:
     )
     if not path.is_file():
         raise InputError(f"the tiny model's weights are missing: {path} ({remedy})")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
-        raise InputError(f"{path}: not a readable safetensors file ({exc}); {remedy}") from exc
+    with opened_safetensors(path, remedy) as f:
+        meta = f.metadata() or {}
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
     try:
         factors = (float(meta["vae_shift_factor"]), float(meta["vae_scaling_factor"]))
     except (KeyError, ValueError) as exc:
