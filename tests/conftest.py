@@ -39,3 +39,21 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished light smoke run (16 records), started with relative suite and policy paths from a
+    folder of its own, without MLflow. Tests copy it before changing anything; a resume of a copy
+    starts from another working directory."""
+    from evals.cli import main
+
+    home = tmp_path_factory.mktemp("finished")
+    write(home / "suite.yaml", (TEST_SUITES / "smoke.yaml").read_text())
+    write(home / "policy.yaml", (REPO / "models" / "policies" / "fp8-e4m3-rowwise.yaml").read_text())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(home)
+        patch.setenv("EVALS_CACHE_DIR", str(home / "cache"))
+        assert main(["run", "suite.yaml", "--policy", "policy.yaml", "--no-mlflow", "--no-progress"]) == 0
+    (run_dir,) = (home / "runs").iterdir()
+    return run_dir

@@ -137,21 +137,6 @@ def test_kill_9_mid_run_then_resume(workdir: Path, monkeypatch: pytest.MonkeyPat
     assert scored(records.parent) == scored(whole)
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A finished smoke run, started with relative suite and policy paths from a folder of its own:
-    every resume below starts from another working directory."""
-    home = tmp_path_factory.mktemp("finished")
-    write(home / "suite.yaml", (TEST_SUITES / "smoke.yaml").read_text())
-    write(home / "policy.yaml", (REPO / "models" / "policies" / "fp8-e4m3-rowwise.yaml").read_text())
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(home)
-        patch.setenv("EVALS_CACHE_DIR", str(home / "cache"))
-        assert main(["run", "suite.yaml", "--policy", "policy.yaml", *FAST]) == 0
-    (run_dir,) = (home / "runs").iterdir()
-    return run_dir
-
-
 def record_lines(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
 

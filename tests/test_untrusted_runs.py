@@ -24,17 +24,6 @@ FAST = ["--no-mlflow", "--no-progress"]
 SMOKE = str(TEST_SUITES / "smoke.yaml")
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("finished")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(home)
-        patch.setenv("EVALS_CACHE_DIR", str(home / "cache"))
-        assert main(["run", SMOKE, *FAST]) == 0
-    (run_dir,) = (home / "runs").iterdir()
-    return run_dir
-
-
 def copy_run(finished: Path, where: Path, keep: int = 16) -> Path:
     """The finished run as a run interrupted after `keep` records."""
     run_dir = where / finished.name
