@@ -146,7 +146,10 @@ def test_evals_ui_stops_its_server_with_itself(workdir: Path) -> None:
         with pytest.raises(ProcessLookupError):
             os.killpg(group, 0)  # nothing of the server is left
         with socket.socket() as s:
+            # SO_REUSEADDR: a connection of ours left in TIME_WAIT does not count, a listener still would
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))  # and its port is free
+            s.listen()
     finally:
         if ui.poll() is None:
             ui.kill()
