@@ -9,6 +9,7 @@ pointing at an image that is missing or damaged) are dropped, and their samples 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -119,6 +120,8 @@ def keep_usable_records(run_dir: Path, names: set[str], sample_ids: set[str]) ->
     kept: list[str] = []
     done: set[tuple[str, str]] = set()
     dropped: list[str] = []
+    # Every candidate's record of a sample names the same reference image: check each file once.
+    readable = functools.cache(_readable_png)
     for line_no, raw in enumerate(path.read_bytes().split(b"\n"), 1):
         if not raw.strip():
             continue
@@ -133,7 +136,7 @@ def keep_usable_records(run_dir: Path, names: set[str], sample_ids: set[str]) ->
             dropped.append(f"line {line_no}: {record.policy}/{record.sample_id} is not a sample of this run")
         elif key in done:
             dropped.append(f"line {line_no}: a second record of {record.policy}/{record.sample_id}")
-        elif not (_readable_png(run_dir / record.image) and _readable_png(run_dir / record.reference_image)):
+        elif not (readable(run_dir / record.image) and readable(run_dir / record.reference_image)):
             dropped.append(f"line {line_no}: {record.policy}/{record.sample_id}'s image is missing or damaged")
         else:
             kept.append(line)
