@@ -232,6 +232,9 @@ def build_candidates(
     candidates = [build_candidate(prepared.model, p, prepared.suite.generation) for p in policies]
     candidates += [candidate_from_checkpoint(prepared.model, c.path, c.name) for c in checkpoints]
     check_unique_names(candidates)
+    from evals.suite_guard import guarded_names
+
+    guarded_names(prepared.suite, [c.name for c in candidates])  # a guard naming no candidate stops here
     if baseline:
         for candidate in candidates:
             candidate.baseline_of = baseline

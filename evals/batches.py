@@ -50,4 +50,6 @@ class GeneratedBatch:
     """The cache's PNG files of those images."""
     candidates: list[tuple[Candidate, torch.Tensor, float]] = field(default_factory=list)
     """(candidate, its raw images, seconds per image)."""
+    guard: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    """Guarded candidate name -> what the guard did for each sample of the batch (evals.suite_guard)."""
     notes: list[str] = field(default_factory=list)

@@ -115,7 +115,7 @@ def _drop(gate: GateSpec, actual: float, base: float) -> float:
     if gate.metric:
         worse = base - actual if METRICS[OUTPUTS[gate.metric]].higher_is_better else actual - base
     else:
-        worse = actual - base  # more flagged images, or a higher latency or weights ratio, is worse
+        worse = actual - base  # more flagged or retried images, or a higher latency or weights ratio, is worse
     if gate.baseline and gate.baseline[0] == "max_rel_drop":
         return worse / abs(base) if base else (math.inf if worse > 0 else 0.0)
     return worse
@@ -143,12 +143,14 @@ def evaluate_gate(
         return GateResult(policy, gate, math.nan, False, why)
     if gate.baseline is not None and gate.stat == PER_SAMPLE:
         return _per_sample_gate(policy, gate, records, baseline_samples)
-    kind = "metric" if gate.metric else ("bench" if gate.bench else "detector")
+    if gate.guard and not summary.guard:
+        return GateResult(policy, gate, math.nan, True, f"not evaluated: {policy} is not guarded", evaluated=False)
+    kind = "metric" if gate.metric else "bench" if gate.bench else "guard" if gate.guard else "detector"
     actual = summary.value(kind, gate.subject, gate.stat)
     if math.isnan(actual):
         return GateResult(policy, gate, actual, False, f"{gate.subject} {gate.stat} is NaN (broken or missing)")
     if gate.baseline is not None:
-        key = gate.subject if gate.bench else f"{gate.subject}_{gate.stat}"
+        key = gate.subject if gate.bench or gate.guard else f"{gate.subject}_{gate.stat}"
         base = (baseline or {}).get(key)
         if base is None:
             # A regression gate that silently does not run is the worst failure a gate can have: it

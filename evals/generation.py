@@ -29,10 +29,17 @@ def generate(pipe: Any, batch: list[Sample], gen: Generation) -> torch.Tensor:
         generator=generators,
         output_type="latent",
     ).images
+    return decode_latents(pipe, latents).cpu()
+
+
+@torch.inference_mode()
+def decode_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+    """The VAE decode of SD3 latents as float NCHW on the 0..1 scale, unclamped, on the VAE's device
+    (the pipeline's own post-processing would clamp away Inf)."""
     vae = pipe.vae
     latents = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
     decoded = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-    return (decoded.float() / 2 + 0.5).cpu()
+    return decoded.float() / 2 + 0.5
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

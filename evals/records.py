@@ -19,6 +19,7 @@ from evals.models.yamlspec import InputError
 from evals.suite_types import METRIC_STATS
 
 SCHEMA_VERSION = 1
+GUARD_OUTCOMES = ("passed", "repaired", "failed")
 REFERENCE_FOLDER = "ref"
 """images/ref/ holds the reference images; no candidate may be named so."""
 
@@ -54,9 +55,13 @@ class SampleRecord:
     reference_image: str
     """Reference image, relative to the run directory."""
     seconds_per_image: float
-    """Candidate generation time, batch time divided by batch size."""
+    """Candidate generation time, batch time divided by batch size (a guarded candidate's includes its retries)."""
     schema_version: int = SCHEMA_VERSION
     """Version of this schema."""
+    guard: dict[str, Any] | None = None
+    """What the guard did for the image of a guarded candidate (`evals.guard.ImageOutcome`: tries,
+    outcome passed/repaired/failed, seed and source of the image kept, flagged: why the first was);
+    None when the candidate is not guarded. Added within version 1: older records simply lack it."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -70,6 +75,10 @@ class SampleRecord:
         # A record names files the report and MLflow read: it may name only this run's own images.
         check_name(record.policy, "policy")
         check_name(record.sample_id, "sample_id")
+        if record.guard is not None:
+            tries, outcome = record.guard.get("tries"), record.guard.get("outcome")
+            if type(tries) is not int or tries < 0 or outcome not in GUARD_OUTCOMES:
+                raise ValueError(f"guard {record.guard!r}: expected tries >= 0 and outcome one of {GUARD_OUTCOMES}")
         for key, expected in (
             ("image", image_path(record.policy, record.sample_id)),
             ("reference_image", image_path(REFERENCE_FOLDER, record.sample_id)),
@@ -143,12 +152,32 @@ def metric_stats(values: list[float]) -> dict[str, float]:
     }
 
 
-def detector_stats(flags: list[bool], reference_flags: list[bool] | None = None) -> dict[str, float]:
+def detector_stats(flags: list[bool], reference_flags: list[bool | None] | None = None) -> dict[str, float]:
+    """count and rate of `flags`; with `reference_flags` (None where a sample has no reference image,
+    as in a monitor's unsampled entries) new_count: flagged where the reference is not."""
     count = sum(flags)
     stats = {"count": float(count), "rate": count / len(flags) if flags else math.nan}
     if reference_flags is not None:  # failures the candidate brought, not ones the prompt gives anyway
-        stats["new_count"] = float(sum(f and not r for f, r in zip(flags, reference_flags, strict=True)))
+        pairs = zip(flags, reference_flags, strict=True)
+        stats["new_count"] = float(sum(f and r is False for f, r in pairs))
     return stats
+
+
+def guard_stats(records: list[SampleRecord]) -> dict[str, float]:
+    """retry_rate, failed_after_retry and repaired of the guarded records (empty: none is guarded)."""
+    guarded = [r.guard for r in records if r.guard is not None]
+    if not guarded:
+        return {}
+    return {
+        "retry_rate": sum(g["tries"] > 0 for g in guarded) / len(guarded),
+        "failed_after_retry": float(sum(g["outcome"] == "failed" for g in guarded)),
+        "repaired": float(sum(g["outcome"] == "repaired" for g in guarded)),
+    }
+
+
+def _reference_flag(record: SampleRecord, detector: str) -> bool | None:
+    found = record.reference_detectors.get(detector)
+    return None if found is None else bool(found["flagged"])
 
 
 @dataclass
@@ -165,10 +194,15 @@ class PolicySummary:
     """Mean candidate generation time per image."""
     bench: dict[str, float] = field(default_factory=dict)
     """Bench figures after the run (latency_ratio, weights_ratio, step_ms, ...), when the suite benches."""
+    guard: dict[str, float] = field(default_factory=dict)
+    """A guarded candidate's retry_rate, failed_after_retry (images still flagged after every retry)
+    and repaired (count); empty when it is not guarded."""
 
     def value(self, kind: str, subject: str, stat: str) -> float:
         if kind == "bench":
             return self.bench.get(subject, math.nan)
+        if kind == "guard":
+            return self.guard.get(subject, math.nan)
         table = self.metrics if kind == "metric" else self.detectors
         return table.get(subject, {}).get(stat, math.nan)
 
@@ -178,6 +212,7 @@ class PolicySummary:
         out.update({f"{d}_{s}": v for d, stats in self.detectors.items() for s, v in stats.items()})
         out.update({f"reference_{d}_{s}": v for d, stats in self.reference_detectors.items() for s, v in stats.items()})
         out.update(self.bench)
+        out.update(self.guard)
         out["seconds_per_image"] = self.seconds_per_image
         out["samples"] = float(self.n)
         return out
@@ -197,15 +232,15 @@ def summarize(records: Iterable[SampleRecord]) -> dict[str, PolicySummary]:
             metrics={m: metric_stats([r.metrics[m] for r in recs if m in r.metrics]) for m in metric_names},
             detectors={
                 d: detector_stats(
-                    [bool(r.detectors[d]["flagged"]) for r in recs],
-                    [bool(r.reference_detectors[d]["flagged"]) for r in recs],
+                    [bool(r.detectors[d]["flagged"]) for r in recs], [_reference_flag(r, d) for r in recs]
                 )
                 for d in detector_names
             },
             reference_detectors={
-                d: detector_stats([bool(r.reference_detectors[d]["flagged"]) for r in recs]) for d in detector_names
+                d: detector_stats([f for r in recs if (f := _reference_flag(r, d)) is not None]) for d in detector_names
             },
             seconds_per_image=sum(r.seconds_per_image for r in recs) / len(recs),
+            guard=guard_stats(recs),
         )
     return summaries
 

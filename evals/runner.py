@@ -42,6 +42,7 @@ from evals.records import (
 from evals.run_json import write_run_json
 from evals.rundir import copy_png, save_png, write_atomic, write_json
 from evals.scoring import BatchScorer
+from evals.suite_guard import guard_batch, guarded_names, suite_guard
 from evals.suite_types import Sample, Suite
 from evals.tracker_protocol import Tracker
 
@@ -124,6 +125,8 @@ class SuiteRunner:
         self.done = done  # (policy, sample id) already in records.jsonl: resuming; None for a new run
         self._baselines_found: tuple[dict[str, Any], dict[str, Any]] | None = None
         self.scorer = BatchScorer(suite, self.metrics, device, cache, self._timed)
+        self.guard = suite_guard(suite, model.pipeline)
+        self.guarded = guarded_names(suite, [c.name for c in candidates])
         self.fail_fast: FailFast | None = None
         if fail_fast:
             gated = [c.name for c in candidates if c.noise_floor is None]
@@ -308,6 +311,10 @@ class SuiteRunner:
                         f"{str(exc)[:300]}); `evals run --compile none` runs them eagerly"
                     ) from exc
                 raise
+            if self.guard is not None and cand.name in self.guarded:  # its retries count in its time
+                raw, generated.guard[cand.name] = guard_batch(
+                    self.guard, batch, raw, self.device, self._generate, cand.pipeline
+                )
             generated.candidates.append((cand, raw, (time.perf_counter() - start) / len(batch)))
             advance()
         generated.notes = self.notes[noted:]

@@ -74,6 +74,7 @@ class BatchScorer:
         ref_paths = [image_path(REFERENCE_FOLDER, s.id) for s in batch]
         ref = from_uint8(ref_u8)
         for cand, raw, seconds in generated.candidates:
+            guarded = generated.guard.get(cand.name)
             result.candidate_generated += len(batch)
             cand_u8 = to_uint8(raw)
             with self._timed("metrics"):
@@ -96,6 +97,7 @@ class BatchScorer:
                     image=image_path(cand.name, sample.id),
                     reference_image=ref_paths[i],
                     seconds_per_image=seconds,
+                    guard=guarded[i] if guarded is not None else None,
                 )
                 result.samples.append((cand_u8[i], record))
         return result

@@ -21,6 +21,7 @@ from evals.suite_types import (
     Case,
     GateSpec,
     Generation,
+    GuardSpec,
     Suite,
 )
 
@@ -47,14 +48,18 @@ def _case(doc: YamlDoc, i: int, given: schema.Case, default_seeds: list[int] | N
 def _gate(doc: YamlDoc, i: int, given: schema.Gate, suite: schema.SuiteFile, tags: set[str]) -> GateSpec:
     path = ("gates", i)
     keys = given.model_fields_set
-    if sum(k in keys for k in ("metric", "detector", "bench")) != 1:
-        raise doc.error(path, "a gate names exactly one of 'metric', 'detector' or 'bench'")
-    if given.bench is not None:
+    if sum(k in keys for k in ("metric", "detector", "bench", "guard")) != 1:
+        raise doc.error(path, "a gate names exactly one of 'metric', 'detector', 'bench' or 'guard'")
+    if given.guard is not None:
+        if suite.guard is None:
+            raise doc.error(path + ("guard",), "a guard gate needs the suite's 'guard' section")
+        stats: tuple[str, ...] = ("value",)
+    elif given.bench is not None:
         if suite.bench is None:
             raise doc.error(path + ("bench",), "a bench gate needs the suite's 'bench' section")
         if given.tags:
             raise doc.error(path + ("tags",), "a bench gate measures the transformer, not samples; no 'tags'")
-        stats: tuple[str, ...] = ("value",)
+        stats = ("value",)
     elif given.metric is not None:
         if OUTPUTS[given.metric] not in suite.metrics:
             raise doc.error(
@@ -65,7 +70,7 @@ def _gate(doc: YamlDoc, i: int, given: schema.Gate, suite: schema.SuiteFile, tag
         if given.detector not in suite.detectors:
             raise doc.error(path + ("detector",), f"detector {given.detector!r} is gated but not listed in 'detectors'")
         stats = DETECTOR_STATS
-    if given.stat is None and given.bench is None:
+    if given.stat is None and given.bench is None and given.guard is None:
         raise doc.error(path, "missing required key 'stat'")
     stat = given.stat or "value"
     if stat not in stats:
@@ -96,6 +101,7 @@ def _gate(doc: YamlDoc, i: int, given: schema.Gate, suite: schema.SuiteFile, tag
         metric=given.metric,
         detector=given.detector,
         bench=given.bench,
+        guard=given.guard,
         optional=given.optional,
         severity=given.severity,
         tags=tuple(given.tags),
@@ -113,6 +119,20 @@ def _noise_floor(doc: YamlDoc, given: bool | str, generation: Generation) -> str
             ("noise_floor",), "a batch-composition noise floor needs generation.batch_size >= 2; use float32"
         )
     return change
+
+
+def _guard(doc: YamlDoc, given: schema.Guard | None, detectors: tuple[str, ...]) -> GuardSpec | None:
+    """The `guard` section: its detectors must be the suite's (they share its thresholds and records)."""
+    if given is None:
+        return None
+    names = tuple(given.detectors or detectors)
+    if not names:
+        raise doc.error(("guard",), "a guard needs detectors: list some in 'detectors'")
+    for i, name in enumerate(names):
+        if name not in detectors:
+            raise doc.error(("guard", "detectors", i), f"detector {name!r} is not listed in 'detectors'")
+    candidates = None if given.candidates is None else _unique(doc, given.candidates, ("guard", "candidates"), "names")
+    return GuardSpec(candidates, names, given.on_failure, given.max_tries)
 
 
 def _listed(doc: YamlDoc, key: str, given: StrictModel, listed: tuple[str, ...], where: str) -> list[str]:
@@ -191,6 +211,7 @@ def load_suite(path: str | Path) -> Suite:
     thresholds = errors.attempt(partial(_thresholds, doc, given.detector_thresholds, detectors), None)
     weights = errors.attempt(partial(_weights, doc, given.weights, metrics), None)
     metric_options = errors.attempt(partial(_metric_options, doc, given.metric_options, metrics), None)
+    guard = errors.attempt(partial(_guard, doc, given.guard, detectors), None)
     errors.raise_any()
     canonical = json.dumps(doc.data, sort_keys=True, default=str).encode()
     return Suite(
@@ -214,4 +235,5 @@ def load_suite(path: str | Path) -> Suite:
         description=given.description,
         baselines=given.baselines or None,
         tags=tuple(sorted(tags)),
+        guard=guard,
     )

@@ -17,6 +17,8 @@ from evals.suite_types import (
     CASE_ID,
     COMPILE_CHOICES,
     DETECTOR_STATS,
+    GUARD_FALLBACKS,
+    GUARD_FIGURES,
     METRIC_STATS,
     OPS,
     PER_SAMPLE,
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
     ReferenceDtype: TypeAlias = str
     CompileChoice: TypeAlias = str
     BenchFigure: TypeAlias = str
+    GuardFigure: TypeAlias = str
+    GuardFallback: TypeAlias = str
 else:  # the registries decide the names a suite may use
     MetricName = Literal[tuple(METRICS)]
     DetectorName = Literal[tuple(DETECTORS)]
@@ -42,6 +46,8 @@ else:  # the registries decide the names a suite may use
     ReferenceDtype = Literal[REFERENCE_DTYPES]
     CompileChoice = Literal[COMPILE_CHOICES]
     BenchFigure = Literal[BENCH_FIGURES]
+    GuardFigure = Literal[GUARD_FIGURES]
+    GuardFallback = Literal[GUARD_FALLBACKS]
 
 # Upper bounds no real suite comes near; past them a value is a typo that would crash or hang a run.
 MAX_SIDE = 8192  # pixels a side (SD3.5 is trained at about 1 megapixel, 1024 a side)
@@ -51,6 +57,7 @@ MAX_BATCH = 1024  # images per pipeline call, and the bench's transformer batch
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens: the SD3 pipelines refuse more
 MAX_BENCH_WARMUP = 100  # untimed bench calls (default 3)
 MAX_BENCH_ITERS = 1000  # timed bench steps (default 10)
+MAX_GUARD_TRIES = 10  # retries of one flagged image: past a few, the build is broken, not unlucky
 # Each detector threshold's range. Luma, amplitudes and shares are on the 0..1 scale; z is a
 # consistency score (defaults 6.5); a period is in pixels. tests/test_schemas.py checks every
 # threshold of every registered detector has one.
@@ -114,11 +121,14 @@ class BaselineLimit(StrictModel):
 
 
 class Gate(StrictModel):
-    """One of metric, detector or bench; a threshold (`op`, `value`) or a `baseline` limit."""
+    """One of metric, detector, bench or guard; a threshold (`op`, `value`) or a `baseline` limit."""
 
     metric: GatedMetric | None = Field(None, description="a metric output, e.g. psnr, ssim, lpips, clip_score_delta")
     detector: DetectorName | None = Field(None, description="a detector listed in `detectors`")
     bench: BenchFigure | None = Field(None, description="a figure of the suite's `bench` section")
+    guard: GuardFigure | None = Field(
+        None, description="a guarded candidate's retry_rate (share of images made again) or failed_after_retry (count)"
+    )
     stat: Stat | None = Field(
         None, description="metrics: mean, median, min, max, p05, p95 (per_sample with a baseline); detectors: "
         "count, rate, new_count"
@@ -159,6 +169,22 @@ class Bench(StrictModel):
     )
     compile: Literal["blocks", "none"] | None = None
     cuda_graph: bool | None = None
+
+
+class Guard(StrictModel):
+    """Run candidates through the guard (evals.guard): an image a detector flags is made again."""
+
+    candidates: list[str] | None = Field(
+        None, min_length=1, description="candidate names to guard (default: every candidate)"
+    )
+    detectors: list[DetectorName] | None = Field(
+        None, min_length=1, description="detectors that flag an image, listed in `detectors` (default: all of those)"
+    )
+    on_failure: GuardFallback = Field(
+        "reference", description="reference: the reference makes it again (same seed first); reseed: the candidate, "
+        "with a new seed"
+    )  # fmt: skip
+    max_tries: int = Field(1, ge=1, le=MAX_GUARD_TRIES, description=f"retries per image, 1 to {MAX_GUARD_TRIES}")
 
 
 def _threshold_field(default: Any, bounds: tuple[float, float] | None) -> tuple[Any, Any]:
@@ -220,6 +246,7 @@ class SuiteFile(StrictModel):
         False, description="also run a candidate that changes only batch composition (true, batch) or float32"
     )
     bench: Bench | None = None
+    guard: Guard | None = None
     compile: CompileChoice = "auto"
     baselines: str | None = Field(None, description="folder of committed baselines (default: beside the suite)")
     gates: list[Gate]

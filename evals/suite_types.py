@@ -14,6 +14,8 @@ PER_SAMPLE = "per_sample"
 DETECTOR_STATS = ("count", "rate", "new_count")  # new_count: flagged where the reference is not
 COMPILE_CHOICES = ("auto", "none", "blocks")  # `compile:` of a suite, `evals run --compile`
 BENCH_FIGURES = ("latency_ratio", "weights_ratio")  # candidate / reference, from the suite's `bench`
+GUARD_FIGURES = ("retry_rate", "failed_after_retry")  # of a guarded candidate (the suite's `guard`)
+GUARD_FALLBACKS = ("reference", "reseed")  # what makes a flagged image again
 OPS = (">=", "<=", ">", "<", "==", "!=")
 REFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Image sides must divide into whole latent patches: SD3's VAE scale (8) times its patch size (2).
@@ -76,6 +78,8 @@ class GateSpec:
     """Detector gated on."""
     bench: str | None = None
     """Bench figure gated on (latency_ratio, weights_ratio; stat `value`), measured after the run."""
+    guard: str | None = None
+    """Guard figure gated on (retry_rate, failed_after_retry; stat `value`), of a guarded candidate."""
     optional: bool = False
     """When the metric cannot be computed here (weights absent), show the gate as not evaluated
     instead of failing it."""
@@ -89,7 +93,7 @@ class GateSpec:
 
     @property
     def subject(self) -> str:
-        return self.metric or self.detector or self.bench or "?"
+        return self.metric or self.detector or self.bench or self.guard or "?"
 
     def describe(self) -> str:
         where = f" [tags {','.join(self.tags)}]" if self.tags else ""
@@ -97,6 +101,21 @@ class GateSpec:
             kind, limit = self.baseline
             return f"{self.subject} {self.stat} {kind.replace('_', ' ')} {limit:g} vs baseline{where}"
         return f"{self.subject} {self.stat} {self.op} {self.value:g}{where}"
+
+
+@dataclass(frozen=True)
+class GuardSpec:
+    """The suite's `guard`: candidates whose flagged images are made again (evals.guard)."""
+
+    candidates: tuple[str, ...] | None
+    """Candidate names to guard; None: every candidate but the noise floor."""
+    detectors: tuple[str, ...]
+    """Detectors that flag an image (listed in the suite's `detectors`, with its thresholds)."""
+    on_failure: str = "reference"
+    """`reference`: the reference pipeline makes the image again (same seed first); `reseed`: the
+    candidate itself, with a new seed."""
+    max_tries: int = 1
+    """Retries per flagged image at most."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +164,8 @@ class Suite:
     instead of the suite's batches) or `float32` (the reference recomputed in float32); None: off."""
     tags: tuple[str, ...] = field(default=())
     """Union of case tags, for reports."""
+    guard: GuardSpec | None = None
+    """Guarded candidates (`guard` gates); None: no guard."""
 
     def samples(self) -> list[Sample]:
         return [Sample(case, seed) for case in self.cases for seed in case.seeds]
