@@ -16,11 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention import JointTransformerBlock
 from torch import nn
 
 from evals.models import fp8_kernels
+from evals.models.attention import attend
 from evals.models.fp8 import FORMATS
 from evals.models.fp8_feedforward import Fp8GeluFeedForward, fuse_feed_forwards, per_token_gemm
 
@@ -125,7 +125,7 @@ def joint_attention(
         query = torch.cat([query, project(attn.add_q_proj, context, attn.norm_added_q)], dim=2)
         key = torch.cat([key, project(attn.add_k_proj, context, attn.norm_added_k)], dim=2)
         value = torch.cat([value, project(attn.add_v_proj, context, None)], dim=2)
-    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+    out = attend(attn, query, key, value)
 
     def output(linear: Any, heads_out: torch.Tensor) -> torch.Tensor:
         rows = fp8_kernels.quantize_heads(heads_out, FORMATS[linear.spec.format])

@@ -68,6 +68,31 @@ class Quantizable(Component):
     rules: list[Rule] = Field(default_factory=list, description="ordered rules, first match wins")
 
 
+AttentionPrecision = Literal["bf16", "fp8", "int8"]
+ATTENTION_HELP = (
+    "bf16: diffusers' attention in the transformer's dtype; int8: SageAttention's smoothed INT8 Q·Kᵀ; "
+    "fp8: e4m3 Q, K, V and P (emulated: quality only)"
+)
+
+
+class AttentionRule(StrictModel):
+    """An attention rule: the first whose pattern matches an attention module's name decides it."""
+
+    match: str = Field(description="fnmatch pattern on the attention module's name, e.g. transformer_blocks.1?.attn")
+    precision: AttentionPrecision = Field(description=ATTENTION_HELP)
+
+
+class Attention(StrictModel):
+    """The precision of the joint attention product (Q·Kᵀ, softmax, P·V) of each transformer block."""
+
+    default: AttentionPrecision = Field("bf16", description=ATTENTION_HELP)
+    rules: list[AttentionRule] = Field(default_factory=list, description="ordered rules, first match wins")
+
+
+class Transformer(Quantizable):
+    attention: Attention | None = Field(None, description="attention precision per block; left out: bf16")
+
+
 class T5(Quantizable):
     drop: bool = Field(False, description="leave T5 out of the candidate (SD3 runs without it)")
 
@@ -76,7 +101,7 @@ class Components(StrictModel):
     """The pipeline's components; one left out stays as the reference has it. Each takes a dtype and
     FP8 rules for its linear layers (the VAE's are its attention projections)."""
 
-    transformer: Quantizable | None = None
+    transformer: Transformer | None = None
     vae: Quantizable | None = None
     text_encoder: Quantizable | None = Field(None, description="CLIP-L")
     text_encoder_2: Quantizable | None = Field(None, description="CLIP-G")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from evals.models import policy_schema as schema
+from evals.models.attention_policy import AttentionPolicy, parse_attention, resolve_attention
 from evals.models.fp8_spec import TORCHAO, Fp8Spec, torchao_recipe_problem
 from evals.models.yamlspec import Errors, InputError, YamlDoc, did_you_mean, load_yaml, validate
 
@@ -49,6 +50,8 @@ class ComponentPolicy:
     """Ordered rules, first match wins."""
     drop: bool = False
     """Leave the component out of the candidate (T5 only)."""
+    attention: AttentionPolicy | None = None
+    """The attention product's precision per block (transformer only); None: bf16 everywhere."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,12 @@ def _component(doc: YamlDoc, name: str, given: schema.Component, errors: Errors)
             return Rule(rule.match, _spec(doc, rule, rule_path, base), doc.line(rule_path))
 
         rules.append(errors.attempt(parse, None))
-    return ComponentPolicy(dtype=given.dtype, default=default, rules=tuple(r for r in rules if r), drop=drop)
+    attention = None
+    if isinstance(given, schema.Transformer) and given.attention is not None:
+        attention = parse_attention(doc, given.attention, path + ("attention",))
+    return ComponentPolicy(
+        dtype=given.dtype, default=default, rules=tuple(r for r in rules if r), drop=drop, attention=attention
+    )
 
 
 def policy_path(name_or_path: str) -> Path:
@@ -326,7 +334,10 @@ def apply_policy(
         module = components.get(comp_name)
         layers = [layer for layer in plan if layer.component == comp_name and layer.spec is not None]
         dtype = getattr(torch, comp_policy.dtype) if comp_policy.dtype else None
-        if module is None or (not layers and (dtype is None or module.dtype == dtype)):
+        attention = comp_policy.attention
+        attention_plan = resolve_attention(attention, module, policy.path) if attention and module else []
+        changes_attention = any(entry.precision != "bf16" for entry in attention_plan)
+        if module is None or (not layers and not changes_attention and (dtype is None or module.dtype == dtype)):
             continue
         module = copy.deepcopy(module)
         if dtype is not None:
@@ -352,6 +363,10 @@ def apply_policy(
             from evals.models.fp8_block import fuse_fp8_modules
 
             fuse_fp8_modules(module)
+        if changes_attention:
+            from evals.models.attention import set_attention_precision
+
+            set_attention_precision(module, {entry.name: entry.precision for entry in attention_plan})
         out[comp_name] = module
     _cast_transformer_inputs_if_mixed(out, components)
     return out, plan
