@@ -80,8 +80,8 @@ def calibrate(model: LoadedModel, policy: PrecisionPolicy, gen: Generation) -> d
     )
 
 
-def layers_of(transformer: Any, rule: str) -> list[LayerPlan]:
-    """The plan a built transformer shows (a checkpoint's, a factory's): each linear layer with the
+def layers_of(transformer: Any, rule: str, component: str = "transformer") -> list[LayerPlan]:
+    """The plan a built component shows (a checkpoint's, a factory's): each linear layer with the
     backend that runs it (this project's FP8 engine, `keep` for a plain layer, else the weight's
     tensor type, e.g. torchao's `Int8Tensor`) and its stored bytes."""
     from evals.models.fp8 import Fp8Linear
@@ -97,7 +97,7 @@ def layers_of(transformer: Any, rule: str) -> list[LayerPlan]:
         else:
             continue
         stored = sum(tensor_bytes(t) for t in [*m.parameters(), *m.buffers()])
-        plan.append(LayerPlan("transformer", name, (m.out_features, m.in_features), rule, spec, backend, 0, stored))
+        plan.append(LayerPlan(component, name, (m.out_features, m.in_features), rule, spec, backend, 0, stored))
     return plan
 
 
@@ -137,24 +137,22 @@ def noise_floor_candidate(model: LoadedModel, change: str) -> Candidate:
 
 
 def candidate_from_checkpoint(model: LoadedModel, path: Path, name: str | None = None) -> Candidate:
-    """A candidate whose transformer is a quantized checkpoint: ours, or a ComfyUI scaled-FP8 file.
-    Named `name`, else after the policy its metadata names, else the file; its baseline is that policy's."""
-    from evals.models.checkpoints import import_comfy_scaled_fp8, is_comfy_scaled_fp8, load_quantized_transformer
+    """A candidate built from a quantized checkpoint: ours (the transformer, or every component a
+    policy changed), or a ComfyUI-style FP8 file (its transformer and text encoders). Named `name`,
+    else after the policy its metadata names, else the file; its baseline is that policy's."""
+    from evals.models.checkpoints import load_checkpoint
 
-    reference = model.pipeline.transformer
-    device = next(reference.parameters()).device
-    if path.suffix == ".safetensors" and path.is_file() and is_comfy_scaled_fp8(path):
-        transformer, meta = import_comfy_scaled_fp8(path, reference, device)
-    else:
-        transformer, meta = load_quantized_transformer(path, reference, device)
-    plan = layers_of(transformer, f"checkpoint {path.name}")
+    device = next(model.pipeline.transformer.parameters()).device
+    loaded = load_checkpoint(path, model.pipeline.components, device)
+    meta = loaded.metadata
+    plan = [layer for c in loaded.read for layer in layers_of(loaded.components[c], f"checkpoint {path.name}", c)]
     with path.open("rb") as f:
         given = meta.get("policy_sha256")  # untrusted: used only when it is a sha256 at all
         if given is not None and re.fullmatch(r"[0-9a-f]{64}", given):
             digest = given
         else:
             digest = hashlib.sha256(f.read(1 << 24)).hexdigest()
-    components = dict(model.pipeline.components, transformer=transformer)
+    components = dict(model.pipeline.components, **loaded.components)
     # A file's own name is made tame; names from its metadata (untrusted) must already be safe.
     from_metadata = meta.get("policy")
     if from_metadata is None:

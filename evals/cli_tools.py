@@ -101,7 +101,7 @@ def _human_bytes(n: float) -> str:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from evals.candidates import build_candidate
-    from evals.models.checkpoints import save_quantized_transformer
+    from evals.models.checkpoints import save_policy_build
     from evals.models.fp8_spec import TORCHAO
     from evals.models.precision import load_policy
     from evals.models.sources import load_source, resolved_dtype_name
@@ -110,11 +110,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     policy = load_policy(args.policy)
     check_writable_file(args.out, "--out")
-    others = sorted({c for c, part in policy.components.items() if c != "transformer" and (part.default or part.rules)})
-    if others:
+    if policy.factory:
         raise InputError(
-            f"{policy.path}: quantizes {', '.join(others)}; `evals quantize` saves the transformer only, so the "
-            "file would not be this policy's build: evaluate the policy itself (`evals run --policy ...`)"
+            f"{policy.path}: factory: builds the candidate in Python, which `evals quantize` does not save; "
+            "evaluate the policy itself (`evals run --policy ...`)"
         )
     if any(spec.backend == TORCHAO for spec in policy.specs()):
         raise InputError(
@@ -131,15 +130,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     dtype = resolved_dtype_name(args.reference_dtype, device)
     model = load_source(args.model, dtype, device, config=args.model_config, drop_t5=args.no_t5)
     candidate = build_candidate(model, policy, generation)
-    if not any(layer.component == "transformer" and layer.spec is not None for layer in candidate.plan):
-        raise InputError(f"{policy.path}: quantizes no layer of the transformer: there is nothing to save")
-    try:
-        save_quantized_transformer(
-            candidate.pipeline.transformer, args.out, policy_name=policy.name, policy_sha256=policy.sha256
+    foreign = sorted({layer.backend for layer in candidate.plan} - {"keep", "scaled_mm", "emulated", "weight_only"})
+    if foreign:  # another tool's tensors (a build not made by this project's engine)
+        raise InputError(
+            f"{policy.path}: layers run by {', '.join(foreign)}, which `evals quantize` does not save; "
+            "evaluate the policy itself (`evals run --policy ...`)"
         )
+    try:
+        saved = save_policy_build(policy, candidate.pipeline.components, model.pipeline.components, args.out)
     except OSError as exc:  # the disk filled up, the folder went away: nothing is left behind
         raise InputError(f"--out {args.out}: cannot write it ({exc})") from exc
-    print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes; layers {candidate.backends})")
+    print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes; {' + '.join(saved)}; layers {candidate.backends})")
     return 0
 
 

@@ -184,6 +184,12 @@ class Fp8Linear(nn.Module):
         s = self.spec
         return f"{self.in_features}->{self.out_features}, {s.format}, w={s.weights}, a={s.activations}, {self.backend}"
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weight as the layer computes with it, in its compute dtype: models that read a
+        layer's `.weight` (transformers' T5 casts its FFN input to `wo.weight.dtype`) keep working."""
+        return self.dequantized_weight(self.compute_dtype)
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         block = self.spec.block_size if self.spec.weights == "per_block" else None
         return dequantize(self.weight_fp8, self.weight_scale, dtype, block)
