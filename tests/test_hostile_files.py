@@ -363,6 +363,115 @@ def test_the_valid_comfy_file_still_imports(tmp_path: Path, comfy: Tensors, tiny
     assert len(candidate_from_checkpoint(tiny_model, path).plan) == 92
 
 
+# --- ComfyUI all-in-one files with text encoders ---------------------------------------------------
+
+CLIP_L = "text_encoders.clip_l.transformer."
+CLIP_G = "text_encoders.clip_g.transformer."
+Q_PROJ = f"{CLIP_L}text_model.encoder.layers.0.self_attn.q_proj"  # a scaled FP8 layer of CLIP-L
+
+
+@pytest.fixture(scope="module")
+def comfy_clips(comfy: Tensors, tiny_model) -> Tensors:
+    """The ComfyUI file above with CLIP-L in scaled FP8 (its marker, `scale_weight` per linear) and
+    CLIP-G in float16 beside the transformer, as ComfyUI's all-in-one files carry them."""
+    out = dict(comfy)
+    out[f"{CLIP_L}scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    clip_l = tiny_model.pipeline.text_encoder
+    linears = {n for n, m in clip_l.named_modules() if isinstance(m, torch.nn.Linear)}
+    for key, value in clip_l.state_dict().items():
+        if key.endswith(".weight") and key.removesuffix(".weight") in linears:
+            q, scale = quantize(value.detach(), "e4m3fn", per_row=False)
+            out[CLIP_L + key], out[f"{CLIP_L}{key.removesuffix('.weight')}.scale_weight"] = q, scale.reshape(())
+        else:
+            out[CLIP_L + key] = value.detach().clone()
+    out.update({CLIP_G + k: v.detach().half() for k, v in tiny_model.pipeline.text_encoder_2.state_dict().items()})
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+COMFY_CLIP_CASES: list[tuple[str, Callable[[Tensors], None], str]] = [
+    (
+        "clip scale misshapen",
+        lambda t: t.update({f"{Q_PROJ}.scale_weight": torch.ones(3)}),
+        f"{Q_PROJ}.scale_weight has shape (3,), expected one per-tensor scale",
+    ),
+    (
+        "clip scale missing",
+        lambda t: t.pop(f"{Q_PROJ}.scale_weight"),
+        f"{Q_PROJ}.weight is FP8 but {Q_PROJ}.scale_weight is missing",
+    ),
+    (
+        "clip scale on a float16 weight",
+        lambda t: t.update({f"{CLIP_G}text_model.encoder.layers.0.mlp.fc1.scale_weight": torch.tensor(1.0)}),
+        f"{CLIP_G}text_model.encoder.layers.0.mlp.fc1 has FP8 scales but its weight is stored as float16",
+    ),
+    (
+        "clip norm int8",
+        lambda t: t.update({f"{CLIP_G}text_model.final_layer_norm.weight": torch.zeros(64, dtype=torch.int8)}),
+        f"{CLIP_G}text_model.final_layer_norm.weight is stored as int8, expected float32",
+    ),
+    (
+        "clip weight misshapen",
+        lambda t: t.update({f"{CLIP_G}text_model.encoder.layers.0.mlp.fc1.bias": torch.zeros(3)}),
+        f"{CLIP_G}text_model.encoder.layers.0.mlp.fc1.bias has shape (3,), expected",
+    ),
+    (
+        "clip tensor missing",
+        lambda t: t.pop(f"{CLIP_G}text_model.final_layer_norm.bias"),
+        f"does not fit this model's text_encoder_2 (missing ['{CLIP_G}text_model.final_layer_norm.bias']",
+    ),
+    (
+        "clip tensor unexpected",
+        lambda t: t.update({f"{CLIP_L}text_model.extra.weight": torch.zeros(2)}),
+        f"unexpected ['{CLIP_L}text_model.extra.weight']",
+    ),
+    (
+        "unknown text encoder",
+        lambda t: t.update({"text_encoders.llama.transformer.x": torch.zeros(1)}),
+        "text_encoders.llama.transformer.x is not a key of ComfyUI's SD3 text encoders",
+    ),
+    (
+        "T5 on a model without T5",
+        lambda t: t.update({"text_encoders.t5xxl.transformer.encoder.final_layer_norm.weight": torch.ones(8)}),
+        "carries T5-XXL (text_encoder_3), which this model does not have (it was loaded with --no-t5?)",
+    ),
+]
+COMFY_CLIP_CLI = {"clip scale missing", "clip tensor missing", "T5 on a model without T5"}
+
+
+@pytest.mark.parametrize(("case", "mutate", "message"), COMFY_CLIP_CASES, ids=[c[0] for c in COMFY_CLIP_CASES])
+def test_a_broken_comfy_file_with_text_encoders_is_refused(
+    inputs: Path,
+    capsys: pytest.CaptureFixture[str],
+    comfy_clips: Tensors,
+    tiny_model,
+    case: str,
+    mutate: Callable[[Tensors], None],
+    message: str,
+) -> None:
+    from evals.candidates import candidate_from_checkpoint
+
+    tensors = dict(comfy_clips)
+    mutate(tensors)
+    bad = inputs / "sd3.5_fp8_scaled.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(bad))
+    args = run_args("--candidate-checkpoint", str(bad))
+    load = lambda: candidate_from_checkpoint(tiny_model, bad)  # noqa: E731
+    check_refused(case in COMFY_CLIP_CLI, inputs.parent, capsys, args, load, f"{bad}: ", message)
+
+
+def test_the_valid_comfy_file_with_text_encoders_imports(tmp_path: Path, comfy_clips: Tensors, tiny_model) -> None:
+    from evals.candidates import candidate_from_checkpoint
+
+    path = tmp_path / "sd3.5_fp8_scaled.safetensors"
+    save_file(comfy_clips, str(path))
+    plan = candidate_from_checkpoint(tiny_model, path).plan
+    assert {c: sum(p.component == c for p in plan) for c in ("transformer", "text_encoder", "text_encoder_2")} == {
+        "transformer": 92,
+        "text_encoder": 25,
+        "text_encoder_2": 25,
+    }
+
+
 # --- a single-file model ---------------------------------------------------------------------------
 
 
