@@ -195,6 +195,9 @@ def _parser() -> argparse.ArgumentParser:
     from evals.schemas import add_schema_command
 
     add_schema_command(sub)
+    from evals.cli_monitor import add_monitor_command
+
+    add_monitor_command(sub)
     return parser
 
 
