@@ -12,11 +12,13 @@ from typing import Any
 from evals.api import Prepared, RunRequest, execute, prepare
 from evals.background_tracker import mlflow_tracker
 from evals.metrics import METRICS, OUTPUTS
+from evals.models.attention_policy import AttentionPolicy
 from evals.models.fp8 import Fp8Spec
 from evals.models.precision import PrecisionPolicy, load_policy
 from evals.models.yamlspec import InputError
 from evals.rundir import new_run_dir, write_atomic
 from evals.sensitivity import (
+    PRODUCT,
     Group,
     GroupSensitivity,
     SwitchableCandidate,
@@ -101,9 +103,21 @@ def _spec_yaml(spec: Fp8Spec | None) -> str:
 
 
 def _patterns(group: Group, by: str) -> list[str]:
-    if by == "block" and group.name.startswith("transformer_blocks."):
+    """Keep-rules for the group's linear layers (its attention products are kept by attention rules)."""
+    linear = [m for m in group.modules if not m.endswith(PRODUCT)]
+    if by == "block" and group.name.startswith("transformer_blocks.") and linear:
         return [f"{group.name}.*"]
-    return list(group.modules)
+    return linear
+
+
+def _attention_yaml(attention: AttentionPolicy | None, kept: list[str]) -> list[str]:
+    """The start policy's attention section with the kept attention products in bf16 first."""
+    if attention is None:
+        return []
+    lines = ["    attention:", f"      default: {attention.default}", "      rules:"]
+    lines += [f'        - {{match: "{name}", precision: bf16}}  # kept' for name in kept]
+    lines += [f'        - {{match: "{rule.match}", precision: {rule.precision}}}' for rule in attention.rules]
+    return lines if len(lines) > 3 else lines[:2]
 
 
 def policy_yaml(
@@ -136,16 +150,18 @@ def policy_yaml(
         "components:",
         "  transformer:",
         f"    default: {_spec_yaml(transformer.default)}",
-        "    rules:",
     ]
-    for row in kept:
-        for pattern in _patterns(groups[row.group], by):
-            lines.append(f'      - {{match: "{pattern}", precision: keep}}  # {row.group}')
-    for rule in transformer.rules:
-        spec = _spec_yaml(rule.spec)
-        lines.append(f'      - {{match: "{rule.match}", ' + spec[1:])
+    rules = [
+        f'      - {{match: "{pattern}", precision: keep}}  # {row.group}'
+        for row in kept
+        for pattern in _patterns(groups[row.group], by)
+    ]
+    rules += [f'      - {{match: "{rule.match}", ' + _spec_yaml(rule.spec)[1:] for rule in transformer.rules]
+    lines += ["    rules:", *rules] if rules else []
     if transformer.dtype:
         lines.append(f"    dtype: {transformer.dtype}")
+    kept_products = [m for row in kept for m in groups[row.group].modules if m.endswith(PRODUCT)]
+    lines += _attention_yaml(transformer.attention, [m.removesuffix(PRODUCT) for m in kept_products])
     for comp, cp in start.components.items():
         if comp == "transformer":
             continue

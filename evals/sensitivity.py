@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from evals.candidates import Candidate, _pipeline_with
+from evals.models.attention import QuantizedJointAttnProcessor
+from evals.models.attention_policy import resolve_attention
 from evals.models.fp8 import Fp8Linear
 from evals.models.precision import LayerPlan, PrecisionPolicy, resolve_plan
 from evals.models.sources import LoadedModel
@@ -26,6 +28,9 @@ from evals.models.yamlspec import InputError
 
 GROUPINGS = ("block", "type", "module")
 BLOCK = re.compile(r"^(transformer_blocks\.\d+)\.(.+)$")
+PRODUCT = ".product"
+"""Suffix that names an attention module's product (Q·Kᵀ, softmax, P·V) as a unit of the sweep:
+`transformer_blocks.3.attn.product` groups with its block, and by type as `attn.product`."""
 
 
 class SwitchLinear(nn.Module):
@@ -79,7 +84,10 @@ class SwitchableCandidate:
         plan = [layer for layer in resolve_plan(policy, model.pipeline.components) if layer.spec is not None]
         if any(layer.spec and layer.spec.activations == "static" for layer in plan):
             raise InputError(f"{policy.path}: sweeps need dynamic or weight-only activations, not static")
-        if not plan:
+        attention = transformer_policy.attention
+        attention_plan = resolve_attention(attention, model.pipeline.transformer, policy.path) if attention else []
+        quantized_attention = {a.name: a.precision for a in attention_plan if a.precision != "bf16"}
+        if not plan and not quantized_attention:
             raise InputError(f"{policy.path}: the policy quantizes no transformer layers; nothing to sweep")
         self.policy = policy
         self.plan = {layer.name: layer for layer in plan}
@@ -92,16 +100,25 @@ class SwitchableCandidate:
             parent, _, child = layer.name.rpartition(".")
             setattr(transformer.get_submodule(parent) if parent else transformer, child, switch)
             self.switches[layer.name] = switch
+        # An attention product is switched by its precision; at bf16 the processor runs diffusers' SDPA.
+        self.attention: dict[str, tuple[Any, str]] = {}
+        for name, precision in quantized_attention.items():
+            module = transformer.get_submodule(name)
+            module.set_processor(QuantizedJointAttnProcessor())
+            self.attention[name + PRODUCT] = (module, precision)
         self.pipeline = _pipeline_with(model, dict(model.pipeline.components, transformer=transformer))
 
     @property
     def shapes(self) -> dict[str, tuple[int, int]]:
-        return {name: layer.shape for name, layer in self.plan.items()}
+        """Every unit of the sweep: linear layers by weight shape, attention products as (0, 0)."""
+        return {name: layer.shape for name, layer in self.plan.items()} | {unit: (0, 0) for unit in self.attention}
 
     def variant(self, name: str, fp8_modules: set[str]) -> Candidate:
         def activate() -> None:
             for module, switch in self.switches.items():
                 switch.use_fp8 = module in fp8_modules
+            for unit, (attention, precision) in self.attention.items():
+                attention.attention_precision = precision if unit in fp8_modules else "bf16"
 
         plan = [
             layer

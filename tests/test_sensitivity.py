@@ -11,9 +11,11 @@ import torch
 from evals.candidates import build_candidate
 from evals.cli import main
 from evals.generation import generate
+from evals.models.attention_policy import resolve_attention
 from evals.models.precision import load_policy
 from evals.models.sources import load_source
-from evals.sensitivity import SwitchableCandidate, group_key, linear_groups
+from evals.policy_search import Sweep, policy_yaml
+from evals.sensitivity import GroupSensitivity, SwitchableCandidate, group_key, linear_groups
 from evals.suite_types import Case, Generation, Sample
 from tests.conftest import write
 
@@ -158,3 +160,41 @@ def test_sweep_from_the_rowwise_policy_by_block(workdir: Path, outlier_model: Pa
     with pytest.raises(SystemExit) as info:
         main([*args, "--groups", "layers"])
     assert info.value.code == 2
+
+
+ATTENTION_START = """\
+name: int8-attention
+components:
+  transformer:
+    attention: {default: int8, rules: [{match: "transformer_blocks.5.attn", precision: fp8}]}
+"""
+
+
+def test_attention_products_are_units_of_the_sweep_and_the_search_keeps_them_by_rules(
+    tiny_model, tmp_path: Path
+) -> None:
+    policy = load_policy(str(write(tmp_path / "int8-attention.yaml", ATTENTION_START)))
+    switch = SwitchableCandidate(tiny_model, policy)
+    products = {f"transformer_blocks.{i}.attn.product" for i in range(6)} | {"transformer_blocks.0.attn2.product"}
+    assert set(switch.shapes) == products  # the policy quantizes no linear layer
+    assert {g.name for g in linear_groups(switch.shapes, "type")} == {"attn.product", "attn2.product"}
+    gen = Generation(height=32, width=32, steps=2, guidance=4.5, batch_size=1)
+    batch = [Sample(Case("a", "a red cube", (0,)), 0)]
+    everything, nothing = switch.variant("all", set(switch.shapes)), switch.variant("none", set())
+    everything.activate()
+    assert torch.equal(
+        generate(everything.pipeline, batch, gen),
+        generate(build_candidate(tiny_model, policy, gen).pipeline, batch, gen),
+    )
+    nothing.activate()
+    assert torch.equal(generate(nothing.pipeline, batch, gen), generate(tiny_model.pipeline, batch, gen))
+
+    # A search that keeps block 5 writes a policy whose attention rules put block 5 back in bf16.
+    groups = {g.name: g for g in linear_groups(switch.shapes, "block")}
+    kept = [GroupSensitivity("transformer_blocks.5", 0, 20.0, 40.0)]
+    result = Sweep(tmp_path, list(groups.values()), kept, 30.0, switch)
+    found = write(tmp_path / "found.yaml", policy_yaml(policy, "found", kept, groups, "block", "psnr", result, 40, 1))
+    attention = load_policy(str(found)).components["transformer"].attention
+    plan = {a.name: a.precision for a in resolve_attention(attention, tiny_model.pipeline.transformer, str(found))}
+    assert plan.pop("transformer_blocks.5.attn") == "bf16"
+    assert set(plan.values()) == {"int8"}
