@@ -92,8 +92,8 @@ def test_sampling_is_deterministic_and_follows_the_entries(tmp_path: Path) -> No
         ('{"prompt": "a cat", "seed": 1, "image": "a.png", "height": 50}', ":1: bad log line"),
         ("not json", ":1: bad log line"),
         ('{"id": "../x", "prompt": "a cat", "seed": 1, "image": "a.png"}', ":1: "),
-        ('{"id": "a", "prompt": "a", "seed": 1, "image": "a.png"}\n{"id": "a", "prompt": "b", "seed": 2, "image": "a.png"}',
-         ":2: id 'a' is also on line 1"),
+        ('{"id": "a", "prompt": "a", "seed": 1, "image": "a.png"}\n{"id": "a", "prompt": "b", "seed": 2, '
+         '"image": "a.png"}', ":2: id 'a' is also on line 1"),
     ],
 )  # fmt: skip
 def test_a_bad_log_line_is_exit_2_naming_file_and_line(
