@@ -110,6 +110,14 @@ def build_candidate(model: LoadedModel, policy: PrecisionPolicy, gen: Generation
         sha256 = hashlib.sha256(f"{policy.sha256}:{digest}".encode()).hexdigest()  # a changed build is another
         plan = layers_of(built.transformer, f"factory {policy.factory}")
         return Candidate(policy.name, built, sha256, plan, policy_path=policy.path)
+    if policy.diffusers_quantization:
+        from evals.models.diffusers_quantization import load_quantized_transformer
+
+        build = policy.diffusers_quantization
+        transformer, digest = load_quantized_transformer(build, policy.path, model.source, model.pipeline.transformer)
+        built = _pipeline_with(model, dict(model.pipeline.components, transformer=transformer))
+        sha256 = hashlib.sha256(f"{policy.sha256}:{digest}".encode()).hexdigest() if digest else policy.sha256
+        return Candidate(policy.name, built, sha256, layers_of(transformer, build.rule), policy_path=policy.path)
     amax = calibrate(model, policy, gen) if policy.needs_calibration else None
     components, plan = apply_policy(policy, model.pipeline.components, amax)
     return Candidate(

@@ -63,7 +63,8 @@ def _kind(text: str) -> tuple[str, Path]:
     path = Path(text)
     if path.is_file():
         data = load_yaml(path, "suite or policy").data
-        return ("policy" if isinstance(data, dict) and "components" in data else "suite"), path
+        builds = ("components", "factory", "diffusers_quantization")  # what only a policy has
+        return ("policy" if isinstance(data, dict) and any(k in data for k in builds) else "suite"), path
     try:
         return "suite", suite_path(text)
     except InputError:

@@ -5,7 +5,7 @@ that cannot run a combination) is checked by `evals.models.precision`. Imports n
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
@@ -125,6 +125,30 @@ class Calibration(StrictModel):
     )
 
 
+DiffusersBackend = Literal["torchao", "quanto", "bitsandbytes", "gguf"]
+# Config values are small settings (thresholds, group sizes): bounded like every number of a policy.
+ConfigScalar = (
+    str | Annotated[int, Field(ge=-(2**31), le=2**31 - 1)] | Annotated[float, Field(ge=-1e9, le=1e9)] | bool | None
+)
+ConfigValue = ConfigScalar | list[ConfigScalar] | dict[str, ConfigScalar]
+
+
+class DiffusersQuantization(StrictModel):
+    """The transformer loaded through one of diffusers' own quantization backends, with that backend's
+    config class (evals.models.diffusers_quantization)."""
+
+    backend: DiffusersBackend = Field(
+        description="torchao (TorchAoConfig), quanto (QuantoConfig), bitsandbytes (BitsAndBytesConfig, CUDA only) "
+        "or gguf (GGUFQuantizationConfig and a .gguf file)"
+    )
+    config: dict[str, ConfigValue] = Field(
+        default_factory=dict,
+        description="keyword arguments of the backend's diffusers config class; dtypes by name (bfloat16); "
+        "torchao: quant_type names a torchao.quantization config class, quant_type_kwargs its arguments",
+    )
+    file: str | None = Field(None, description="gguf only: the quantized .gguf transformer, relative to this file")
+
+
 class PolicyFile(StrictModel):
     """A precision policy: which layers of which component run in FP8, and how."""
 
@@ -139,5 +163,8 @@ class PolicyFile(StrictModel):
         pattern=FACTORY_PATTERN,
         description="`module:function` that builds the candidate from the reference pipeline and returns a "
         "pipeline or a transformer (an in-house build); instead of `components`",
+    )
+    diffusers_quantization: DiffusersQuantization | None = Field(
+        None, description="the transformer quantized by a diffusers backend; instead of `components` or `factory`"
     )
     calibration: Calibration = Calibration()

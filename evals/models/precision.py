@@ -20,6 +20,7 @@ from typing import Any
 
 from evals.models import policy_schema as schema
 from evals.models.attention_policy import AttentionPolicy, parse_attention, resolve_attention
+from evals.models.diffusers_quantization import DiffusersBuild, parse_build
 from evals.models.fp8_spec import TORCHAO, Fp8Spec, torchao_recipe_problem
 from evals.models.yamlspec import Errors, InputError, YamlDoc, did_you_mean, load_yaml, validate
 
@@ -78,6 +79,8 @@ class PrecisionPolicy:
     """How static activation scales are calibrated (used only when a layer is `static`)."""
     factory: str | None = None
     """`module:function` that builds the candidate instead (evals.factories); no components then."""
+    diffusers_quantization: DiffusersBuild | None = None
+    """A diffusers quantization backend builds the transformer instead; no components then."""
 
     def specs(self) -> list[Fp8Spec]:
         """Every layer setting the policy states (its defaults and rules; `keep` left out)."""
@@ -194,8 +197,15 @@ def load_policy(name_or_path: str) -> PrecisionPolicy:
     errors = Errors()
     if given.name in ("ref", ".", ".."):
         errors.found.append(doc.error(("name",), f"name {given.name!r} is reserved (it names folders)"))
-    if (given.components is None) == (given.factory is None):
-        errors.found.append(doc.error((), "a policy has either `components` or a `factory`, not both or neither"))
+    builds = [k for k in ("components", "factory", "diffusers_quantization") if getattr(given, k) is not None]
+    if len(builds) != 1:
+        errors.found.append(
+            doc.error((), "a policy has either `components` or a `factory` or `diffusers_quantization`: exactly one")
+        )
+    diffusers_build = None
+    if given.diffusers_quantization is not None:
+        quantization = given.diffusers_quantization
+        diffusers_build = errors.attempt(lambda: parse_build(doc, quantization), None)
     parts = given.components or schema.Components()
     components = {name: _component(doc, name, part, errors) for name, part in parts if part is not None}
     errors.raise_any()
@@ -208,6 +218,7 @@ def load_policy(name_or_path: str) -> PrecisionPolicy:
         description=given.description,
         calibration=Calibration(prompts=given.calibration.prompts, seed=given.calibration.seed),
         factory=given.factory,
+        diffusers_quantization=diffusers_build,
     )
 
 
