@@ -34,7 +34,6 @@ from evals.models.checkpoint_checks import (
 )
 from evals.models.comfyui_files import comfy_parts, import_comfy_file
 from evals.models.comfyui_files import import_comfy_scaled_fp8 as import_comfy_scaled_fp8  # kept importable here
-from evals.models.comfyui_files import is_comfy_scaled_fp8 as is_comfy_scaled_fp8
 from evals.models.fp8 import Fp8Linear
 from evals.models.names import USUAL_FILE_MODE
 from evals.models.precision import COMPONENTS

@@ -30,7 +30,6 @@ from evals.models.checkpoint_checks import (
     read_safetensors,
 )
 from evals.models.fp8 import FORMATS, Fp8Linear, Fp8Spec, resolve_backend
-from evals.models.safetensors_files import opened_safetensors
 from evals.models.yamlspec import InputError
 
 COMFY_MARKER = "scaled_fp8"
@@ -59,11 +58,6 @@ def comfy_parts(keys: Iterable[str]) -> list[str]:
     if standalone_t5 and "text_encoder_3" not in parts:
         parts.append("text_encoder_3")
     return parts
-
-
-def is_comfy_scaled_fp8(path: Path) -> bool:
-    with opened_safetensors(path) as f:
-        return any(k in (COMFY_MARKER, COMFY_PREFIX + COMFY_MARKER) for k in f.keys())
 
 
 def import_comfy_scaled_fp8(path: Path, reference: Any, device: torch.device) -> tuple[Any, dict[str, str]]:
