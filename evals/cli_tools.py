@@ -110,10 +110,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     policy = load_policy(args.policy)
     check_writable_file(args.out, "--out")
-    if policy.factory:
+    if policy.factory or policy.diffusers_quantization:
+        how = "factory:" if policy.factory else "diffusers_quantization:"
         raise InputError(
-            f"{policy.path}: factory: builds the candidate in Python, which `evals quantize` does not save; "
-            "evaluate the policy itself (`evals run --policy ...`)"
+            f"{policy.path}: {how} builds the candidate with another tool, which `evals quantize` does not "
+            "save; evaluate the policy itself (`evals run --policy ...`)"
         )
     if any(spec.backend == TORCHAO for spec in policy.specs()):
         raise InputError(

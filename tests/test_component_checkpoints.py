@@ -394,3 +394,17 @@ def test_a_version_2_file_for_t5_on_a_model_without_t5_is_refused(
     save_policy_build(policy, apply_policy(policy, reference)[0], reference, path)
     with pytest.raises(InputError, match="holds text_encoder_3, which this model does not have"):
         candidate_from_checkpoint(tiny_model, path)
+
+
+@pytest.mark.parametrize("kind", ["factory", "diffusers", "torchao"])
+def test_quantize_refuses_other_tools_builds(workdir: Path, capsys: pytest.CaptureFixture[str], kind: str) -> None:
+    policy = {
+        "factory": str(write(workdir / "inhouse.yaml", "name: inhouse\nfactory: my_builds:build_fp8\n")),
+        "diffusers": "diffusers-torchao-int8-weight-only",
+        "torchao": "torchao-fp8-rowwise",
+    }[kind]
+    out = workdir / "x.safetensors"
+    assert main(["quantize", policy, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "which `evals quantize` does not save; evaluate the policy itself" in err, err
+    assert not out.exists()
