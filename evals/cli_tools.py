@@ -116,6 +116,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             f"{policy.path}: {how} builds the candidate with another tool, which `evals quantize` does not "
             "save; evaluate the policy itself (`evals run --policy ...`)"
         )
+    attention = [c for c, part in policy.components.items() if part.attention and part.attention.changes_anything]
+    if attention:  # the file would hold the weights but not the attention processors that run them
+        raise InputError(
+            f"{policy.path}: components.{attention[0]}.attention: `evals quantize` saves weights and does not "
+            "save the attention product's precision; evaluate the policy itself (`evals run --policy ...`)"
+        )
     if any(spec.backend == TORCHAO for spec in policy.specs()):
         raise InputError(
             f"{policy.path}: backend: torchao layers are torchao's own tensors, which `evals quantize` does not "
