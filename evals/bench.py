@@ -5,7 +5,9 @@ A step is one transformer forward at the given resolution and batch (the batch t
 with classifier-free guidance one image is a batch of 2). Latency: warm-up, then CUDA events (wall
 clock on the CPU), median. Compile time: the first call's time less a warm step's. An architecture
 folder (`models/configs/sd35-large`: a transformer config and nothing else) gets random weights,
-which time the same as real ones; a full pipeline source is also timed end to end.
+which time the same as real ones. A full pipeline source is also timed end to end (seconds per image)
+and weighed whole (every component's weights, and the peak GPU memory of an image), each candidate
+built as `evals run` builds it (every component its policy names, or its factory's build).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from evals.models.yamlspec import InputError
 
 log = logging.getLogger(__name__)
 
-CONTEXT_TOKENS = 77 + 256  # CLIP + T5 text tokens SD3.5 pipelines feed the transformer
+CLIP_TOKENS = 77  # text tokens of the CLIP encoders; T5's follow, max_sequence_length of them
 GIB = 1024**3
 
 
@@ -56,6 +58,12 @@ class BenchResult:
     """step_ms is the replay of a CUDA graph of the step."""
     step_ms_launched: float | None = None
     """With cuda_graph: the median step with its kernels launched one by one, as without."""
+    pipeline_weights_gib: float | None = None
+    """Every component's parameters and buffers (text encoders, transformer, VAE), as this variant
+    runs them; None for an architecture-only source."""
+    pipeline_peak_gib: float | None = None
+    """Peak GPU memory of a whole image with this variant alone on the GPU: pipeline_weights_gib plus
+    the call's peak above them; None off a GPU or without a pipeline."""
 
 
 @dataclass
@@ -66,6 +74,8 @@ class BenchSetup:
     iters: int = 10
     steps: int = 28
     """Steps of the whole-pipeline timing."""
+    max_sequence_length: int = 256
+    """T5 tokens of the prompt: the transformer sees 77 more (CLIP's), in the step and the pipeline."""
     compile: str = "blocks"
     cuda_graph: bool = False
     """Time the step as the replay of a CUDA graph (GPU only): the ~1000 kernels of an SD3.5 step
@@ -109,7 +119,7 @@ def step_inputs(transformer: Any, setup: BenchSetup, device: str) -> dict[str, t
     rand = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=dtype)  # noqa: E731
     return {
         "hidden_states": rand(setup.batch, cfg.in_channels, latent, latent),
-        "encoder_hidden_states": rand(setup.batch, CONTEXT_TOKENS, cfg.joint_attention_dim),
+        "encoder_hidden_states": rand(setup.batch, CLIP_TOKENS + setup.max_sequence_length, cfg.joint_attention_dim),
         "pooled_projections": rand(setup.batch, cfg.pooled_projection_dim),
         "timestep": torch.full((setup.batch,), 500.0, device=device, dtype=dtype),
     }
@@ -177,9 +187,9 @@ def bench_transformer(name: str, transformer: Any, setup: BenchSetup, device: st
         median = statistics.median(times)
     elif setup.cuda_graph:
         log.warning(f"{name}: cuda_graph needs a CUDA device; steps timed as launched on {device}")
-    per_image = None
+    per_image = pipeline_weights = pipeline_peak = None
     if pipeline is not None:
-        per_image = pipeline_seconds_per_image(pipeline, transformer, setup, device)
+        per_image, pipeline_weights, pipeline_peak = time_pipeline(pipeline, transformer, setup, device)
     return BenchResult(
         name=name,
         dtype=str(next(transformer.parameters()).dtype).removeprefix("torch."),
@@ -193,6 +203,8 @@ def bench_transformer(name: str, transformer: Any, setup: BenchSetup, device: st
         compile_report=asdict(report),
         cuda_graph=graphed,
         step_ms_launched=launched if graphed else None,
+        pipeline_weights_gib=pipeline_weights,
+        pipeline_peak_gib=pipeline_peak,
     )
 
 
@@ -209,28 +221,44 @@ def capture_step(step: Callable[[], Any]) -> Callable[[], Any]:
     return graph.replay
 
 
-def pipeline_seconds_per_image(pipeline: Any, transformer: Any, setup: BenchSetup, device: str) -> float:
-    """A warm pipeline call with guidance 4.5: batch/2 images, so that with classifier-free guidance
-    the transformer sees the benched batch (and no new shape to compile)."""
+def pipeline_gib(pipeline: Any) -> float:
+    """Parameters and buffers of every component that is a module (text encoders, transformer, VAE)."""
+    return sum(module_gib(c) for c in pipeline.components.values() if isinstance(c, torch.nn.Module))
+
+
+def time_pipeline(pipeline: Any, transformer: Any, setup: BenchSetup, device: str) -> tuple[float, float, float | None]:
+    """(seconds per image, pipeline GiB, peak GiB of a whole image or None off a GPU) of `pipeline`'s
+    components around `transformer`. A warm call with guidance 4.5: batch/2 images, so that with
+    classifier-free guidance the transformer sees the benched batch (and no new shape to compile)."""
     from evals.generation import generate
     from evals.suite_types import Case, Generation, Sample
 
     pipe = type(pipeline)(**dict(pipeline.components, transformer=transformer))
     pipe.set_progress_bar_config(disable=True)
     images = max(setup.batch // 2, 1)
-    gen = Generation(setup.resolution, setup.resolution, setup.steps, guidance=4.5, batch_size=images)
+    gen = Generation(setup.resolution, setup.resolution, setup.steps, 4.5, images, setup.max_sequence_length)
     case = Case(id="bench", prompt="a photo of a cat on a windowsill", seeds=tuple(range(images)))
     batch = [Sample(case, seed) for seed in case.seeds]
     generate(pipe, batch, gen)  # warm: the text encoders and VAE run for the first time here
+    weights = pipeline_gib(pipe)
+    before = 0
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)  # every variant's weights on the GPU now
     _sync(device)
     start = time.perf_counter()
     generate(pipe, batch, gen)
     _sync(device)
-    return (time.perf_counter() - start) / images
+    seconds = (time.perf_counter() - start) / images
+    peak = None
+    if device.startswith("cuda"):  # as if alone: its own weights plus what the call added above them
+        peak = weights + (torch.cuda.max_memory_allocated(device) - before) / GIB
+    return seconds, weights, peak
 
 
 def load_bench_model(source: str, dtype_name: str, device: str) -> tuple[Any, Any]:
-    """(reference transformer, full pipeline or None)."""
+    """(reference transformer, the loaded model, or None for an architecture-only source)."""
     from evals.models.sources import load_source, resolve_dtype, shipped_config
 
     if architecture_only(source):
@@ -238,28 +266,45 @@ def load_bench_model(source: str, dtype_name: str, device: str) -> tuple[Any, An
         folder = shipped_config(source) or Path(source)
         return random_transformer(folder, resolve_dtype(dtype_name, device), device), None
     model = load_source(source, dtype_name, device)
-    return model.pipeline.transformer, model.pipeline
+    return model.pipeline.transformer, model
+
+
+def build_variant(policy: Any, transformer: Any, model: Any) -> tuple[Any, Any]:
+    """(candidate transformer, its whole pipeline or None): with a pipeline, the candidate `evals run`
+    builds (every component the policy names, a factory's build); else the transformer's rules alone."""
+    from evals.models.precision import apply_policy
+
+    if model is None:
+        if policy.factory:
+            raise InputError(f"{policy.path}: a factory builds from a whole pipeline, not an architecture folder")
+        components, _ = apply_policy(policy, {"transformer": transformer})
+        return components["transformer"], None
+    from evals.candidates import build_candidate
+    from evals.suite_types import Generation
+
+    candidate = build_candidate(model, policy, Generation(64, 64, 1, 0.0, 1))  # generation: calibration only
+    return candidate.pipeline.transformer, candidate.pipeline
 
 
 def run_bench(source: str, policies: list[str], setup: BenchSetup, device: str, dtype_name: str) -> list[BenchResult]:
-    from evals.models.precision import apply_policy, load_policy
+    from evals.models.precision import load_policy
 
     loaded = [load_policy(p) for p in policies]  # bad names fail before minutes of loading
     for policy in loaded:
         if policy.needs_calibration:
             raise InputError(f"policy {policy.name}: static activations need calibration; bench dynamic policies")
     log.info(f"bench: loading {source}...")
-    transformer, pipeline = load_bench_model(source, dtype_name, device)
+    transformer, model = load_bench_model(source, dtype_name, device)
+    pipeline = None if model is None else model.pipeline
     _announce("reference", setup, pipeline)
     results = [bench_transformer("reference", transformer, setup, device, pipeline)]
     log.info(_line(results[-1]))
     for policy in loaded:
-        components, _ = apply_policy(policy, {"transformer": transformer})
-        candidate = components["transformer"]
-        _announce(policy.name, setup, pipeline)
-        results.append(bench_transformer(policy.name, candidate, setup, device, pipeline))
+        candidate, candidate_pipeline = build_variant(policy, transformer, model)
+        _announce(policy.name, setup, candidate_pipeline)
+        results.append(bench_transformer(policy.name, candidate, setup, device, candidate_pipeline))
         log.info(_line(results[-1]))
-        del candidate, components
+        del candidate, candidate_pipeline
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return results
@@ -287,20 +332,27 @@ def ratios(results: list[BenchResult]) -> dict[str, dict[str, float]]:
     }
 
 
+PIPELINE_FIGURES = ("peak_gib", "pipeline_s_per_image", "pipeline_weights_gib", "pipeline_peak_gib")
+"""Figures of a suite's bench that a device or source may not give (None): left out when absent."""
+
+
 def bench_suite_candidates(
     reference: Any, candidates: dict[str, Any], settings: dict[str, Any], device: str
 ) -> tuple[dict[str, dict[str, float]], list[BenchResult]]:
-    """A suite's `bench`: each candidate transformer against the reference, after the run.
-    Returns (policy -> latency_ratio, weights_ratio, step_ms, weights_gib, compile_s; every result)."""
+    """A suite's `bench`: each candidate pipeline's transformer step, and a whole image, against the
+    reference pipeline's, after the run. Returns (policy -> latency_ratio, weights_ratio, step_ms,
+    weights_gib, compile_s and those of PIPELINE_FIGURES measured; every result, reference first)."""
     setup = BenchSetup(**{**{"resolution": 1024, "batch": 2, "compile": "blocks"}, **settings})
-    results = [bench_transformer("reference", reference, setup, device)]
-    results += [bench_transformer(name, transformer, setup, device) for name, transformer in candidates.items()]
+    results = [bench_transformer("reference", reference.transformer, setup, device, reference)]
+    results += [bench_transformer(name, pipe.transformer, setup, device, pipe) for name, pipe in candidates.items()]
     figures = {}
     for result in results[1:]:
+        measured = {key: getattr(result, key) for key in PIPELINE_FIGURES if getattr(result, key) is not None}
         figures[result.name] = {
             **ratios([results[0], result])[result.name],
             "step_ms": result.step_ms,
             "weights_gib": result.weights_gib,
             "compile_s": result.compile_s,
+            **measured,
         }
     return figures, results

@@ -353,15 +353,15 @@ class SuiteRunner:
 
         assert self.suite.bench is not None
         log.info("bench: timing the transformers (suite `bench`)...")
-        candidates = {c.name: c.pipeline.transformer for c in self.candidates if c.noise_floor is None}
+        candidates = {c.name: c.pipeline for c in self.candidates if c.noise_floor is None}
+        gen = self.suite.generation  # whole images at the suite's steps and prompt length
+        settings = {"steps": gen.steps, "max_sequence_length": gen.max_sequence_length, **self.suite.bench}
         with self._timed("bench"):
-            figures, results = bench_suite_candidates(
-                self.model.pipeline.transformer, candidates, self.suite.bench, self.device
-            )
+            figures, results = bench_suite_candidates(self.model.pipeline, candidates, settings, self.device)
         for name, values in figures.items():
             if name in summaries:
                 summaries[name].bench = values
-        write_json(self.run_dir / "bench.json", {"settings": self.suite.bench, "results": [asdict(r) for r in results]})
+        write_json(self.run_dir / "bench.json", {"settings": settings, "results": [asdict(r) for r in results]})
 
     @property
     def _has_baseline_gates(self) -> bool:

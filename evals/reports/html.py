@@ -16,6 +16,14 @@ from xml.etree import ElementTree
 import numpy as np
 
 from evals.records import SampleRecord, read_records
+from evals.reports.comparison import (
+    OUTCOME,
+    bench_note,
+    comparison_cells,
+    comparison_header,
+    comparison_markdown,
+    comparison_rows,
+)
 from evals.reports.images import comparison_grid, png_data_uri
 from evals.reports.render import (
     NOISE_FLOOR,
@@ -41,7 +49,6 @@ WORST = 4
 STYLE_FILE = Path(__file__).resolve().parent / "templates" / "report.css"
 """The report's style sheet, inlined so that report.html is one file that can be mailed or attached."""
 
-OUTCOME = {"fail": "FAILED", "warn": "PASSED with warnings", "pass": "PASSED"}
 CANDIDATE_COUNTS = (("fail", "failed"), ("warn", "passed with warnings"), ("pass", "passed"))
 SECTION_CLASS = {"fail": "failed", "warn": "warned", "pass": "passed"}
 """A candidate section's class (not `fail`: that one colours text)."""
@@ -175,6 +182,19 @@ def _bench(summary: dict[str, Any], policies: list[str]) -> str:
     return "<h2>Speed and memory (transformer step against the reference)</h2>" + _table(header, rows)
 
 
+def _comparison(run_dir: Path, run: dict[str, Any], summary: dict[str, Any], verdict: dict[str, Any]) -> str:
+    """Every candidate side by side, the reference first: memory, time, metric means, verdict."""
+    metrics, rows = comparison_rows(run, summary, verdict, run_dir)
+    cells = []
+    for row in rows:
+        text = [html.escape(c) for c in comparison_cells(row, metrics)]
+        if row.outcome is not None:
+            text[-1] = f'<td class="{row.outcome}">{text[-1]}</td>'
+        cells.append(text)
+    note = f"<p>{html.escape(bench_note(run_dir, run['reference_dtype']))}</p>"
+    return "<h2>Comparison</h2>" + note + _table(comparison_header(metrics), cells)
+
+
 def _count_text(counts: Counter[str]) -> str:
     words = {"fail": "failed", "warn": "warned", "not evaluated": "not evaluated", "pass": "passed"}
     return ", ".join(f"{counts[s]} {word}" for s, word in words.items() if counts[s]) or "no gates"
@@ -187,9 +207,11 @@ def _result_html(r: dict[str, Any]) -> str:
     return f"{text}: {html.escape(r['reason'])}" if explains(r) else text
 
 
-def _summary(run: dict[str, Any], verdict: dict[str, Any], candidates: list[str], notes: list[str]) -> str:
-    """The top of the page: the verdict, what ran, one line per candidate, and every gate that did
-    not pass with its numbers and, where they do not say it, why."""
+def _summary(
+    run: dict[str, Any], verdict: dict[str, Any], candidates: list[str], notes: list[str], comparison: str
+) -> str:
+    """The top of the page: the verdict, what ran, one line per candidate, the comparison table, and
+    every gate that did not pass with its numbers and, where they do not say it, why."""
     counts = status_counts(verdict, candidates)
     outcome = {c: candidate_status(counts[c]) for c in candidates}
     outcomes = Counter(outcome.values())
@@ -206,6 +228,7 @@ def _summary(run: dict[str, Any], verdict: dict[str, Any], candidates: list[str]
         [link[c], f'<td class="{outcome[c]}">{OUTCOME[outcome[c]]}</td>', _count_text(counts[c])] for c in candidates
     ]
     parts = ['<section id="summary">', _table(["", ""], facts), _table(["candidate", "result", "gates"], overview)]
+    parts.append(comparison)
     results = ordered_results(verdict, by_candidate=True)
     for title, wanted in (("Failed gates", "fail"), ("Warnings", "warn")):
         items = []
@@ -298,7 +321,7 @@ def render_html(run_dir: Path) -> str:
     sections = _policy_sections(run_dir, records, summary, verdict, candidates, shown_floors)
     compared = [p for p in [*candidates, *shown_floors] if p in in_records]
     if len(compared) > 1:
-        body = [_bench(summary, compared), "<h2>Metric distributions</h2>", _distribution_plots(records, compared)]
+        body = ["<h2>Metric distributions</h2>", _distribution_plots(records, compared)]
         sections.append(_details("all", "All candidates compared", body))
     shared = [r for r in records if r.policy == in_records[0]] if in_records else []  # one reference per sample
     sections.append(
@@ -311,7 +334,7 @@ def render_html(run_dir: Path) -> str:
 <style>
 {STYLE_FILE.read_text()}</style></head><body>
 <h1>{html.escape(run["suite"]["name"])}: <span class="{"pass" if verdict["passed"] else "fail"}">{status}</span></h1>
-{_summary(run, verdict, candidates, notes)}
+{_summary(run, verdict, candidates, notes, _comparison(run_dir, run, summary, verdict))}
 {"".join(sections)}
 </body></html>
 """
@@ -345,7 +368,7 @@ def junit_xml(run_dir: Path) -> str:
 def write_reports(run_dir: Path) -> list[Path]:
     """report.html, junit.xml and summary.md in the run directory; summary.md also goes to
     $GITHUB_STEP_SUMMARY when set."""
-    summary_md = write_summary_markdown(run_dir)
+    summary_md = write_summary_markdown(run_dir, comparison_markdown(run_dir))
     report = run_dir / "report.html"
     write_atomic(report, render_html(run_dir))
     junit = run_dir / "junit.xml"

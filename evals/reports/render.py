@@ -182,7 +182,9 @@ def gate_table_text(run_dir: Path) -> str:
     return "\n".join([table, "", *failed, f"verdict: {status}  ({run_dir})"])
 
 
-def write_summary_markdown(run_dir: Path) -> Path:
+def write_summary_markdown(run_dir: Path, comparison: str = "") -> Path:
+    """summary.md; `comparison`: the comparison table's section (`evals.reports.comparison`, which
+    reads this module), placed before the gate table."""
     run, summary, verdict = load_run(run_dir)
     status = "✅ passed" if verdict["passed"] else "❌ failed"
     lines = [
@@ -201,6 +203,8 @@ def write_summary_markdown(run_dir: Path) -> Path:
         lines += ["## Not evaluated", ""]
         lines += [f"- {gate} for {', '.join(names)}: {reason}" for (gate, reason), names in skipped.items()]
         lines.append("")
+    if comparison:
+        lines += [comparison]
     lines += [
         "## Gates",
         "",
@@ -254,6 +258,8 @@ def bench_markdown(report: dict[str, Any]) -> str:
                 fmt(ratio.get("weights_ratio"), ".3f"),
                 fmt(r["peak_gib"], ".3g"),
                 fmt(r["pipeline_s_per_image"], ".2f"),
+                fmt(r.get("pipeline_weights_gib"), ".3g"),  # bench.json files before 2026-11-30 lack these
+                fmt(r.get("pipeline_peak_gib"), ".3g"),
                 f"{r['compile_report'].get('graphs', 0)}/{r['compile_report'].get('graph_breaks', 0)}",
             ]
         )
@@ -266,6 +272,8 @@ def bench_markdown(report: dict[str, Any]) -> str:
         "weights ratio",
         "peak GiB",
         "pipeline s/image",
+        "pipeline GiB",
+        "pipeline peak GiB",
         "graphs/breaks",
     ]
     env = report["environment"]
