@@ -114,6 +114,21 @@ def test_reseed_gives_up_after_its_tries_and_says_so(tiny_model: Any, caplog: py
     assert pipe.guard.counts == {"images": 2, "flagged": 2, "repaired": 0, "failed": 2}
 
 
+def test_the_guard_counts_into_the_active_mlflow_run(tiny_model: Any, tmp_path: Path) -> None:
+    import mlflow
+
+    always_broken = _broken(tiny_model.pipeline, threshold=-float("inf"))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        with mlflow.start_run() as run:
+            pipe = guarded(always_broken, ["nonfinite"], Reseed(max_tries=1), mlflow=True)
+            pipe(prompt=["a cat", "a dog", "a cow"], generator=_generators([1, 2, 3]), output_type="pt", **SETTINGS)
+        metrics = mlflow.get_run(run.info.run_id).data.metrics
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert metrics == {"guard_images": 3.0, "guard_flagged": 3.0, "guard_repaired": 0.0, "guard_failed": 3.0}
+
+
 def test_the_guard_refuses_what_it_cannot_check(tiny_model: Any) -> None:
     with pytest.raises(ValueError, match="expected some of"):
         guarded(tiny_model.pipeline, ["no_such_detector"])
@@ -181,6 +196,17 @@ def test_a_guarded_candidate_is_repaired_and_its_retry_rate_gated(workdir: Path,
     assert results["broken", "failed_after_retry"]["status"] == "pass"
     assert results["broken", "retry_rate"]["status"] == "fail"  # it retried more than 5%: the gate can fail
     assert results["broken-raw", "retry_rate"]["status"] == "not evaluated"
+
+    # A resume keeps what the guard did for finished samples and redoes the rest the same way.
+    lines = (run_dir / "records.jsonl").read_text().splitlines(keepends=True)
+    (run_dir / "records.jsonl").write_text("".join(lines[: len(lines) // 2]))
+    (run_dir / "summary.json").unlink()
+    assert main(["run", "--resume", str(run_dir), "--no-progress", "--no-mlflow"]) == 1
+    resumed = {(r.policy, r.sample_id): r.guard for r in read_records(run_dir / "records.jsonl")}
+    assert resumed == {key: r.guard for key, r in records.items()}
+    assert (
+        json.loads((run_dir / "summary.json").read_text())["policies"]["broken"]["guard"] == summary["broken"]["guard"]
+    )
 
 
 def test_a_guard_naming_a_missing_candidate_is_bad_input(workdir: Path, builds: Path) -> None:
