@@ -165,7 +165,7 @@ def test_diffusers_builds_are_gated_beside_a_policy_and_a_bad_one_fails(
     gguf_policy = policy_file(workdir / "p", "diffusers-gguf-q8", "  backend: gguf\n  file: tiny-q8.gguf\n")
     write_q8_gguf(tiny_model.pipeline.transformer, workdir / "p" / "sign-bug.gguf", flip="proj_out.weight")
     bad = policy_file(workdir / "p", "diffusers-gguf-sign-bug", "  backend: gguf\n  file: sign-bug.gguf\n")
-    policies = ["fp8-e4m3-rowwise", "diffusers-torchao-int8-weight-only", str(gguf_policy), str(bad)]
+    policies = ["fp8-e4m3-weight-only", "diffusers-torchao-int8-weight-only", str(gguf_policy), str(bad)]
     # the smoke suite's gates on a quarter of its samples: four cases, one seed
     smoke = (TEST_SUITES / "smoke.yaml").read_text().replace("seeds: [0, 1]", "seeds: [0]")
     dropped = ("night-street", "knit-texture", "gothic-arch", "cat-window")
@@ -177,7 +177,12 @@ def test_diffusers_builds_are_gated_beside_a_policy_and_a_bad_one_fails(
     (run_dir,) = (workdir / "runs").iterdir()
     verdict = json.loads((run_dir / "verdict.json").read_text())
     assert {g["policy"] for g in verdict["results"] if g["status"] == "fail"} == {"diffusers-gguf-sign-bug"}, out
-    names = ["fp8-e4m3-rowwise", "diffusers-torchao-int8-weight-only", "diffusers-gguf-q8", "diffusers-gguf-sign-bug"]
+    names = [
+        "fp8-e4m3-weight-only",
+        "diffusers-torchao-int8-weight-only",
+        "diffusers-gguf-q8",
+        "diffusers-gguf-sign-bug",
+    ]
     records = [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
     assert sorted({r["policy"] for r in records}) == sorted(names) and len(records) == 16
     run = json.loads((run_dir / "run.json").read_text())
@@ -210,34 +215,46 @@ def test_a_bad_diffusers_quantization_is_refused_when_the_policy_loads(tmp_path:
     assert str(tmp_path / "bad.yaml") in str(info.value)
 
 
-def test_a_config_diffusers_refuses_is_exit_2_naming_the_policy(
-    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    smoke = str(TEST_SUITES / "smoke.yaml")
-    cases = [
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
         ("  backend: quanto\n  config: {weights_dtype: int3}\n", "QuantoConfig: Only support weights in"),
         ("  backend: torchao\n  config: {quant_type: Int8WeightOnlyConfg}\n", "did you mean 'Int8WeightOnlyConfig'"),
         ("  backend: gguf\n  file: broken.gguf\n", "broken.gguf cannot be loaded"),
         ("  backend: quanto\n  config: {weights_dtype: int4}\n", "cannot run under torch.inference_mode"),
-    ]
-    write(workdir / "p" / "broken.gguf", "not a gguf file")
-    for body, message in cases:
-        policy = policy_file(workdir / "p", "bad", body)
-        assert main(["run", smoke, "--policy", str(policy), "--no-mlflow"]) == 2
-        err = capsys.readouterr().err
-        assert str(policy) in err and message in err, err
+    ],
+)
+def test_a_build_diffusers_refuses_is_an_input_error_naming_the_policy(
+    tmp_path: Path, tiny_model, body: str, message: str
+) -> None:
+    write(tmp_path / "broken.gguf", "not a gguf file")
+    policy = policy_file(tmp_path, "bad", body)
+    with pytest.raises(InputError) as info:
+        build_candidate(tiny_model, load_policy(str(policy)), GEN)
+    assert str(policy) in str(info.value) and message in str(info.value), info.value
+
+
+def test_a_missing_package_or_gpu_is_exit_2_saying_what_to_install(
+    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tiny_model
+) -> None:
+    import evals.models.diffusers_quantization as backends
+
     real = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "optimum.quanto" else real(name, *a)
     )
-    assert main(["run", smoke, "--policy", "diffusers-quanto-int8", "--no-mlflow"]) == 2
+    assert main(["run", str(TEST_SUITES / "smoke.yaml"), "--policy", "diffusers-quanto-int8", "--no-mlflow"]) == 2
     assert "needs optimum-quanto, not installed: pip install 'sd35-fp8-gate[quanto]'" in capsys.readouterr().err
-    if not torch.cuda.is_available():
-        bnb = policy_file(workdir / "p", "bnb", "  backend: bitsandbytes\n  config: {load_in_8bit: true}\n")
-        assert main(["run", smoke, "--policy", str(bnb), "--no-mlflow"]) == 2
-        err = capsys.readouterr().err
-        assert ("quantizes on a CUDA GPU only" in err) or ("needs bitsandbytes" in err), err
-    assert sorted(p.name for p in workdir.iterdir()) == ["p"]  # nothing written
+    assert list(workdir.iterdir()) == []  # nothing written
+    if torch.cuda.is_available():
+        return
+    bnb = load_policy(str(policy_file(workdir, "bnb", "  backend: bitsandbytes\n  config: {load_in_8bit: true}\n")))
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(InputError, match=r"needs bitsandbytes.*pip install 'sd35-fp8-gate\[bitsandbytes\]'"):
+            build_candidate(tiny_model, bnb, GEN)
+    monkeypatch.setattr(backends, "_installed", lambda module: True)
+    with pytest.raises(InputError, match="bitsandbytes backend quantizes on a CUDA GPU only, not on cpu"):
+        build_candidate(tiny_model, bnb, GEN)
 
 
 def test_the_policy_hash_covers_the_config(tmp_path: Path) -> None:
