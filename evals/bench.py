@@ -74,12 +74,12 @@ class BenchSetup:
     iters: int = 10
     steps: int = 28
     """Steps of the whole-pipeline timing."""
-    max_sequence_length: int = 256
-    """T5 tokens of the prompt: the transformer sees 77 more (CLIP's), in the step and the pipeline."""
     compile: str = "blocks"
     cuda_graph: bool = False
     """Time the step as the replay of a CUDA graph (GPU only): the ~1000 kernels of an SD3.5 step
     then run without a launch each, as a serving stack that captures graphs runs them."""
+    max_sequence_length: int = 256
+    """T5 tokens of the prompt: the transformer sees 77 more (CLIP's), in the step and the pipeline."""
 
 
 def architecture_only(source: str) -> bool:

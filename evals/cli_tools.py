@@ -19,6 +19,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
 
     import torch
 
+    from evals.cli_validate import format_family, linear_layers_text
     from evals.models.precision import load_policy, plan_totals, resolve_plan
     from evals.models.sources import is_tiny, load_source, load_transformer_skeleton
     from evals.reports.render import text_table
@@ -60,7 +61,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
             [
                 layer.name if layer.component == "transformer" else f"{layer.component}:{layer.name}",
                 f"{layer.shape[0]}x{layer.shape[1]}",
-                "keep" if spec is None else "fp8",
+                "keep" if spec is None else format_family(spec.format).lower(),
                 "-" if spec is None else spec.format,
                 weights,
                 "-" if spec is None else spec.activations,
@@ -81,10 +82,11 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
         "bytes after",
     ]
     print(text_table(rows, header))
+    formats = [layer.spec.format for layer in plan if layer.spec is not None]  # totals' fp8_* count int8 too
     print(
         f"\n{policy.name} on {args.model} ({args.dtype}, backends for {device}): "
-        f"{totals['fp8_layers']}/{totals['linear_layers']} linear layers in FP8, "
-        f"{totals['fp8_param_share']:.1%} of linear parameters; {' + '.join(quantized)} "
+        f"{linear_layers_text(formats, int(totals['linear_layers']))}, "
+        f"{totals['fp8_param_share']:.1%} of linear parameters quantized; {' + '.join(quantized)} "
         f"{_human_bytes(totals['bytes_before'])} -> {_human_bytes(totals['bytes_after'])} "
         f"(saves {totals['saved_share']:.1%})"
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,10 @@ class ModelLayers:
                 self._components = {"transformer": skeleton}
         return self._components
 
-    def check(self, policy: Any) -> int | None:
-        """Resolve the policy's plan (InputError when a rule matches nothing); returns its FP8 layers,
-        or None with `--model none` (parsed only: no model, no torch). Components the model does not
-        load here (a skeleton has only the transformer) are skipped."""
+    def check(self, policy: Any) -> list[str] | None:
+        """Resolve the policy's plan (InputError when a rule matches nothing); returns the format of
+        each layer it quantizes, or None with `--model none` (parsed only: no model, no torch).
+        Components the model does not load here (a skeleton has only the transformer) are skipped."""
         if self.source == "none":
             return None
         import torch
@@ -51,7 +52,36 @@ class ModelLayers:
             )
         # The meta device: a file is checked, not this machine (what runs where is a run's question).
         plan = resolve_plan(policy, components, device=torch.device("meta"))
-        return sum(layer.spec is not None for layer in plan)
+        return [layer.spec.format for layer in plan if layer.spec is not None]
+
+
+def format_family(fmt: str) -> str:
+    """`INT8` for an integer format, `FP8` for e4m3fn and e5m2: an int8 layer is not an FP8 one."""
+    return "INT8" if fmt.startswith("int") else "FP8"
+
+
+def _families(formats: list[str]) -> tuple[str | None, str]:
+    """(the one family of every layer, or None; `80 FP8, 5 INT8` when they are mixed, else empty)."""
+    counts = Counter(format_family(f) for f in formats)
+    if len(counts) == 1:
+        return next(iter(counts)), ""
+    return None, ", ".join(f"{n} {family}" for family, n in sorted(counts.items()))
+
+
+def quantized_layers_text(formats: list[str]) -> str:
+    """`85 FP8 layers`, `78 INT8 layers`, `85 quantized layers (80 FP8, 5 INT8)`, `0 quantized layers`."""
+    family, mixed = _families(formats)
+    if family:
+        return f"{len(formats)} {family} layers"
+    return f"{len(formats)} quantized layers" + (f" ({mixed})" if mixed else "")
+
+
+def linear_layers_text(formats: list[str], linear_layers: int) -> str:
+    """`85/92 linear layers in FP8`, `in INT8`, or `quantized (80 FP8, 5 INT8)` when mixed."""
+    family, mixed = _families(formats)
+    if family:
+        return f"{len(formats)}/{linear_layers} linear layers in {family}"
+    return f"{len(formats)}/{linear_layers} linear layers quantized" + (f" ({mixed})" if mixed else "")
 
 
 def _kind(text: str) -> tuple[str, Path]:
@@ -90,7 +120,7 @@ def validate_one(text: str, model: ModelLayers) -> str:
         layers = model.check(policy)
         if layers is None:
             return f"{text}: policy {policy.name!r} ok (not resolved against a model)"
-        return f"{text}: policy {policy.name!r} ok: {layers} FP8 layers on {model.source}"
+        return f"{text}: policy {policy.name!r} ok: {quantized_layers_text(layers)} on {model.source}"
     suite = load_suite(path)
     errors = []
     for name in suite.policies:
