@@ -273,3 +273,34 @@ def test_bitsandbytes_builds_are_gated_on_a_gpu(workdir: Path, config: str) -> N
     (run_dir,) = (workdir / "runs").iterdir()
     backend = json.loads((run_dir / "run.json").read_text())["policies"][0]["backends"]
     assert ("Int8Params" in backend) or ("Params4bit" in backend), backend
+
+
+def test_a_gguf_file_in_original_sd3_key_names_is_the_same_build(tiny_model, tmp_path: Path) -> None:
+    """Published SD3.5 GGUF files use the original (MMDiT) key names: diffusers converts them on load,
+    fused q/k/v rows and all, to the same candidate as the file in diffusers' names."""
+    from tests.sd3_original_keys import to_original_keys
+
+    reference = tiny_model.pipeline.transformer
+    write_q8_gguf(reference, tmp_path / "diffusers-keys.gguf")
+    original = to_original_keys(reference.state_dict(), reference.config.num_layers)
+    kept = ("x_embedder", "t_embedder", "y_embedder", "context_embedder", "final_layer", "pos_embed")
+    writer = gguf.GGUFWriter(str(tmp_path / "original-keys.gguf"), arch="sd3")
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    for key, tensor in original.items():
+        array = tensor.float().numpy()
+        if array.ndim == 2 and key.endswith(".weight") and not key.startswith(kept):
+            data = gguf.quants.quantize(array, q8)
+            writer.add_tensor(key, data, raw_shape=data.shape, raw_dtype=q8)
+        else:
+            writer.add_tensor(key, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    built = []
+    for name in ("diffusers-keys", "original-keys"):
+        policy = policy_file(tmp_path, name, f"  backend: gguf\n  file: {name}.gguf\n")
+        built.append(build_candidate(tiny_model, load_policy(str(policy)), GEN))
+    assert built[1].backends == built[0].backends == "GGUFParameter:85,keep:7"
+    got, expected = outputs(built[1].pipeline.transformer, built[0].pipeline.transformer)
+    assert torch.equal(got, expected)
