@@ -378,8 +378,9 @@ def log_bench(report: dict[str, Any], out_dir: Path) -> str | None:
         assert tracker.parent_id is not None
         metrics: dict[str, float] = {}
         for r in report["results"]:
-            for key in ("step_ms", "compile_s", "weights_gib", "peak_gib", "pipeline_s_per_image"):
-                if r[key] is not None:
+            figures = ("step_ms", "compile_s", "weights_gib", "peak_gib", "pipeline_s_per_image")
+            for key in (*figures, "pipeline_weights_gib", "pipeline_peak_gib"):
+                if r.get(key) is not None:
                     metrics[f"{r['name']}/{key}"] = float(r[key])
         for name, ratio in report["ratios"].items():
             metrics.update({f"{name}/{k}": v for k, v in ratio.items()})
