@@ -140,3 +140,17 @@ def test_evals_bench_weighs_and_times_the_whole_pipeline(
     assert "| pipeline s/image | pipeline GiB | pipeline peak GiB |" in header
     row = next(line for line in table.splitlines() if line.startswith("| fp8-text-encoders"))
     assert f"| {candidate['pipeline_weights_gib']:.3g} | n/a |" in row
+
+
+@pytest.mark.gpu
+def test_a_whole_image_s_peak_memory_is_measured_on_a_gpu() -> None:
+    from evals.bench import BenchSetup, bench_transformer
+    from evals.models.sources import load_source
+
+    model = load_source("tiny", "float32", "cuda")
+    setup = BenchSetup(resolution=64, batch=2, warmup=1, iters=2, steps=2, compile="none")
+    result = bench_transformer("reference", model.pipeline.transformer, setup, "cuda", model.pipeline)
+    assert result.pipeline_weights_gib == pytest.approx(tiny_pipeline_gib(model))
+    assert result.pipeline_peak_gib is not None and result.peak_gib is not None
+    # The image's activations come on top of every weight, and a 64x64 image needs far less than a GiB.
+    assert result.pipeline_weights_gib < result.pipeline_peak_gib < result.pipeline_weights_gib + 1
