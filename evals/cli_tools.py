@@ -4,6 +4,7 @@ fetch-weights. Parsing and dispatch live in `evals.cli`."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,28 +15,32 @@ from evals.models.yamlspec import InputError
 
 
 def cmd_policy_explain(args: argparse.Namespace) -> int:
-    import dataclasses
     import json
 
     import torch
 
     from evals.cli_validate import format_family, linear_layers_text
+    from evals.models.attention_policy import attention_summary
     from evals.models.precision import load_policy, plan_totals, resolve_plan
     from evals.models.sources import is_tiny, load_source, load_transformer_skeleton
     from evals.reports.render import text_table
 
     policy = load_policy(args.policy)
     device = _resolve_device(args.device)
-    components = {"transformer": load_transformer_skeleton(args.model, args.dtype, config=args.model_config)}
-    others = [c for c, part in policy.components.items() if c != "transformer" and (part.default or part.rules)]
-    if others and is_tiny(args.model):  # the whole pipeline is small: its text encoders and VAE too
-        pipeline = load_source(args.model, args.dtype, "cpu").pipeline
-        components.update({c: pipeline.components[c] for c in others if pipeline.components.get(c) is not None})
-    unseen = [c for c in others if c not in components]
-    if unseen:
-        print(f"not shown: {', '.join(unseen)} (only the transformer's architecture is loaded for {args.model})")
-    shown = dataclasses.replace(policy, components={k: v for k, v in policy.components.items() if k in components})
-    plan = resolve_plan(shown, components, device=torch.device(device))
+    if policy.factory or policy.diffusers_quantization:
+        plan, components = _built_plan(policy, args, device)
+    else:
+        components = {"transformer": load_transformer_skeleton(args.model, args.dtype, config=args.model_config)}
+        others = [c for c, part in policy.components.items() if c != "transformer" and (part.default or part.rules)]
+        if others and is_tiny(args.model):  # the whole pipeline is small: its text encoders and VAE too
+            pipeline = load_source(args.model, args.dtype, "cpu").pipeline
+            components.update({c: pipeline.components[c] for c in others if pipeline.components.get(c) is not None})
+        unseen = [c for c in others if c not in components]
+        if unseen:
+            print(f"not shown: {', '.join(unseen)} (only the transformer's architecture is loaded for {args.model})")
+        shown = dataclasses.replace(policy, components={k: v for k, v in policy.components.items() if k in components})
+        plan = resolve_plan(shown, components, device=torch.device(device))
+    attention = _attention_plan(policy, components["transformer"])
     quantized = sorted({layer.component for layer in plan} | {"transformer"})
     module_bytes = sum(p.numel() * p.element_size() for c in quantized for p in components[c].parameters())
     totals = plan_totals(plan, module_bytes)
@@ -47,6 +52,7 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
             "dtype": args.dtype,
             "device": device,
             "layers": [layer.to_dict() for layer in plan],
+            "attention": [dataclasses.asdict(entry) for entry in attention],
             "totals": totals,
         }
         print(json.dumps(out, indent=2))
@@ -57,11 +63,12 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
         weights = (
             "-" if spec is None else spec.weights + (f"({spec.block_size})" if spec.weights == "per_block" else "")
         )
+        built = spec is None and layer.backend != "keep"  # another tool's quantized weight (a built policy)
         rows.append(
             [
                 layer.name if layer.component == "transformer" else f"{layer.component}:{layer.name}",
                 f"{layer.shape[0]}x{layer.shape[1]}",
-                "keep" if spec is None else format_family(spec.format).lower(),
+                "built" if built else "keep" if spec is None else format_family(spec.format).lower(),
                 "-" if spec is None else spec.format,
                 weights,
                 "-" if spec is None else spec.activations,
@@ -82,15 +89,59 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
         "bytes after",
     ]
     print(text_table(rows, header))
+    if attention:
+        print(f"\nattention products: {attention_summary(attention)}")
+        print(text_table([[a.name, a.precision, a.rule] for a in attention], ["attention", "precision", "decided by"]))
     formats = [layer.spec.format for layer in plan if layer.spec is not None]  # totals' fp8_* count int8 too
+    built = [layer.backend for layer in plan if layer.spec is None and layer.backend != "keep"]
+    quantized_share = totals["fp8_param_share"]
+    if built:  # totals count this project's specs; a built layer is quantized when it is not plain
+        changed = sum(a * b for layer in plan if layer.backend != "keep" for a, b in [layer.shape])
+        quantized_share = changed / max(1, sum(a * b for a, b in (layer.shape for layer in plan)))
+    layers_text = (
+        f"{len(built)}/{len(plan)} linear layers hold another tool's quantized weights"
+        if built
+        else linear_layers_text(formats, int(totals["linear_layers"]))
+    )
     print(
         f"\n{policy.name} on {args.model} ({args.dtype}, backends for {device}): "
-        f"{linear_layers_text(formats, int(totals['linear_layers']))}, "
-        f"{totals['fp8_param_share']:.1%} of linear parameters quantized; {' + '.join(quantized)} "
+        f"{layers_text}, "
+        f"{quantized_share:.1%} of linear parameters quantized; {' + '.join(quantized)} "
         f"{_human_bytes(totals['bytes_before'])} -> {_human_bytes(totals['bytes_after'])} "
         f"(saves {totals['saved_share']:.1%})"
     )
     return 0
+
+
+def _built_plan(policy: Any, args: argparse.Namespace, device: str) -> tuple[list[Any], dict[str, Any]]:
+    """A factory's or a diffusers backend's build, made on the model: the plan its layers show, with
+    each layer's bytes before taken from the reference's layer of that name (where it has one)."""
+    from evals.candidates import build_candidate
+    from evals.models.precision import tensor_bytes
+    from evals.models.sources import load_source
+    from evals.suite_types import Generation
+
+    model = load_source(args.model, args.dtype, device)
+    candidate = build_candidate(model, policy, Generation(64, 64, 1, 4.5, 1))  # no calibration: gen unused
+    reference = model.pipeline.transformer
+    names = dict(reference.named_modules())
+
+    def before(layer: Any) -> int:
+        original = names.get(layer.name)
+        return sum(tensor_bytes(p) for p in original.parameters()) if original is not None else layer.bytes_after
+
+    plan = [dataclasses.replace(layer, bytes_before=before(layer)) for layer in candidate.plan]
+    return plan, {"transformer": reference}
+
+
+def _attention_plan(policy: Any, transformer: Any) -> list[Any]:
+    """Each attention module's precision, where the policy sets any (else empty: bf16 throughout)."""
+    from evals.models.attention_policy import resolve_attention
+
+    transformer_policy = policy.components.get("transformer")
+    if transformer_policy is None or transformer_policy.attention is None:
+        return []
+    return resolve_attention(transformer_policy.attention, transformer, policy.path)
 
 
 def _human_bytes(n: float) -> str:

@@ -52,6 +52,11 @@ class ModelLayers:
             )
         # The meta device: a file is checked, not this machine (what runs where is a run's question).
         plan = resolve_plan(policy, components, device=torch.device("meta"))
+        transformer_policy = policy.components.get("transformer")
+        if transformer_policy is not None and transformer_policy.attention is not None:
+            from evals.models.attention_policy import resolve_attention
+
+            resolve_attention(transformer_policy.attention, components["transformer"], policy.path)
         return [layer.spec.format for layer in plan if layer.spec is not None]
 
 
@@ -117,6 +122,11 @@ def validate_one(text: str, model: ModelLayers) -> str:
     kind, path = _kind(text)
     if kind == "policy":
         policy = load_policy(str(path))
+        built_by = policy.factory or (
+            f"diffusers' {policy.diffusers_quantization.backend} backend" if policy.diffusers_quantization else None
+        )
+        if built_by:  # its layers exist once built, which validating does not do
+            return f"{text}: policy {policy.name!r} ok: built by {built_by} (`evals policy explain` builds it)"
         layers = model.check(policy)
         if layers is None:
             return f"{text}: policy {policy.name!r} ok (not resolved against a model)"

@@ -4,6 +4,7 @@ diffusers' own, the policy field, and the kernel on a GPU against the torch refe
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 from evals.candidates import build_candidate
+from evals.cli import main
 from evals.models.attention import (
     QuantizedJointAttnProcessor,
     attention_modules,
@@ -150,6 +152,21 @@ def test_bad_attention_settings_are_input_errors(tiny_model, tmp_path: Path, att
     with pytest.raises(InputError, match=expected) as caught:
         build_candidate(tiny_model, load_policy(str(policy_file)), GEN)
     assert "bad.yaml" in str(caught.value)
+
+
+def test_explain_shows_and_validate_checks_each_blocks_attention(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    policy_file = write(tmp_path / "int8-attention.yaml", POLICY)
+    assert main(["policy", "explain", str(policy_file), "--json"]) == 0
+    attention = {a["name"]: a["precision"] for a in json.loads(capsys.readouterr().out)["attention"]}
+    assert attention.pop("transformer_blocks.0.attn") == "bf16" and set(attention.values()) == {"int8"}
+    assert len(attention) == 6  # blocks 1-5, and block 0's second attention
+    assert main(["validate", str(policy_file)]) == 0
+    capsys.readouterr()
+    typo = write(tmp_path / "typo.yaml", POLICY.replace("transformer_blocks.0.attn", "transformer_block.0.attn"))
+    assert main(["validate", str(typo)]) == 2
+    assert "typo.yaml" in capsys.readouterr().err
 
 
 @pytest.mark.gpu

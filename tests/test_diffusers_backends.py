@@ -127,6 +127,17 @@ def test_diffusers_quanto_is_quantos_quantize_with_its_name_matching(tiny_model)
     assert torch.equal(got, expected) and not torch.equal(got, reference)
 
 
+def test_explain_builds_the_policy_and_validate_says_it_is_built(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["policy", "explain", "diffusers-quanto-int8", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    backends = [layer["backend"] for layer in shown["layers"]]
+    assert backends.count("WeightQBytesTensor") == 86 and backends.count("keep") == 6  # as the build holds
+    quantized = [layer for layer in shown["layers"] if layer["backend"] != "keep"]
+    assert all(layer["bytes_after"] < layer["bytes_before"] for layer in quantized)  # int8 weights are smaller
+    assert main(["validate", "--model", "none", "evals/models/policies/diffusers-quanto-int8.yaml"]) == 0
+    assert "built by diffusers' quanto backend" in capsys.readouterr().out
+
+
 def test_a_gguf_file_is_loaded_as_gguf_wrote_it(tiny_model, tmp_path: Path) -> None:
     """A Q8_0 file written by the gguf package: the candidate holds exactly its bytes, and computes
     what the transformer computes with the weights gguf's own dequantize gives back."""
