@@ -42,8 +42,9 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="[NAME=]FILE",
-        help="a quantized transformer (.safetensors written by `evals quantize`, or a ComfyUI scaled-FP8 file) "
-        "to evaluate as it is, named NAME (default: the policy its metadata names); repeatable, combinable "
+        help="a quantized build (.safetensors written by `evals quantize`, with every component it changed; or "
+        "a ComfyUI FP8 file: a transformer, all-in-one with its text encoders, or T5) to evaluate as it is, "
+        "named NAME (default: the policy its metadata names); repeatable, combinable "
         "with --policy",
     )
     run.add_argument(
