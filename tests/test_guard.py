@@ -196,6 +196,14 @@ def test_a_guarded_candidate_is_repaired_and_its_retry_rate_gated(workdir: Path,
     assert results["broken", "failed_after_retry"]["status"] == "pass"
     assert results["broken", "retry_rate"]["status"] == "fail"  # it retried more than 5%: the gate can fail
     assert results["broken-raw", "retry_rate"]["status"] == "not evaluated"
+    # The comparison table in summary.md and the report carries the guard's figures beside the metrics.
+    section = (run_dir / "summary.md").read_text().split("## Comparison", 1)[1].split("\n\n")
+    header, _, *lines = next(block for block in section if block.startswith("| candidate")).splitlines()
+    assert "| retry rate | failed after retry |" in header
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines}
+    assert f"| {len(broken_ids) / len(fixed):.4g} | 0 |" in rows["broken"]
+    assert "| - | - |" in rows["broken-raw"]  # not guarded: dashes, not zeros
+    assert "retry rate" in (run_dir / "report.html").read_text()
 
     # A resume keeps what the guard did for finished samples and redoes the rest the same way.
     lines = (run_dir / "records.jsonl").read_text().splitlines(keepends=True)

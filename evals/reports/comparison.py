@@ -32,6 +32,9 @@ BENCH_COLUMNS = (
 )
 """bench.json result keys shown, and their column titles."""
 
+GUARD_COLUMNS = (("retry_rate", "retry rate"), ("failed_after_retry", "failed after retry"))
+"""A guarded candidate's figures (summary.json), shown when the run guarded any candidate."""
+
 OUTCOME = {"fail": "FAILED", "warn": "PASSED with warnings", "pass": "PASSED"}
 
 DASH = "-"
@@ -48,6 +51,8 @@ class ComparisonRow:
     """Metric -> its mean over the candidate's samples, None where not scored (the reference)."""
     outcome: str | None
     """`pass`, `warn` or `fail` for a gated candidate; None for the reference and the noise floor."""
+    guard: dict[str, float | None]
+    """GUARD_COLUMNS key -> the figure, None where the candidate is not guarded."""
 
 
 def _number(value: Any) -> float | None:
@@ -89,16 +94,31 @@ def comparison_rows(
         scored = policies.get(name, {}).get("metrics", {})
         means = {m: _number(scored[m].get("mean")) if m in scored else None for m in metrics}
         outcome = candidate_status(counts[name]) if role == "candidate" else None
-        return ComparisonRow(name, role, bench.get(name, unmeasured), means, outcome)
+        guarded = policies.get(name, {}).get("guard", {})
+        guard = {key: _number(guarded.get(key)) for key, _ in GUARD_COLUMNS}
+        return ComparisonRow(name, role, bench.get(name, unmeasured), means, outcome, guard)
 
-    rows = [ComparisonRow(REFERENCE, REFERENCE, bench.get(REFERENCE, unmeasured), dict.fromkeys(metrics), None)]
+    unguarded = dict.fromkeys((key for key, _ in GUARD_COLUMNS), None)
+    reference_bench = bench.get(REFERENCE, unmeasured)
+    rows = [ComparisonRow(REFERENCE, REFERENCE, reference_bench, dict.fromkeys(metrics), None, unguarded)]
     rows += [row(name, "candidate") for name in gated]
     rows += [row(name, "noise floor") for name in floors]
     return metrics, rows
 
 
-def comparison_header(metrics: list[str]) -> list[str]:
-    return ["candidate", *(title for _, title in BENCH_COLUMNS), *(f"{m} mean" for m in metrics), "verdict"]
+def guard_columns(rows: list[ComparisonRow]) -> tuple[tuple[str, str], ...]:
+    """GUARD_COLUMNS when any row was guarded, else none (a run without a guard shows no such column)."""
+    return GUARD_COLUMNS if any(v is not None for row in rows for v in row.guard.values()) else ()
+
+
+def comparison_header(metrics: list[str], guard: tuple[tuple[str, str], ...] = ()) -> list[str]:
+    return [
+        "candidate",
+        *(title for _, title in BENCH_COLUMNS),
+        *(f"{m} mean" for m in metrics),
+        *(title for _, title in guard),
+        "verdict",
+    ]
 
 
 def verdict_text(row: ComparisonRow) -> str:
@@ -111,12 +131,13 @@ def cell(value: float | None) -> str:
     return DASH if value is None else _fmt(value)
 
 
-def comparison_cells(row: ComparisonRow, metrics: list[str]) -> list[str]:
+def comparison_cells(row: ComparisonRow, metrics: list[str], guard: tuple[tuple[str, str], ...] = ()) -> list[str]:
     """One row as text: figures to four significant digits, a dash where nothing was measured."""
     return [
         row.name,
         *(cell(row.bench[key]) for key, _ in BENCH_COLUMNS),
         *(cell(row.metric_means[m]) for m in metrics),
+        *(cell(row.guard[key]) for key, _ in guard),
         verdict_text(row),
     ]
 
@@ -145,5 +166,6 @@ def comparison_markdown(run_dir: Path) -> str:
     """The `## Comparison` section of summary.md."""
     run, summary, verdict = load_run(run_dir)
     metrics, rows = comparison_rows(run, summary, verdict, run_dir)
-    table = markdown_table([comparison_cells(r, metrics) for r in rows], comparison_header(metrics))
+    guard = guard_columns(rows)
+    table = markdown_table([comparison_cells(r, metrics, guard) for r in rows], comparison_header(metrics, guard))
     return "\n".join(["## Comparison", "", bench_note(run_dir, run["reference_dtype"]), "", table, ""])

@@ -23,6 +23,7 @@ from evals.reports.comparison import (
     comparison_header,
     comparison_markdown,
     comparison_rows,
+    guard_columns,
 )
 from evals.reports.images import comparison_grid, png_data_uri
 from evals.reports.render import (
@@ -185,14 +186,15 @@ def _bench(summary: dict[str, Any], policies: list[str]) -> str:
 def _comparison(run_dir: Path, run: dict[str, Any], summary: dict[str, Any], verdict: dict[str, Any]) -> str:
     """Every candidate side by side, the reference first: memory, time, metric means, verdict."""
     metrics, rows = comparison_rows(run, summary, verdict, run_dir)
+    guard = guard_columns(rows)
     cells = []
     for row in rows:
-        text = [html.escape(c) for c in comparison_cells(row, metrics)]
+        text = [html.escape(c) for c in comparison_cells(row, metrics, guard)]
         if row.outcome is not None:
             text[-1] = f'<td class="{row.outcome}">{text[-1]}</td>'
         cells.append(text)
     note = f"<p>{html.escape(bench_note(run_dir, run['reference_dtype']))}</p>"
-    return "<h2>Comparison</h2>" + note + _table(comparison_header(metrics), cells)
+    return "<h2>Comparison</h2>" + note + _table(comparison_header(metrics, guard), cells)
 
 
 def _count_text(counts: Counter[str]) -> str:
