@@ -509,7 +509,7 @@ SINGLE_FILE_CASES: list[tuple[str, Callable[[bytes], bytes], str]] = [
     ("truncated", truncated, "not a readable safetensors file"),
     ("no tensors", lambda data: b"\x02\x00\x00\x00\x00\x00\x00\x00{}", "holds no tensors"),
     ("other tensors", other_tensors, "not an SD3 transformer checkpoint that fits"),
-    ("misshapen tensor", misshapen, "size mismatch for context_embedder.bias"),
+    ("misshapen tensor", misshapen, "context_embedder.bias"),  # worded by diffusers, with or without accelerate
 ]
 
 
