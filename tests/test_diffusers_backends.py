@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,22 +51,15 @@ def policy_file(folder: Path, name: str, body: str) -> Path:
     return write(folder / f"{name}.yaml", f"# test\nname: {name}\ndiffusers_quantization:\n{body}")
 
 
-def write_q8_gguf(transformer: Any, path: Path, flip: str = "") -> dict[str, Any]:
-    """The transformer as a GGUF file in diffusers' key names, written with the gguf package alone:
-    linear weights in Q8_0 but for the embeddings and output layers (KEPT), the rest in float32, as
-    published SD3.5 GGUF files keep them. `flip` names a tensor written with its sign flipped (a
-    converter's bug). Returns the quantized bytes written per tensor."""
+def write_gguf(path: Path, tensors: dict[str, torch.Tensor], in_q8: Callable[[str, Any], bool]) -> dict[str, Any]:
+    """`tensors` as a GGUF file written with the gguf package alone: those `in_q8(key, array)` picks
+    in Q8_0, the rest in float32. Returns the quantized bytes written per tensor."""
     writer = gguf.GGUFWriter(str(path), arch="sd3")
     q8 = gguf.GGMLQuantizationType.Q8_0
     written = {}
-    linears = {
-        f"{n}.weight"
-        for n, m in transformer.named_modules()
-        if isinstance(m, torch.nn.Linear) and not any(n.startswith(k) for k in KEPT)
-    }
-    for key, tensor in transformer.state_dict().items():
-        array = (-tensor if key == flip else tensor).float().numpy()
-        if key in linears:
+    for key, tensor in tensors.items():
+        array = tensor.float().numpy()
+        if in_q8(key, array):
             data = gguf.quants.quantize(array, q8)
             writer.add_tensor(key, data, raw_shape=data.shape, raw_dtype=q8)
             written[key] = data
@@ -76,6 +70,20 @@ def write_q8_gguf(transformer: Any, path: Path, flip: str = "") -> dict[str, Any
     writer.write_tensors_to_file()
     writer.close()
     return written
+
+
+def write_q8_gguf(transformer: Any, path: Path, flip: str = "") -> dict[str, Any]:
+    """The transformer as a GGUF file in diffusers' key names: linear weights in Q8_0 but for the
+    embeddings and output layers (KEPT), the rest in float32, as published SD3.5 GGUF files keep
+    them. `flip` names a tensor written with its sign flipped (a converter's bug). Returns the
+    quantized bytes written per tensor."""
+    linears = {
+        f"{n}.weight"
+        for n, m in transformer.named_modules()
+        if isinstance(m, torch.nn.Linear) and not any(n.startswith(k) for k in KEPT)
+    }
+    tensors = {key: -t if key == flip else t for key, t in transformer.state_dict().items()}
+    return write_gguf(path, tensors, lambda key, _: key in linears)
 
 
 def test_diffusers_torchao_is_torchaos_quantize_on_the_layers_it_converts(tiny_model) -> None:
@@ -326,19 +334,11 @@ def test_a_gguf_file_in_original_sd3_key_names_is_the_same_build(tiny_model, tmp
     write_q8_gguf(reference, tmp_path / "diffusers-keys.gguf")
     original = to_original_keys(reference.state_dict(), reference.config.num_layers)
     kept = ("x_embedder", "t_embedder", "y_embedder", "context_embedder", "final_layer", "pos_embed")
-    writer = gguf.GGUFWriter(str(tmp_path / "original-keys.gguf"), arch="sd3")
-    q8 = gguf.GGMLQuantizationType.Q8_0
-    for key, tensor in original.items():
-        array = tensor.float().numpy()
-        if array.ndim == 2 and key.endswith(".weight") and not key.startswith(kept):
-            data = gguf.quants.quantize(array, q8)
-            writer.add_tensor(key, data, raw_shape=data.shape, raw_dtype=q8)
-        else:
-            writer.add_tensor(key, array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(
+        tmp_path / "original-keys.gguf",
+        original,
+        lambda key, array: array.ndim == 2 and key.endswith(".weight") and not key.startswith(kept),
+    )
     built = []
     for name in ("diffusers-keys", "original-keys"):
         policy = policy_file(tmp_path, name, f"  backend: gguf\n  file: {name}.gguf\n")
