@@ -5,7 +5,8 @@ dtype, the generation settings, the prompt and seed, the batch the sample was ge
 moves slightly with batch composition), the torch and diffusers versions, the device kind, and the
 detectors and thresholds whose findings the entry stores.
 Each entry is `<key>.png` (the 8-bit image) plus `<key>.json` (detector findings made on the float
-image, which the PNG can no longer show, and the generation time).
+image, which the PNG can no longer show, and the generation time). A suite that scores step error
+also keeps the sample's trajectory at its recorded steps: `<key>.steps-<steps>.safetensors`.
 """
 
 from __future__ import annotations
@@ -83,3 +84,33 @@ class ReferenceCache:
         png, meta_path = self._paths(key)
         save_png(png, image_u8)
         write_json(meta_path, meta)  # written last: an entry counts only once both files exist
+
+    def _steps_path(self, key: str, steps: tuple[int, ...]) -> Path:
+        return self.root / key[:2] / f"{key}.steps-{'-'.join(map(str, steps))}.safetensors"
+
+    def get_steps(self, key: str, steps: tuple[int, ...]) -> tuple[dict[str, Any], str] | None:
+        """A sample's trajectory tensors at `steps` (evals.step_error) and the dtype its inputs were
+        passed in, or None when the entry has none (or a damaged one)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = self._steps_path(key, steps)
+        if not path.is_file():
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                dtype = (f.metadata() or {}).get("input_dtype", "float32")
+            return load_file(str(path)), dtype
+        except (OSError, SafetensorError, ValueError):
+            return None
+
+    def put_steps(self, key: str, steps: tuple[int, ...], tensors: dict[str, Any], input_dtype: str) -> None:
+        from safetensors.torch import save_file
+
+        path = self._steps_path(key, steps)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        save_file(tensors, str(tmp), metadata={"input_dtype": input_dtype})
+        os.replace(tmp, path)  # a reader never sees half a file

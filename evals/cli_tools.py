@@ -263,7 +263,7 @@ def cmd_compare_images(args: argparse.Namespace) -> int:
         )
     as_batch = lambda a: torch.from_numpy(a).permute(2, 0, 1)[None].float()  # noqa: E731
     scores: dict[str, Any] = {}
-    for name in METRICS:
+    for name in (n for n, info in METRICS.items() if info.scores_images):
         try:
             values = load_metric(name, weights=dict(args.weights))(as_batch(cand), as_batch(ref), [args.prompt or ""])
         except MissingWeights as exc:

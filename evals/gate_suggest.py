@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from evals.metrics import METRICS, OUTPUTS
+from evals.metrics import OUTPUTS, higher_is_better
 from evals.models.yamlspec import did_you_mean
 
 if TYPE_CHECKING:
@@ -150,7 +150,7 @@ def metric_entries(
         b = _Builder()
         b.warn(f"{name} has no values for {', '.join(lacking)}: no gate")
         return [b.entry()]
-    higher = METRICS[OUTPUTS[name]].higher_is_better
+    higher = higher_is_better(name)
     sign, op = (-1.0, ">=") if higher else (1.0, "<=")
     n = min(counts.get(p, 0) for p in trusted)
     many = n >= TAIL_MIN_SAMPLES

@@ -7,7 +7,7 @@ import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from evals.metrics import METRICS, OUTPUTS
+from evals.metrics import OUTPUTS, higher_is_better
 from evals.records import PolicySummary, SampleRecord, summarize
 from evals.suite_types import PER_SAMPLE, GateSpec
 
@@ -113,7 +113,7 @@ NO_BASELINE = (
 def _drop(gate: GateSpec, actual: float, base: float) -> float:
     """How much worse `actual` is than `base` (negative when better), absolute or relative."""
     if gate.metric:
-        worse = base - actual if METRICS[OUTPUTS[gate.metric]].higher_is_better else actual - base
+        worse = base - actual if higher_is_better(gate.metric) else actual - base
     else:
         worse = actual - base  # more flagged or retried images, or a higher latency or weights ratio, is worse
     if gate.baseline and gate.baseline[0] == "max_rel_drop":

@@ -11,7 +11,7 @@ from typing import Any
 
 from evals.api import Prepared, RunRequest, execute, prepare
 from evals.background_tracker import mlflow_tracker
-from evals.metrics import METRICS, OUTPUTS
+from evals.metrics import OUTPUTS, higher_is_better
 from evals.models.attention_policy import AttentionPolicy
 from evals.models.fp8 import Fp8Spec
 from evals.models.precision import PrecisionPolicy, load_policy
@@ -60,8 +60,7 @@ def sweep(
         f"and alone kept) on {len(prepared.suite.samples())} samples"
     )
     outcome, tracker = execute(prepared, candidates, request, runs_dir)
-    info = METRICS[OUTPUTS[metric]]
-    ranking = rank(groups, outcome.summaries, metric, info.higher_is_better)
+    ranking = rank(groups, outcome.summaries, metric, higher_is_better(metric))
     whole = outcome.summaries["whole-policy"].metrics[metric]["mean"]
     write_sensitivity_json(outcome.run_dir / "sensitivity.json", ranking, metric, whole)
     plot_sensitivity(ranking, metric, whole, outcome.run_dir / "sensitivity.png")

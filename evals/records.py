@@ -62,6 +62,9 @@ class SampleRecord:
     """What the guard did for the image of a guarded candidate (`evals.guard.ImageOutcome`: tries,
     outcome passed/repaired/failed, seed and source of the image kept, flagged: why the first was);
     None when the candidate is not guarded. Added within version 1: older records simply lack it."""
+    steps: dict[str, list[float]] | None = None
+    """Step error at each recorded step (evals.step_error): {step: [indices], error: [relative L2],
+    cosine: [...]}; None when the suite does not score step error. Added within version 1."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -79,6 +82,10 @@ class SampleRecord:
             tries, outcome = record.guard.get("tries"), record.guard.get("outcome")
             if type(tries) is not int or tries < 0 or outcome not in GUARD_OUTCOMES:
                 raise ValueError(f"guard {record.guard!r}: expected tries >= 0 and outcome one of {GUARD_OUTCOMES}")
+        if record.steps is not None:
+            lengths = {k: len(v) if isinstance(v, list) else -1 for k, v in record.steps.items()}
+            if set(lengths) != {"step", "error", "cosine"} or len(set(lengths.values())) != 1 or -1 in lengths.values():
+                raise ValueError(f"steps {record.steps!r}: expected lists step, error and cosine of one length")
         for key, expected in (
             ("image", image_path(record.policy, record.sample_id)),
             ("reference_image", image_path(REFERENCE_FOLDER, record.sample_id)),

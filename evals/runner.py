@@ -42,6 +42,8 @@ from evals.records import (
 from evals.run_json import write_run_json
 from evals.rundir import copy_png, save_png, write_atomic, write_json
 from evals.scoring import BatchScorer
+from evals.step_error.steps import recorded_steps
+from evals.step_error.trajectory import Trajectory, recording, teacher_forced
 from evals.suite_guard import guard_batch, guarded_names, suite_guard
 from evals.suite_types import Sample, Suite
 from evals.tracker_protocol import Tracker
@@ -126,6 +128,9 @@ class SuiteRunner:
         self._baselines_found: tuple[dict[str, Any], dict[str, Any]] | None = None
         self.scorer = BatchScorer(suite, self.metrics, device, cache, self._timed)
         self.guard = suite_guard(suite, model.pipeline)
+        self.steps: tuple[int, ...] | None = None  # recorded steps, when the suite scores step error
+        if "step_error" in suite.metrics:
+            self.steps = recorded_steps(suite.metric_options.get("step_error", {}).get("steps"), suite.generation.steps)
         self.guarded = guarded_names(suite, [c.name for c in candidates])
         self.fail_fast: FailFast | None = None
         if fail_fast:
@@ -148,27 +153,57 @@ class SuiteRunner:
             for s in batch
         ]
         hits = [self.cache.get(k) for k in keys] if self.cache else [None] * len(batch)
-        if all(h is not None for h in hits):
+        steps = self._cached_trajectory(keys) if self.steps and all(h is not None for h in hits) else None
+        if all(h is not None for h in hits) and (steps is not None or not self.steps):
             generated.cached = np.stack([h[0] for h in hits if h]), [h[1]["detectors"] for h in hits if h]
             generated.cached_files = [self.cache.png_path(k) for k in keys] if self.cache else []
+            generated.trajectory = steps
             return
         generated.reference_keys = keys if self.cache else []
-        generated.reference_raw = self._generate(self.model.pipeline, batch)
+        trajectories: list[Trajectory] | None = [] if self.steps else None
+        generated.reference_raw = self._generate(self.model.pipeline, batch, trajectories=trajectories)
+        if trajectories:
+            generated.trajectory, generated.trajectory_generated = Trajectory.cat(trajectories), True
 
-    def _generate(self, pipe: Any, batch: list[Sample], images_per_call: int | None = None) -> torch.Tensor:
+    def _cached_trajectory(self, keys: list[str]) -> Trajectory | None:
+        """The batch's trajectory from the reference cache, or None unless every sample's is there."""
+        assert self.cache is not None and self.steps is not None
+        found = [self.cache.get_steps(k, self.steps) for k in keys]
+        if any(f is None for f in found):
+            return None
+        dtype = getattr(torch, found[0][1]) if found[0] else torch.float32
+        return Trajectory.from_samples([f[0] for f in found if f], self.steps, self.suite.generation.guidance, dtype)
+
+    def _generate(
+        self,
+        pipe: Any,
+        batch: list[Sample],
+        images_per_call: int | None = None,
+        trajectories: list[Trajectory] | None = None,
+    ) -> torch.Tensor:
         """`generate`, halving the number of images per call on CUDA out-of-memory (and keeping the
-        smaller size for the rest of the run, reference and candidates alike)."""
+        smaller size for the rest of the run, reference and candidates alike). With `trajectories`,
+        the trajectory of each pipeline call at the recorded steps is appended to it."""
+        gen = self.suite.generation
         while True:
             size = min(images_per_call or self.images_per_call or len(batch), len(batch))
             try:
                 with self._timed("generation"):
-                    parts = [
-                        generate(pipe, batch[i : i + size], self.suite.generation) for i in range(0, len(batch), size)
-                    ]
+                    parts = []
+                    for i in range(0, len(batch), size):
+                        part = batch[i : i + size]
+                        if trajectories is None or self.steps is None:
+                            parts.append(generate(pipe, part, gen))
+                            continue
+                        with recording(pipe.transformer, self.steps, gen.guidance, len(part)) as recorded:
+                            parts.append(generate(pipe, part, gen))
+                        trajectories.extend(recorded)
                     return torch.cat(parts)
             except torch.cuda.OutOfMemoryError:
                 if size == 1:
                     raise
+                if trajectories is not None:
+                    trajectories.clear()
                 self.images_per_call = size // 2
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -316,6 +351,9 @@ class SuiteRunner:
                     self.guard, batch, raw, self.device, self._generate, cand.pipeline
                 )
             generated.candidates.append((cand, raw, (time.perf_counter() - start) / len(batch)))
+            if generated.trajectory is not None:
+                with self._timed("step_error"):
+                    generated.step_errors[cand.name] = teacher_forced(cand.pipeline.transformer, generated.trajectory)
             advance()
         generated.notes = self.notes[noted:]
         return generated

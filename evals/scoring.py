@@ -16,6 +16,7 @@ from evals.cache import ReferenceCache
 from evals.detectors import detect_batch
 from evals.generation import from_uint8, to_uint8
 from evals.records import REFERENCE_FOLDER, SampleRecord, image_path
+from evals.step_error.trajectory import StepErrors
 from evals.suite_types import Suite
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,11 @@ class BatchScorer:
             images, findings = to_uint8(raw), findings_of(raw, self.suite, self.device)
         if generated.reference_keys:  # empty without a cache
             assert self.cache is not None
-            for key, image, found in zip(generated.reference_keys, images, findings, strict=True):
+            traj = generated.trajectory if generated.trajectory_generated else None
+            for i, (key, image, found) in enumerate(zip(generated.reference_keys, images, findings, strict=True)):
+                if traj is not None:  # before the image: an entry counts once its JSON is written
+                    dtype = str(traj.input_dtype).removeprefix("torch.")
+                    self.cache.put_steps(key, traj.steps, traj.sample(i), dtype)
                 self.cache.put(key, image, {"detectors": found})
         return images, findings
 
@@ -81,6 +86,8 @@ class BatchScorer:
                 scores = self._score(from_uint8(cand_u8), ref, [s.case.prompt for s in batch])
             with self._timed("detectors"):
                 findings = findings_of(raw, self.suite, self.device)
+            errors = generated.step_errors.get(cand.name)
+            steps = generated.trajectory.steps if generated.trajectory is not None else ()
             for i, sample in enumerate(batch):
                 if sample.id not in todo[cand.name]:
                     continue  # finished before an interruption; regenerated only to keep the batch
@@ -91,27 +98,39 @@ class BatchScorer:
                     prompt=sample.case.prompt,
                     seed=sample.seed,
                     tags=sample.case.tags,
-                    metrics={m: v[i] for m, v in scores.items()},
+                    metrics={m: v[i] for m, v in scores.items()} | step_metrics(errors, i),
                     detectors=findings[i],
                     reference_detectors=ref_findings[i],
                     image=image_path(cand.name, sample.id),
                     reference_image=ref_paths[i],
                     seconds_per_image=seconds,
                     guard=guarded[i] if guarded is not None else None,
+                    steps=None if errors is None else step_details(errors, i, steps),
                 )
                 result.samples.append((cand_u8[i], record))
         return result
 
 
+def step_metrics(errors: StepErrors | None, i: int) -> dict[str, float]:
+    """Sample `i`'s step error and cosine, means over the recorded steps (none without step error)."""
+    if errors is None:
+        return {}
+    return {"step_error": float(errors.relative[i].mean()), "step_cosine": float(errors.cosine[i].mean())}
+
+
+def step_details(errors: StepErrors, i: int, steps: tuple[int, ...]) -> dict[str, list[float]]:
+    return {"step": list(steps), "error": errors.relative[i].tolist(), "cosine": errors.cosine[i].tolist()}
+
+
 def load_metrics(suite: Suite, device: str, weights: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
     """The suite's metrics, loaded on `device` with the suite's weights files overridden by `weights`;
     and the ones whose weights are absent here, with why (gates on them fail unless optional)."""
-    from evals.metrics import load_metric
+    from evals.metrics import METRICS, load_metric
     from evals.weights import MissingWeights
 
     metrics: dict[str, Any] = {}
     unavailable: dict[str, str] = {}
-    for name in suite.metrics:
+    for name in (m for m in suite.metrics if METRICS[m].scores_images):  # step error: the runner's
         try:
             metrics[name] = load_metric(name, device, {**suite.weights, **weights}, suite.metric_options.get(name))
         except MissingWeights as exc:

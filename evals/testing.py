@@ -35,13 +35,13 @@ class EvalsResult:
 
 def worst_samples(records: list[SampleRecord], metric: str = "psnr", count: int = 3) -> list[SampleRecord]:
     """The `count` worst samples by `metric` (NaN counts as worst)."""
-    from evals.metrics import METRICS, OUTPUTS
+    from evals.metrics import higher_is_better
 
-    higher_is_better = METRICS[OUTPUTS[metric]].higher_is_better
+    higher = higher_is_better(metric)
 
     def badness(record: SampleRecord) -> float:
         value = record.metrics[metric]
-        return math.inf if math.isnan(value) else (-value if higher_is_better else value)
+        return math.inf if math.isnan(value) else (-value if higher else value)
 
     return sorted((r for r in records if metric in r.metrics), key=badness, reverse=True)[:count]
 

@@ -32,6 +32,10 @@ class MetricInfo:
     """Per-image values it produces (gates name these); empty means just `name`."""
     display_name: str = ""
     """Name for tables and reports, with the convention where one matters."""
+    scores_images: bool = True
+    """False for step error, which the runner computes from the transformers, not from images."""
+    opposite: tuple[str, ...] = ()
+    """Outputs whose direction is the opposite of `higher_is_better` (step error's cosine)."""
 
     @property
     def produces(self) -> tuple[str, ...]:
@@ -67,6 +71,18 @@ METRICS: dict[str, MetricInfo] = {
             display_name="CLIP score (100*cos, ViT-L/14 OpenAI)",
         ),
         MetricInfo(
+            name="step_error",
+            higher_is_better=False,
+            needs_reference=True,
+            description="teacher-forced step error: relative L2 error of the candidate transformer's guided "
+            "output on the reference's own step inputs, mean over the recorded steps; and the cosine",
+            implementation="evals.step_error.trajectory:teacher_forced",
+            outputs=("step_error", "step_cosine"),
+            display_name="step error (relative L2, teacher-forced)",
+            scores_images=False,
+            opposite=("step_cosine",),
+        ),
+        MetricInfo(
             name="ssim",
             higher_is_better=True,
             needs_reference=True,
@@ -86,6 +102,12 @@ def metric_info(name: str) -> MetricInfo:
 
 # Output name -> the metric that produces it (`clip_score_delta` -> `clip_score`).
 OUTPUTS: dict[str, str] = {output: info.name for info in METRICS.values() for output in info.produces}
+
+
+def higher_is_better(output: str) -> bool:
+    """Direction of "better" of a metric output (`psnr`, `step_error`, `step_cosine`, ...)."""
+    info = METRICS[OUTPUTS[output]]
+    return info.higher_is_better != (output in info.opposite)
 
 
 def load_metric(

@@ -1,0 +1,13 @@
+"""Step error: a chaos-free comparison of a candidate's transformer with the reference's.
+
+The sampler turns an ulp of difference into decibels on chaotic samples, so image metrics move with
+a machine's arithmetic. Step error does not let errors compound: the reference run keeps its
+trajectory at a few recorded steps (the latent entering the step, the embeddings, the timestep and
+its guided output), and the candidate's transformer is evaluated on exactly those inputs. Per sample
+it records the relative L2 error and the cosine of the guided outputs at each recorded step, and
+their means (`step_error`, `step_cosine`).
+
+- `steps`: which steps are recorded (no torch);
+- `trajectory`: recording the reference's trajectory, and the teacher-forced candidate evaluation;
+- `locate`: naming the layer where a candidate departs from the reference beyond its baseline.
+"""
