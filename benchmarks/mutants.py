@@ -117,6 +117,13 @@ def _zero_row_block(q: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return q
 
 
+def _zero_16_rows(q: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Sixteen consecutive output rows zeroed: a small slice of a layer, which images barely show."""
+    start = int(torch.randint(q.shape[0] - 16 + 1, (1,), generator=g))
+    q[start : start + 16] = 0
+    return q
+
+
 def _flip_sign(q: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return q ^ 0x80  # the sign bit of either FP8 format
 
@@ -184,6 +191,7 @@ KINDS: dict[str, Edit] = {
     "sign-flip": _edit("weight_fp8", _flip_sign),
     "sign-flip-half-rows": _sign_flip_half_rows,
     "rows-zeroed": _edit("weight_fp8", _zero_row_block),
+    "16-rows-zeroed": _edit("weight_fp8", _zero_16_rows),
     "bytes-permuted-in-rows": _edit("weight_fp8", _permute_within_rows),
     "columns-shuffled": _edit("weight_fp8", _shuffle_columns),
     "e5m2-read-as-e4m3": _e5m2_read_as_e4m3,
@@ -218,6 +226,7 @@ CHECKPOINT_MUTANTS: tuple[tuple[str, str, str, str, bool], ...] = (
     ("b5-to-out-nan-scale", f"{B}.5.attn.to_out.0", "nan-scale", "late", True),
     ("b5-ff-net-0-e5m2-as-e4m3", f"{B}.5.ff.net.0.proj", "e5m2-read-as-e4m3", "late", True),
     ("b5-add-k-proj-sign-half", f"{B}.5.attn.add_k_proj", "sign-flip-half-rows", "late", True),
+    ("b0-to-v-16-rows-zeroed", f"{B}.0.attn.to_v", "16-rows-zeroed", "early", True),
     ("norm-out-linear-scale-half", "norm_out.linear", "scale-half", "output", True),
     ("proj-out-sign-half", "proj_out", "sign-flip-half-rows", "output", True),
     ("proj-out-darken", "proj_out", "darken", "output", True),
@@ -229,6 +238,7 @@ CHECKPOINT_MUTANTS: tuple[tuple[str, str, str, str, bool], ...] = (
 _LINEARS = ("pos_embed*", "time_text_embed*", "context_embedder", "norm_out*", "proj_out")
 _E5M2_TENSOR = "{format: e5m2, weights: per_tensor, activations: dynamic_per_tensor, backend: auto}"
 _E4M3_ROWWISE = "{format: e4m3fn, weights: per_channel, activations: dynamic_per_token, backend: auto}"
+_E5M2_ROWWISE = "{format: e5m2, weights: per_channel, activations: dynamic_per_token, backend: auto}"
 # (name, layer, kind, position, YAML after `name:`, None: the shipped policy copied); all must fail
 POLICY_MUTANTS: tuple[tuple[str, str, str, str, str | None], ...] = (
     ("fp8-all-linears", ALL_LAYERS, "keep-rules-removed", "all", None),  # fp8-e4m3-rowwise, no keep-rules
@@ -246,6 +256,15 @@ POLICY_MUTANTS: tuple[tuple[str, str, str, str, str | None], ...] = (
         "output",
         f"components:\n  transformer:\n    default: {_E4M3_ROWWISE}\n    rules:\n"
         + "".join(f'      - {{match: "{m}", {_E5M2_TENSOR[1:]}\n' for m in _LINEARS),
+    ),
+    (
+        "mut-proj-out-e5m2",
+        "proj_out",
+        "policy-proj-out-e5m2",
+        "output",
+        f"components:\n  transformer:\n    default: {_E4M3_ROWWISE}\n    rules:\n"
+        + "".join(f'      - {{match: "{m}", precision: keep}}\n' for m in _LINEARS[:-1])
+        + f'      - {{match: "proj_out", {_E5M2_ROWWISE[1:]}\n',
     ),
 )
 

@@ -59,6 +59,9 @@ class Baseline:
     """Metric -> sample id -> value, for `per_sample` gates."""
     source: str
     """Where it came from, for messages: the file and platform, or the MLflow run."""
+    jitter: dict[str, float] | None = None
+    """How far the figures moved between arithmetic variants (evals.jitter), in the gates' flat form
+    (`jitter:psnr_mean`, `jitter:per_sample:psnr`); None when it was not measured."""
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -102,7 +105,41 @@ def load_committed(folder: Path, policy: str, platform: str) -> Baseline | None:
         {k: float(v) for k, v in metrics.items()},
         {m: {sid: float(v) for sid, v in values.items()} for m, values in samples.items()},
         f"{path} [{platform}]",
+        _jitter(entry.get("jitter"), f"{path}: platforms.{platform}.jitter"),
     )
+
+
+def _jitter(given: Any, where: str) -> dict[str, float] | None:
+    """A baseline's measured jitter ({variants, metrics: {key: x}, per_sample: {metric: x}}) as the
+    gates read it, or None when it has none."""
+    from evals.gates import JITTER_KEY
+    from evals.suite_types import PER_SAMPLE
+
+    if given is None:
+        return None
+    parts = [given.get(k) if isinstance(given, dict) else None for k in ("metrics", "per_sample")]
+    metrics, per_sample = (p if isinstance(p, dict) else {"": None} for p in parts)
+    flat: dict[str, float] = {}
+    for prefix, values in ((JITTER_KEY, metrics), (f"{JITTER_KEY}{PER_SAMPLE}:", per_sample)):
+        for k, v in values.items():
+            if not isinstance(v, (int, float)):
+                raise InputError(f"{where} must hold 'metrics' and 'per_sample' mapping names to numbers")
+            flat[f"{prefix}{k}"] = float(v)
+    return flat
+
+
+def load_profile(folder: Path, policy: str, platform: str) -> dict[str, float] | None:
+    """The layer profile (part -> its own step error, evals.step_error) kept with `policy`'s committed
+    baseline for `platform`, or None when there is none."""
+    path = baseline_file(folder, policy)
+    if not path.is_file():
+        return None
+    layers = _read(path)["platforms"].get(platform, {}).get("layers")
+    if layers is None:
+        return None
+    if not isinstance(layers, dict) or not all(isinstance(v, (int, float)) for v in layers.values()):
+        raise InputError(f"{path}: platforms.{platform}.layers must map layer names to numbers")
+    return {str(k): float(v) for k, v in layers.items()}
 
 
 def missing_message(policy: str, folder: Path, platform: str) -> str:
@@ -134,9 +171,11 @@ def update(
     samples: dict[str, dict[str, dict[str, float]]],
     provenance: dict[str, str],
     policies: Iterable[str],
+    extra: dict[str, dict[str, Any]] | None = None,
 ) -> list[Change]:
     """Write each policy's flat summary metrics and per-sample values (metric -> sample id -> value)
-    as its baseline for `platform`; other platforms' entries are kept. Returns what changed."""
+    as its baseline for `platform`, with `extra[policy]` (its layer profile, measured jitter); other
+    platforms' entries are kept. Returns what changed."""
     changes = []
     for policy in policies:
         path = baseline_file(folder, policy)
@@ -147,7 +186,8 @@ def update(
         current = _finite(summaries[policy])
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         per_sample = {m: _finite(values) for m, values in samples.get(policy, {}).items()}
-        platforms[platform] = {"metrics": current, "samples": per_sample, **provenance, "created": stamp}
+        entry = {"metrics": current, "samples": per_sample, **(extra or {}).get(policy, {})}
+        platforms[platform] = {**entry, **provenance, "created": stamp}
         write_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
         changes.append(Change(policy, path, old["metrics"] if old else None, current))
     return changes
@@ -166,7 +206,7 @@ def find_baselines(
     for c in candidates:
         committed = load_committed(folder, c.baseline_policy, platform)
         if committed is not None:
-            found[c.name], samples[c.name] = committed.metrics, committed.samples
+            found[c.name], samples[c.name] = {**committed.metrics, **(committed.jitter or {})}, committed.samples
     rest = sorted({c.baseline_policy for c in candidates if c.name not in found})
     accepted = (tracker.baselines(suite.name, rest) or {}) if rest else {}
     for c in candidates:

@@ -25,6 +25,7 @@ def _fmt(value: float | None) -> str:
 def cmd_baseline_update(args: argparse.Namespace) -> int:
     from evals import baselines
     from evals.records import PolicySummary, read_records
+    from evals.step_error.locate import read_profile
     from evals.suite import load_suite
 
     run_dir: Path = args.run_dir
@@ -69,7 +70,14 @@ def cmd_baseline_update(args: argparse.Namespace) -> int:
         "torch": str(run["environment"].get("torch", "")),
         "model": run["model"]["fingerprint"],
     }
-    for change in baselines.update(folder, suite.name, platform, flat, samples, provenance, chosen):
+    extra: dict[str, dict[str, Any]] = {name: {} for name in chosen}
+    for name in chosen:
+        profile = read_profile(run_dir, name)
+        if profile is not None:
+            extra[name]["layers"] = profile
+    for name, measured in _jitter(args, run, run_dir, chosen).items():
+        extra[name]["jitter"] = measured
+    for change in baselines.update(folder, suite.name, platform, flat, samples, provenance, chosen, extra):
         print(f"{change.path} [{platform}]: {'replaced' if change.previous else 'new'}")
         for key in baselines.HEADLINE:
             if key in change.current:
@@ -77,6 +85,38 @@ def cmd_baseline_update(args: argparse.Namespace) -> int:
                 print(f"  {key}: {_fmt(before)} -> {_fmt(change.current[key])}")
     print("review the change and commit it: the suite's baseline gates compare with these files")
     return 0
+
+
+def _jitter(args: argparse.Namespace, run: dict[str, Any], run_dir: Path, chosen: list[str]) -> dict[str, Any]:
+    """Each policy's jitter between arithmetic variants (evals.jitter): from the runs given with
+    --jitter-run, else measured now by running the suite again under each variant of the platform."""
+    import tempfile
+
+    from evals import jitter
+
+    if args.no_jitter:
+        print("jitter not measured (--no-jitter): baseline gates will apply the suite's tolerances as written")
+        return {}
+    given: dict[str, Path] = {}
+    for path in args.jitter_run:
+        if not (path / "summary.json").is_file():
+            raise InputError(f"--jitter-run {path}: not a finished run directory (no summary.json)")
+        given[path.name] = path
+    if given:
+        return jitter.measure(run_dir, given, chosen)
+    measured: dict[str, Path] = {}
+    with tempfile.TemporaryDirectory(prefix="evals-jitter-") as tmp:
+        for variant in jitter.variants_for(run["environment"]["device"]):
+            print(f"measuring jitter: the run again under {variant.name} ({variant.doc})...", flush=True)
+            try:
+                measured[variant.name] = jitter.run_variant(run, run_dir, variant, Path(tmp))
+            except RuntimeError as exc:
+                raise InputError(str(exc)) from exc
+        found = jitter.measure(run_dir, measured, chosen)
+    for name, values in found.items():
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(values["metrics"].items()) if k.endswith("_mean"))
+        print(f"  {name}: jitter of the means: {shown}")
+    return found
 
 
 def add_baseline_commands(sub: Any) -> None:
@@ -88,4 +128,18 @@ def add_baseline_commands(sub: Any) -> None:
     update.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     update.add_argument("--policy", action="append", default=[], help="only this candidate (repeatable)")
     update.add_argument("--force", action="store_true", help="accept failed candidates or a changed suite")
+    update.add_argument(
+        "--jitter-run",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="RUN_DIR",
+        help="a finished run of the same suite and candidates under other arithmetic (another machine, the GPU): "
+        "measure jitter against it instead of running the variants here (repeatable)",
+    )
+    update.add_argument(
+        "--no-jitter",
+        action="store_true",
+        help="do not measure jitter between arithmetic variants (baseline gates then apply the suite's tolerances)",
+    )
     update.set_defaults(func=cmd_baseline_update)

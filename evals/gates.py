@@ -43,6 +43,11 @@ class GateResult:
     gate with no baseline."""
     baseline: float | None = None
     """The accepted baseline's value, for a regression gate."""
+    tolerance: float | None = None
+    """A regression gate's tolerance as applied: the suite's, or JITTER_MARGIN times the jitter measured
+    with the baseline when that is larger (a tolerance never sits inside the measured jitter)."""
+    jitter: float | None = None
+    """The jitter between machines measured with the baseline for the gated figure (None: unmeasured)."""
 
     @property
     def status(self) -> str:
@@ -64,7 +69,9 @@ class GateResult:
             "subject": self.gate.subject,
             "stat": self.gate.stat,
             "op": self.gate.op,
-            "threshold": self.gate.value,
+            "threshold": self.gate.value if self.tolerance is None else self.tolerance,
+            "suite_threshold": self.gate.value,
+            "jitter": self.jitter,
             "actual": self.actual,
             "passed": self.passed,
             "status": self.status,
@@ -110,6 +117,26 @@ NO_BASELINE = (
 )
 
 
+JITTER_MARGIN = 2.0
+"""A baseline gate's tolerance is at least this many times the jitter measured between arithmetic
+variants (`evals baseline update`): the variants are a sample of the machines a verdict must hold on,
+and a machine outside them may move a figure further."""
+JITTER_KEY = "jitter:"
+"""Prefix of the measured jitter in a baseline's flat metrics: `jitter:psnr_mean`, and
+`jitter:per_sample:psnr` for the largest move of any one sample."""
+
+
+def _tolerance(gate: GateSpec, jitter: float | None, base: float) -> float:
+    """The tolerance a regression gate applies: the suite's, widened to JITTER_MARGIN times the
+    measured jitter (relative to the baseline's value for max_rel_drop) where that is larger."""
+    assert gate.baseline is not None
+    if jitter is None or math.isnan(jitter):
+        return gate.baseline[1]
+    if gate.baseline[0] == "max_rel_drop":
+        jitter = jitter / abs(base) if base else math.inf
+    return max(gate.baseline[1], JITTER_MARGIN * jitter)
+
+
 def _drop(gate: GateSpec, actual: float, base: float) -> float:
     """How much worse `actual` is than `base` (negative when better), absolute or relative."""
     if gate.metric:
@@ -142,7 +169,8 @@ def evaluate_gate(
         why = "no samples with these tags" if gate.tags else "no samples were scored"
         return GateResult(policy, gate, math.nan, False, why)
     if gate.baseline is not None and gate.stat == PER_SAMPLE:
-        return _per_sample_gate(policy, gate, records, baseline_samples)
+        jitter = (baseline or {}).get(f"{JITTER_KEY}{PER_SAMPLE}:{gate.subject}")
+        return _per_sample_gate(policy, gate, records, baseline_samples, jitter)
     if gate.guard and not summary.guard:
         return GateResult(policy, gate, math.nan, True, f"not evaluated: {policy} is not guarded", evaluated=False)
     kind = "metric" if gate.metric else "bench" if gate.bench else "guard" if gate.guard else "detector"
@@ -160,9 +188,11 @@ def evaluate_gate(
                 return GateResult(policy, gate, actual, True, f"not evaluated: {why}", evaluated=False)
             return GateResult(policy, gate, actual, False, why)
         drop = _drop(gate, actual, base)
-        passed = drop <= gate.baseline[1]
+        jitter = (baseline or {}).get(f"{JITTER_KEY}{key}")
+        tolerance = _tolerance(gate, jitter, base)
+        passed = drop <= tolerance
         reason = "" if passed else f"{gate.subject} {gate.stat} = {actual:.4g} vs baseline {base:.4g}: drop {drop:.4g}"
-        return GateResult(policy, gate, actual, passed, reason, baseline=base)
+        return GateResult(policy, gate, actual, passed, reason, baseline=base, tolerance=tolerance, jitter=jitter)
     passed = _OPS[gate.op](actual, gate.value)
     reason = "" if passed else f"{gate.subject} {gate.stat} = {actual:.4g}, needs {gate.op} {gate.value:g}"
     return GateResult(policy, gate, actual, passed, reason)
@@ -173,6 +203,7 @@ def _per_sample_gate(
     gate: GateSpec,
     records: Sequence[SampleRecord],
     baseline_samples: Mapping[str, Mapping[str, float]] | None,
+    jitter: float | None = None,
 ) -> GateResult:
     """Each sample's value against the same sample's in the baseline; the worst drop is gated. On one
     platform the same build gives the same images, so any real change to a build moves some sample."""
@@ -192,11 +223,12 @@ def _per_sample_gate(
     drops = {sid: _drop(gate, value, base[sid]) for sid, value in mine.items()}
     worst = max(drops, key=lambda sid: math.inf if math.isnan(drops[sid]) else drops[sid])
     actual = drops[worst]
-    passed = not math.isnan(actual) and actual <= gate.baseline[1]  # type: ignore[index]
+    tolerance = _tolerance(gate, jitter, base[worst])
+    passed = not math.isnan(actual) and actual <= tolerance
     reason = "" if passed else (
         f"{gate.subject} of {worst} = {mine[worst]:.4g} vs baseline {base[worst]:.4g}: drop {actual:.4g}"
     )  # fmt: skip
-    return GateResult(policy, gate, actual, passed, reason, baseline=base[worst])
+    return GateResult(policy, gate, actual, passed, reason, baseline=base[worst], tolerance=tolerance, jitter=jitter)
 
 
 def evaluate_gates(

@@ -14,6 +14,7 @@ from typing import Any
 from evals.mlflow_review import headline_metrics, run_name
 from evals.models.yamlspec import InputError
 from evals.records import PolicySummary, SampleRecord, read_records, summarize
+from evals.step_error.locate import LAYERS_FOLDER, LOCATE_FILE
 from evals.tracker_protocol import Tracker
 
 RUN_FILES = ("run.json", "records.jsonl", "summary.json", "verdict.json", "summary.md", "report.html", "junit.xml")
@@ -49,18 +50,28 @@ def publish_results(
     summaries: dict[str, PolicySummary],
     verdict: dict[str, Any],
 ) -> None:
-    """Each candidate's summary metrics, table, plan and verdict tag; then the run's files and verdict."""
+    """Each candidate's summary metrics, table, plan and verdict tag (and, for a failed one, the layer
+    its step error jumps at); then the run's files and verdict."""
+    located = json.loads((run_dir / LOCATE_FILE).read_text()) if (run_dir / LOCATE_FILE).is_file() else {}
     for name in candidates:
         passed = all(r["passed"] for r in verdict["results"] if r["policy"] == name)
         summary = summaries.get(name)
+        metrics = summary.flat() if summary else {}
+        tags = {"verdict": "pass" if passed else "fail"}
+        if name in located:
+            tags["step_error_jump"] = located[name]["text"]
+            if located[name].get("ratio") is not None:
+                metrics["step_error_jump_ratio"] = located[name]["ratio"]
+        profile = run_dir / LAYERS_FOLDER / f"{name}.json"
         tracker.finish_candidate(
             name,
-            summary.flat() if summary else {},
+            metrics,
             sample_table([r for r in records if r.policy == name], detectors),
-            [run_dir / "plans" / f"{name}.json"],
-            {"verdict": "pass" if passed else "fail"},
+            [run_dir / "plans" / f"{name}.json", *([profile] if profile.is_file() else [])],
+            tags,
         )
-    files = [run_dir / n for n in (*RUN_FILES, "notes.json", "timings.json") if (run_dir / n).is_file()]
+    names = (*RUN_FILES, "notes.json", "timings.json", LOCATE_FILE)
+    files = [run_dir / n for n in names if (run_dir / n).is_file()]
     suite = json.loads((run_dir / "run.json").read_text())["suite"]["name"]
     gated = [n for n in candidates if any(r["policy"] == n for r in verdict["results"])] or candidates
     tracker.finish_run(

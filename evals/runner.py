@@ -42,6 +42,7 @@ from evals.records import (
 from evals.run_json import write_run_json
 from evals.rundir import copy_png, save_png, write_atomic, write_json
 from evals.scoring import BatchScorer
+from evals.step_error.locate import LAYERS_FOLDER, locate_failures
 from evals.step_error.steps import recorded_steps
 from evals.step_error.trajectory import Trajectory, recording, teacher_forced
 from evals.suite_guard import guard_batch, guarded_names, suite_guard
@@ -129,6 +130,7 @@ class SuiteRunner:
         self.scorer = BatchScorer(suite, self.metrics, device, cache, self._timed)
         self.guard = suite_guard(suite, model.pipeline)
         self.steps: tuple[int, ...] | None = None  # recorded steps, when the suite scores step error
+        self.profiled: set[str] = set()  # candidates whose layer profile this run has (evals.step_error.locate)
         if "step_error" in suite.metrics:
             self.steps = recorded_steps(suite.metric_options.get("step_error", {}).get("steps"), suite.generation.steps)
         self.guarded = guarded_names(suite, [c.name for c in candidates])
@@ -354,9 +356,26 @@ class SuiteRunner:
             if generated.trajectory is not None:
                 with self._timed("step_error"):
                     generated.step_errors[cand.name] = teacher_forced(cand.pipeline.transformer, generated.trajectory)
+                self._profile(cand, generated.trajectory)
             advance()
         generated.notes = self.notes[noted:]
         return generated
+
+    def _profile(self, cand: Candidate, traj: Trajectory) -> None:
+        """The candidate's layer profile (each part's own error, evals.step_error.locate) at the middle
+        recorded step of the first batch it generates, kept in layers/<name>.json for naming a broken
+        layer and for its baseline."""
+        from evals.step_error.profile import profile
+
+        path = self.run_dir / LAYERS_FOLDER / f"{cand.name}.json"
+        if not self.shard.main or cand.name in self.profiled or path.is_file():
+            return
+        self.profiled.add(cand.name)
+        step = len(traj.steps) // 2
+        with self._timed("locate"):
+            errors = profile(self.model.pipeline.transformer, cand.pipeline.transformer, traj, step)
+        path.parent.mkdir(exist_ok=True)
+        write_json(path, {"step": traj.steps[step], "samples": len(traj), "errors": errors})
 
     def _store(self, result: BatchResult, writer: RecordsWriter) -> None:
         """Images, then records (a record never points at a missing image), then MLflow."""
@@ -427,6 +446,8 @@ class SuiteRunner:
             verdict = evaluate_gates(summaries, self.suite.gates, names, self.unavailable, records, baselines, samples)
             write_atomic(self.run_dir / "summary.json", summary_to_json(summaries) + "\n")
             write_json(self.run_dir / "verdict.json", verdict.to_dict())
+        with self._timed("finishing.locate"):
+            locate_failures(self.run_dir, self.suite, self.candidates, verdict, self.device, self.reference_dtype)
             if self.run_notes:
                 write_json(self.run_dir / "notes.json", self.run_notes)
         with self._timed("finishing.reports"):

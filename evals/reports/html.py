@@ -37,6 +37,7 @@ from evals.reports.render import (
     not_evaluated,
     ordered_candidates,
     ordered_results,
+    read_located,
     status_counts,
     threshold_text,
     write_summary_markdown,
@@ -271,6 +272,7 @@ def _policy_sections(
     counts = status_counts(verdict, candidates)
     results = ordered_results(verdict, by_candidate=True)
     worst = _worst_samples(run_dir, records, [*candidates, *floors])
+    located = read_located(run_dir)
     sections = []
     for i, name in enumerate([*candidates, *floors]):
         beside = [f for f in floors if f != name]  # the noise floor: what "no change" looks like
@@ -295,7 +297,8 @@ def _policy_sections(
             f'{html.escape(name)} <span class="{outcome}">{OUTCOME[outcome]}</span>'
             f' <span class="counts">gates: {_count_text(counts[name])}</span>'
         )
-        body = ["<h2>Gates</h2>", gates, _bench(summary, [name]), *body]
+        jump = f'<p class="located">{html.escape(located[name]["text"])}</p>' if name in located else ""
+        body = ["<h2>Gates</h2>", jump, gates, _bench(summary, [name]), *body]
         sections.append(
             _details(f"candidate {SECTION_CLASS[outcome]}", head, body, outcome == "fail", f"candidate-{i}")
         )

@@ -29,6 +29,9 @@ def threshold_text(r: dict[str, Any]) -> str:
         text = f"{limit.replace('_', ' ')} {r['threshold']:g} vs baseline"
         if r.get("baseline") is not None:
             text += f" {_fmt(r['baseline'])}"
+        suite = r.get("suite_threshold")
+        if r.get("jitter") is not None and suite is not None and suite != r["threshold"]:
+            text += f" (measured jitter {_fmt(r['jitter'])}; the suite's {suite:g} sat inside it)"
     if r.get("tags"):
         text += f" [tags {','.join(r['tags'])}]"
     if r.get("severity") == "warn":
@@ -182,6 +185,20 @@ def gate_table_text(run_dir: Path) -> str:
     return "\n".join([table, "", *failed, f"verdict: {status}  ({run_dir})"])
 
 
+def read_located(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """locate.json: failed candidate -> the part its step error jumps at (empty: none named)."""
+    from evals.step_error.locate import LOCATE_FILE
+
+    path = run_dir / LOCATE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("text"), str)}
+
+
 def write_summary_markdown(run_dir: Path, comparison: str = "") -> Path:
     """summary.md; `comparison`: the comparison table's section (`evals.reports.comparison`, which
     reads this module), placed before the gate table."""
@@ -198,6 +215,11 @@ def write_summary_markdown(run_dir: Path, comparison: str = "") -> Path:
         chosen = [r for r in ordered_results(verdict) if r["status"] == wanted]
         if chosen:
             lines += [f"## {title}", "", *(f"- **{r['policy']}** {result_text(r)}" for r in chosen), ""]
+    located = read_located(run_dir)
+    if located:
+        lines += ["## Where the failed candidates depart", ""]
+        lines += [f"- **{name}**: {found['text']}" for name, found in located.items()]
+        lines.append("")
     skipped = not_evaluated(verdict)
     if skipped:
         lines += ["## Not evaluated", ""]
