@@ -14,6 +14,7 @@ from evals import suite_schema as schema
 from evals.detectors import detector_params
 from evals.metrics import OUTPUTS
 from evals.models.yamlspec import Errors, InputError, StrictModel, YamlDoc, did_you_mean, load_yaml, validate
+from evals.step_error.steps import recorded_steps
 from evals.suite_types import (
     DETECTOR_STATS,
     METRIC_STATS,
@@ -160,9 +161,17 @@ def _weights(doc: YamlDoc, given: schema.Weights, metrics: tuple[str, ...]) -> d
     return out
 
 
-def _metric_options(doc: YamlDoc, given: schema.MetricOptions, metrics: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+def _metric_options(
+    doc: YamlDoc, given: schema.MetricOptions, metrics: tuple[str, ...], steps: int
+) -> dict[str, dict[str, Any]]:
     names = _listed(doc, "metric_options", given, metrics, "metrics")
-    return {name: {k: v for k, v in getattr(given, name) if v is not None} for name in names}
+    options = {name: {k: v for k, v in getattr(given, name) if v is not None} for name in names}
+    if "step_error" in options:
+        try:
+            recorded_steps(options["step_error"].get("steps"), steps)
+        except ValueError as exc:
+            raise doc.error(("metric_options", "step_error", "steps"), str(exc)) from None
+    return options
 
 
 SHIPPED_SUITES = Path(__file__).resolve().parent / "suites"
@@ -210,7 +219,7 @@ def load_suite(path: str | Path) -> Suite:
     noise_floor = errors.attempt(partial(_noise_floor, doc, given.noise_floor, generation), None)
     thresholds = errors.attempt(partial(_thresholds, doc, given.detector_thresholds, detectors), None)
     weights = errors.attempt(partial(_weights, doc, given.weights, metrics), None)
-    metric_options = errors.attempt(partial(_metric_options, doc, given.metric_options, metrics), None)
+    metric_options = errors.attempt(partial(_metric_options, doc, given.metric_options, metrics, g.steps), None)
     guard = errors.attempt(partial(_guard, doc, given.guard, detectors), None)
     errors.raise_any()
     canonical = json.dumps(doc.data, sort_keys=True, default=str).encode()

@@ -222,8 +222,15 @@ class LpipsOptions(StrictModel):
     net: Literal["alex", "vgg", "squeeze"] | None = Field(None, description="LPIPS trunk")
 
 
+class StepErrorOptions(StrictModel):
+    steps: Literal["all"] | Annotated[int, Field(ge=1, le=MAX_STEPS)] | list[Annotated[int, Field(ge=0)]] | None = (
+        Field(None, description="recorded steps: all, a number evenly spaced (default 4) or a list of step indices")
+    )
+
+
 class MetricOptions(StrictModel):
     lpips: LpipsOptions | None = None
+    step_error: StepErrorOptions | None = None
 
 
 class SuiteFile(StrictModel):
