@@ -101,7 +101,7 @@ def _jitter(args: argparse.Namespace, run: dict[str, Any], run_dir: Path, chosen
     for path in args.jitter_run:
         if not (path / "summary.json").is_file():
             raise InputError(f"--jitter-run {path}: not a finished run directory (no summary.json)")
-        given[path.name] = path
+        given[str(path)] = path  # two machines' runs may share a folder name
     if given:
         return jitter.measure(run_dir, given, chosen)
     measured: dict[str, Path] = {}

@@ -74,7 +74,7 @@ def fake_run(tmp_path: Path, results: dict[str, tuple[float, bool]], device: str
 
 def test_update_writes_one_file_per_policy_and_platform(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = fake_run(tmp_path, {"fp8-a": (33.0, True), "fp8-b": (35.0, True)})
-    assert main(["baseline", "update", str(run)]) == 0
+    assert main(["baseline", "update", str(run), "--no-jitter"]) == 0
     folder = tmp_path / "suites" / "baselines" / "mini"
     assert sorted(p.name for p in folder.iterdir()) == ["fp8-a.json", "fp8-b.json"]
     entry = json.loads((folder / "fp8-a.json").read_text())["platforms"]["cpu-float32"]
@@ -90,10 +90,10 @@ def test_update_writes_one_file_per_policy_and_platform(tmp_path: Path, capsys: 
 def test_a_second_update_says_what_it_replaces_and_keeps_other_platforms(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    main(["baseline", "update", str(fake_run(tmp_path, {"fp8-a": (33.0, True)}, device="cuda:1"))])
-    main(["baseline", "update", str(fake_run(tmp_path, {"fp8-a": (33.0, True)}))])
+    main(["baseline", "update", str(fake_run(tmp_path, {"fp8-a": (33.0, True)}, device="cuda:1")), "--no-jitter"])
+    main(["baseline", "update", str(fake_run(tmp_path, {"fp8-a": (33.0, True)})), "--no-jitter"])
     capsys.readouterr()
-    assert main(["baseline", "update", str(fake_run(tmp_path, {"fp8-a": (31.5, True)}))]) == 0
+    assert main(["baseline", "update", str(fake_run(tmp_path, {"fp8-a": (31.5, True)})), "--no-jitter"]) == 0
     out = capsys.readouterr().out
     assert "replaced" in out and "psnr_mean: 33 -> 31.5" in out
     data = json.loads((tmp_path / "suites" / "baselines" / "mini" / "fp8-a.json").read_text())
@@ -103,11 +103,11 @@ def test_a_second_update_says_what_it_replaces_and_keeps_other_platforms(
 
 def test_a_failed_candidate_is_refused_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = fake_run(tmp_path, {"fp8-a": (33.0, True), "fp8-bad": (20.0, False)})
-    assert main(["baseline", "update", str(run)]) == 2
+    assert main(["baseline", "update", str(run), "--no-jitter"]) == 2
     assert "fp8-bad failed gates" in capsys.readouterr().err
     assert not (tmp_path / "suites" / "baselines").exists()  # nothing written
-    assert main(["baseline", "update", str(run), "--policy", "fp8-a"]) == 0
-    assert main(["baseline", "update", str(run), "--force"]) == 0
+    assert main(["baseline", "update", str(run), "--policy", "fp8-a", "--no-jitter"]) == 0
+    assert main(["baseline", "update", str(run), "--force", "--no-jitter"]) == 0
     assert (tmp_path / "suites" / "baselines" / "mini" / "fp8-bad.json").is_file()
 
 
@@ -116,16 +116,51 @@ def test_a_run_failing_only_for_want_of_a_baseline_can_make_the_first_one(tmp_pa
     verdict = json.loads((run / "verdict.json").read_text())
     verdict["results"] = [{"policy": "fp8-a", "status": "fail", "baseline_gate": True, "baseline": None}]
     (run / "verdict.json").write_text(json.dumps(verdict))
-    assert main(["baseline", "update", str(run)]) == 0
+    assert main(["baseline", "update", str(run), "--no-jitter"]) == 0
     verdict["results"][0]["baseline"] = 35.0  # a regression against an existing baseline: refused
     (run / "verdict.json").write_text(json.dumps(verdict))
-    assert main(["baseline", "update", str(run)]) == 2
+    assert main(["baseline", "update", str(run), "--no-jitter"]) == 2
+
+
+def test_update_keeps_the_jitter_measured_against_other_runs_and_gates_never_sit_inside_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--jitter-run: the largest move of every figure (and of any one sample) between the accepted run
+    and runs under other arithmetic is kept with the baseline; a gate whose tolerance sits inside it
+    applies twice the jitter instead, and still fails beyond that."""
+    run = fake_run(tmp_path, {"fp8-a": (33.0, True)})
+    others = [fake_run(tmp_path / name, {"fp8-a": (value, True)}) for name, value in (("x", 32.0), ("y", 33.25))]
+    args = ["baseline", "update", str(run), *(a for o in others for a in ("--jitter-run", str(o)))]
+    assert main(args) == 0
+    folder = tmp_path / "suites" / "baselines" / "mini"
+    entry = json.loads((folder / "fp8-a.json").read_text())["platforms"]["cpu-float32"]
+    assert entry["jitter"]["metrics"]["psnr_mean"] == 1.0 and entry["jitter"]["per_sample"]["psnr"] == 1.0
+    assert entry["jitter"]["variants"] == sorted(str(o) for o in others)  # both runs carry one folder name
+    loaded = baselines.load_committed(folder, "fp8-a", "cpu-float32")
+    assert loaded is not None and loaded.jitter == {
+        "jitter:psnr_mean": 1.0,
+        "jitter:psnr_min": 1.0,
+        "jitter:per_sample:psnr": 1.0,
+    }
+    gate = GateSpec(stat="mean", op="<=", value=0.5, metric="psnr", baseline=("max_drop", 0.5))
+    flat = {**loaded.metrics, **loaded.jitter}
+    for value, passes in ((31.1, True), (30.9, False)):  # tolerance 2 x 1.0, not the suite's 0.5
+        summary = {"c": PolicySummary(n=1, metrics={"psnr": {"mean": value}})}
+        (result,) = evaluate_gates(summary, (gate,), ["c"], baselines={"c": flat}).results
+        assert (result.passed, result.tolerance, result.jitter) == (passes, 2.0, 1.0)
+    from evals.reports.render import threshold_text
+
+    assert "measured jitter 1" in threshold_text(result.to_dict())
+    unmeasured = evaluate_gates(summary, (gate,), ["c"], baselines={"c": loaded.metrics}).results[0]
+    assert unmeasured.tolerance == 0.5 and not unmeasured.passed
+    assert main([*args, "--jitter-run", str(tmp_path / "nowhere")]) == 2
+    assert "not a finished run directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("broken", ["missing", "not json", "wrong version"])
 def test_bad_baseline_files_and_run_dirs_are_input_errors(tmp_path: Path, broken: str) -> None:
     if broken == "missing":
-        assert main(["baseline", "update", str(tmp_path / "nowhere")]) == 2
+        assert main(["baseline", "update", str(tmp_path / "nowhere"), "--no-jitter"]) == 2
         return
     path = tmp_path / "fp8.json"
     path.write_text("{" if broken == "not json" else json.dumps({"version": 99, "platforms": {}}))
