@@ -50,7 +50,7 @@ class FailFast:
         baselines: Callable[[], tuple[dict[str, Any], dict[str, Any]]],
         samples: int,
     ):
-        self.gates = tuple(g for g in gates if g.bench is None)
+        self.gates = tuple(g for g in gates if g.bench is None and g.layers is None)  # known at the end
         self.candidates = candidates
         self._baselines = baselines
         self._loaded: tuple[dict[str, Any], dict[str, Any]] | None = None

@@ -137,6 +137,12 @@ def _tolerance(gate: GateSpec, jitter: float | None, base: float) -> float:
     return max(gate.baseline[1], JITTER_MARGIN * jitter)
 
 
+NO_PROFILE = (
+    "no layer profile to compare with: the run profiles a candidate's layers once it scores step error, and the "
+    "baseline policy's committed baseline for this platform must hold one (`evals baseline update RUN_DIR`)"
+)
+
+
 def _drop(gate: GateSpec, actual: float, base: float) -> float:
     """How much worse `actual` is than `base` (negative when better), absolute or relative."""
     if gate.metric:
@@ -173,7 +179,10 @@ def evaluate_gate(
         return _per_sample_gate(policy, gate, records, baseline_samples, jitter)
     if gate.guard and not summary.guard:
         return GateResult(policy, gate, math.nan, True, f"not evaluated: {policy} is not guarded", evaluated=False)
+    if gate.layers and not summary.layers:
+        return GateResult(policy, gate, math.nan, False, NO_PROFILE)
     kind = "metric" if gate.metric else "bench" if gate.bench else "guard" if gate.guard else "detector"
+    kind = "layers" if gate.layers else kind
     actual = summary.value(kind, gate.subject, gate.stat)
     if math.isnan(actual):
         return GateResult(policy, gate, actual, False, f"{gate.subject} {gate.stat} is NaN (broken or missing)")

@@ -204,12 +204,17 @@ class PolicySummary:
     guard: dict[str, float] = field(default_factory=dict)
     """A guarded candidate's retry_rate, failed_after_retry (images still flagged after every retry)
     and repaired (count); empty when it is not guarded."""
+    layers: dict[str, float] = field(default_factory=dict)
+    """The candidate's layer profile against its baseline's (max_ratio), when the suite scores step
+    error and the baseline has a profile; empty otherwise."""
 
     def value(self, kind: str, subject: str, stat: str) -> float:
         if kind == "bench":
             return self.bench.get(subject, math.nan)
         if kind == "guard":
             return self.guard.get(subject, math.nan)
+        if kind == "layers":
+            return self.layers.get(subject, math.nan)
         table = self.metrics if kind == "metric" else self.detectors
         return table.get(subject, {}).get(stat, math.nan)
 
@@ -220,6 +225,7 @@ class PolicySummary:
         out.update({f"reference_{d}_{s}": v for d, stats in self.reference_detectors.items() for s, v in stats.items()})
         out.update(self.bench)
         out.update(self.guard)
+        out.update({f"layers_{k}": v for k, v in self.layers.items()})
         out["seconds_per_image"] = self.seconds_per_image
         out["samples"] = float(self.n)
         return out

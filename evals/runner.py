@@ -42,7 +42,7 @@ from evals.records import (
 from evals.run_json import write_run_json
 from evals.rundir import copy_png, save_png, write_atomic, write_json
 from evals.scoring import BatchScorer
-from evals.step_error.locate import LAYERS_FOLDER, locate_failures
+from evals.step_error.locate import LAYERS_FOLDER, layer_figures, locate_failures
 from evals.step_error.steps import recorded_steps
 from evals.step_error.trajectory import Trajectory, recording, teacher_forced
 from evals.suite_guard import guard_batch, guarded_names, suite_guard
@@ -442,6 +442,11 @@ class SuiteRunner:
             self._bench(summaries)
         with self._timed("finishing.summary"):
             names = [c.name for c in self.candidates if c.noise_floor is None]  # the noise floor is never gated
+            if self.steps is not None:
+                figures = layer_figures(self.run_dir, self.suite, self.candidates, self.device, self.reference_dtype)
+                for name, values in figures.items():
+                    if name in summaries:
+                        summaries[name].layers = values
             baselines, samples = self._baselines() if self._has_baseline_gates else (None, None)
             verdict = evaluate_gates(summaries, self.suite.gates, names, self.unavailable, records, baselines, samples)
             write_atomic(self.run_dir / "summary.json", summary_to_json(summaries) + "\n")

@@ -49,12 +49,19 @@ def _case(doc: YamlDoc, i: int, given: schema.Case, default_seeds: list[int] | N
 def _gate(doc: YamlDoc, i: int, given: schema.Gate, suite: schema.SuiteFile, tags: set[str]) -> GateSpec:
     path = ("gates", i)
     keys = given.model_fields_set
-    if sum(k in keys for k in ("metric", "detector", "bench", "guard")) != 1:
-        raise doc.error(path, "a gate names exactly one of 'metric', 'detector', 'bench' or 'guard'")
-    if given.guard is not None:
+    if sum(k in keys for k in ("metric", "detector", "bench", "guard", "layers")) != 1:
+        raise doc.error(path, "a gate names exactly one of 'metric', 'detector', 'bench', 'guard' or 'layers'")
+    if given.layers is not None:
+        if "step_error" not in suite.metrics:
+            raise doc.error(path + ("layers",), "a layers gate needs step_error in 'metrics' (it profiles its layers)")
+        for key in ("tags", "baseline"):
+            if getattr(given, key):
+                raise doc.error(path + (key,), f"a layers gate compares with the baseline's profile; no {key!r}")
+        stats: tuple[str, ...] = ("value",)
+    elif given.guard is not None:
         if suite.guard is None:
             raise doc.error(path + ("guard",), "a guard gate needs the suite's 'guard' section")
-        stats: tuple[str, ...] = ("value",)
+        stats = ("value",)
     elif given.bench is not None:
         if suite.bench is None:
             raise doc.error(path + ("bench",), "a bench gate needs the suite's 'bench' section")
@@ -71,7 +78,7 @@ def _gate(doc: YamlDoc, i: int, given: schema.Gate, suite: schema.SuiteFile, tag
         if given.detector not in suite.detectors:
             raise doc.error(path + ("detector",), f"detector {given.detector!r} is gated but not listed in 'detectors'")
         stats = DETECTOR_STATS
-    if given.stat is None and given.bench is None and given.guard is None:
+    if given.stat is None and given.bench is None and given.guard is None and given.layers is None:
         raise doc.error(path, "missing required key 'stat'")
     stat = given.stat or "value"
     if stat not in stats:
@@ -103,6 +110,7 @@ def _gate(doc: YamlDoc, i: int, given: schema.Gate, suite: schema.SuiteFile, tag
         detector=given.detector,
         bench=given.bench,
         guard=given.guard,
+        layers=given.layers,
         optional=given.optional,
         severity=given.severity,
         tags=tuple(given.tags),

@@ -19,6 +19,7 @@ from evals.suite_types import (
     DETECTOR_STATS,
     GUARD_FALLBACKS,
     GUARD_FIGURES,
+    LAYER_FIGURES,
     METRIC_STATS,
     OPS,
     PER_SAMPLE,
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     BenchFigure: TypeAlias = str
     GuardFigure: TypeAlias = str
     GuardFallback: TypeAlias = str
+    LayerFigure: TypeAlias = str
 else:  # the registries decide the names a suite may use
     MetricName = Literal[tuple(METRICS)]
     DetectorName = Literal[tuple(DETECTORS)]
@@ -48,6 +50,7 @@ else:  # the registries decide the names a suite may use
     BenchFigure = Literal[BENCH_FIGURES]
     GuardFigure = Literal[GUARD_FIGURES]
     GuardFallback = Literal[GUARD_FALLBACKS]
+    LayerFigure = Literal[LAYER_FIGURES]
 
 # Upper bounds no real suite comes near; past them a value is a typo that would crash or hang a run.
 MAX_SIDE = 8192  # pixels a side (SD3.5 is trained at about 1 megapixel, 1024 a side)
@@ -121,13 +124,18 @@ class BaselineLimit(StrictModel):
 
 
 class Gate(StrictModel):
-    """One of metric, detector, bench or guard; a threshold (`op`, `value`) or a `baseline` limit."""
+    """One of metric, detector, bench, guard or layers; a threshold (`op`, `value`) or a `baseline` limit."""
 
     metric: GatedMetric | None = Field(None, description="a metric output, e.g. psnr, ssim, lpips, clip_score_delta")
     detector: DetectorName | None = Field(None, description="a detector listed in `detectors`")
     bench: BenchFigure | None = Field(None, description="a figure of the suite's `bench` section")
     guard: GuardFigure | None = Field(
         None, description="a guarded candidate's retry_rate (share of images made again) or failed_after_retry (count)"
+    )
+    layers: LayerFigure | None = Field(
+        None,
+        description="max_ratio: the largest ratio of a layer's own step error to the baseline profile's "
+        "(needs step_error)",
     )
     stat: Stat | None = Field(
         None, description="metrics: mean, median, min, max, p05, p95 (per_sample with a baseline); detectors: "
@@ -223,9 +231,12 @@ class LpipsOptions(StrictModel):
 
 
 class StepErrorOptions(StrictModel):
-    steps: Literal["all"] | Annotated[int, Field(ge=1, le=MAX_STEPS)] | list[Annotated[int, Field(ge=0)]] | None = (
-        Field(None, description="recorded steps: all, a number evenly spaced (default 4) or a list of step indices")
-    )
+    steps: (
+        Literal["all"]
+        | Annotated[int, Field(ge=1, le=MAX_STEPS)]
+        | list[Annotated[int, Field(ge=0, le=MAX_STEPS)]]
+        | None
+    ) = Field(None, description="recorded steps: all, a number evenly spaced (default 4) or a list of step indices")
 
 
 class MetricOptions(StrictModel):

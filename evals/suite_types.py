@@ -15,6 +15,7 @@ DETECTOR_STATS = ("count", "rate", "new_count")  # new_count: flagged where the 
 COMPILE_CHOICES = ("auto", "none", "blocks")  # `compile:` of a suite, `evals run --compile`
 BENCH_FIGURES = ("latency_ratio", "weights_ratio")  # candidate / reference, from the suite's `bench`
 GUARD_FIGURES = ("retry_rate", "failed_after_retry")  # of a guarded candidate (the suite's `guard`)
+LAYER_FIGURES = ("max_ratio",)  # of a candidate's layer profile against its baseline's (step error)
 GUARD_FALLBACKS = ("reference", "reseed")  # what makes a flagged image again
 OPS = (">=", "<=", ">", "<", "==", "!=")
 REFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -80,6 +81,9 @@ class GateSpec:
     """Bench figure gated on (latency_ratio, weights_ratio; stat `value`), measured after the run."""
     guard: str | None = None
     """Guard figure gated on (retry_rate, failed_after_retry; stat `value`), of a guarded candidate."""
+    layers: str | None = None
+    """Layer-profile figure gated on (max_ratio: the largest ratio of any layer's own step error to the
+    same layer's in the baseline policy's committed profile; stat `value`). Needs step_error."""
     optional: bool = False
     """When the metric cannot be computed here (weights absent), show the gate as not evaluated
     instead of failing it."""
@@ -93,7 +97,7 @@ class GateSpec:
 
     @property
     def subject(self) -> str:
-        return self.metric or self.detector or self.bench or self.guard or "?"
+        return self.metric or self.detector or self.bench or self.guard or self.layers or "?"
 
     def describe(self) -> str:
         where = f" [tags {','.join(self.tags)}]" if self.tags else ""

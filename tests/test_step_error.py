@@ -188,7 +188,8 @@ def test_step_error_in_a_run_and_from_the_cache(workdir: Path, capsys: pytest.Ca
     text = (
         (TEST_SUITES / "smoke.yaml").read_text().replace("metrics: [psnr, ssim]", "metrics: [psnr, ssim, step_error]")
     )
-    text += '  - {metric: step_error, stat: mean, op: "<=", value: 0.5}\n  - {metric: step_cosine, stat: min, op: ">=", value: 0.5}\n'
+    text += '  - {metric: step_error, stat: mean, op: "<=", value: 0.5}\n'
+    text += '  - {metric: step_cosine, stat: min, op: ">=", value: 0.5}\n'
     text += "metric_options: {step_error: {steps: 2}}\n"
     suite = write(workdir / "suite.yaml", text)
     runs, printed = [], []

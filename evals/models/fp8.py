@@ -1,7 +1,9 @@
 """FP8 formats, scales and the linear module that runs a quantized layer.
 
 Backends:
-- `scaled_mm`: real FP8 GEMM through `torch._scaled_mm` (Hopper/Ada GPUs, and PyTorch's CPU kernel);
+- `scaled_mm`: real FP8 GEMM through `torch._scaled_mm` on Hopper/Ada GPUs; on the CPU the same GEMM
+  computed exactly in float32 (see `exact_fp8_gemm`), since oneDNN's FP8 kernel rounds differently
+  on every instruction set;
 - `emulated`: quantize-dequantize in float32, the same numbers without FP8 units;
 - `weight_only`: FP8 storage, weights dequantized to the compute dtype, activations untouched.
 """
@@ -129,6 +131,15 @@ def resolve_backend(spec: Fp8Spec, shape: tuple[int, int], device: torch.device,
     return "emulated" if why_not else "scaled_mm"
 
 
+def exact_fp8_gemm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor) -> torch.Tensor:
+    """(a * scale_a) @ (b * scale_b)^T for FP8 `a` (rows, k) and `b` (n, k), as an FP8 GEMM computes
+    it: every product of two FP8 values is exact in float32, the sum accumulates in float32, and the
+    scales (rows, 1) and (1, n) apply to the sum. On the CPU this goes through the float32 GEMM, whose
+    results do not change with the instruction set, where oneDNN's FP8 kernel moves the outputs
+    of a whole transformer by several dB between machines (docs/gate-evidence.md)."""
+    return (a.float() @ b.float().t()) * scale_a * scale_b
+
+
 def _out_dtype(compute_dtype: torch.dtype) -> torch.dtype:
     # FP8 GEMMs write bf16/fp16/fp32; anything else comes out in bf16 and is cast back.
     return compute_dtype if compute_dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
@@ -216,7 +227,9 @@ class Fp8Linear(nn.Module):
 
     def matmul(self, xq: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(xq * x_scale) @ W^T in `dtype`, without the bias: xq (rows, in) quantized activations."""
-        if self.backend == "scaled_mm":
+        if self.backend == "scaled_mm" and xq.device.type == "cpu":
+            out = exact_fp8_gemm(xq, self.weight_fp8, x_scale, self.weight_scale.reshape(1, -1))
+        elif self.backend == "scaled_mm":
             # Row-wise kernels want both scales row-wise: broadcast a per-tensor one to rows.
             out = torch._scaled_mm(
                 xq,

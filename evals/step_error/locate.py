@@ -73,6 +73,31 @@ def _ratio(error: float, base: float) -> float:
     return math.inf if math.isnan(error) else error / max(base, FLOOR)
 
 
+def max_ratio(errors: dict[str, float], baseline: dict[str, float]) -> float:
+    """The largest ratio of any part's own error to the same part's in the baseline profile (a part
+    that gives NaN: infinity); NaN when the two share no part."""
+    ratios = [_ratio(e, baseline[n]) for n, e in errors.items() if n in baseline]
+    return max(ratios) if ratios else math.nan
+
+
+def layer_figures(
+    run_dir: Path, suite: Suite, candidates: list[Candidate], device: str, reference_dtype: str
+) -> dict[str, dict[str, float]]:
+    """Candidate -> {max_ratio} of its layer profile against its baseline policy's committed profile
+    for this platform; candidates without either are left out (a layers gate then fails, saying why)."""
+    from evals.baselines import baselines_folder, load_profile, platform_key
+
+    folder = baselines_folder(suite.path, suite.name, suite.baselines)
+    platform = platform_key(device, reference_dtype)
+    figures = {}
+    for cand in candidates:
+        errors = read_profile(run_dir, cand.name)
+        base = load_profile(folder, cand.baseline_policy, platform) if errors is not None else None
+        if errors is not None and base is not None:
+            figures[cand.name] = {"max_ratio": max_ratio(errors, base)}
+    return figures
+
+
 def departure(errors: dict[str, float], baseline: dict[str, float] | None) -> Departure | None:
     """The part that departs most beyond its baseline: first the block (or top-level part) with the
     largest ratio, then the layer inside that block with the largest. Without a baseline profile,

@@ -105,7 +105,8 @@ def profile(reference: torch.nn.Module, candidate: torch.nn.Module, traj: Trajec
         part = _submodule(candidate, name)
         if part is None:
             continue
-        moved_args, moved_kwargs = _to(args, cand_device), _to(kwargs, cand_device)
+        dtype = _compute_dtype(part)
+        moved_args, moved_kwargs = _to(args, cand_device, dtype), _to(kwargs, cand_device, dtype)
         errors[name] = relative_error(part(*moved_args, **moved_kwargs), output)
         if not name.startswith(f"{BLOCKS}."):
             continue
@@ -115,16 +116,28 @@ def profile(reference: torch.nn.Module, candidate: torch.nn.Module, traj: Trajec
         for layer, (largs, lkwargs, lout) in inside.items():
             cand_layer = _submodule(part, layer)
             if cand_layer is not None:
-                got = cand_layer(*_to(largs, cand_device), **_to(lkwargs, cand_device))
+                dtype = _compute_dtype(cand_layer)
+                got = cand_layer(*_to(largs, cand_device, dtype), **_to(lkwargs, cand_device, dtype))
                 errors[f"{name}.{layer}"] = relative_error(got, lout)
     return errors
 
 
-def _to(value: Any, device: torch.device) -> Any:
+COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _compute_dtype(part: torch.nn.Module) -> torch.dtype | None:
+    """The dtype a candidate part computes in (a bf16 build's parts take bf16 inputs); None for a
+    part with no such parameter (an FP8 layer casts its input itself)."""
+    return next((p.dtype for p in part.parameters() if p.dtype in COMPUTE_DTYPES), None)
+
+
+def _to(value: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    """The reference's captured inputs, on the candidate's device and in its part's dtype."""
     if torch.is_tensor(value):
-        return value.to(device)
+        cast = dtype is not None and value.is_floating_point()
+        return value.to(device, dtype) if cast else value.to(device)
     if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
+        return tuple(_to(v, device, dtype) for v in value)
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: _to(v, device, dtype) for k, v in value.items()}
     return value
