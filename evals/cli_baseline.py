@@ -24,6 +24,7 @@ def _fmt(value: float | None) -> str:
 
 def cmd_baseline_update(args: argparse.Namespace) -> int:
     from evals import baselines
+    from evals.gates import NO_PROFILE
     from evals.records import PolicySummary, read_records
     from evals.step_error.locate import read_profile
     from evals.suite import load_suite
@@ -44,7 +45,7 @@ def cmd_baseline_update(args: argparse.Namespace) -> int:
     # A baseline gate that failed for want of a baseline is what this command mends; any other failure,
     # a regression against an existing baseline included, is a build nobody should accept by default.
     def blocks(r: dict[str, Any]) -> bool:
-        wants_baseline = bool(r.get("baseline_gate")) and r["baseline"] is None
+        wants_baseline = (bool(r.get("baseline_gate")) and r["baseline"] is None) or r.get("reason") == NO_PROFILE
         return r["status"] == "fail" and r["policy"] in chosen and not wants_baseline
 
     failed = sorted({r["policy"] for r in verdict["results"] if blocks(r)})
