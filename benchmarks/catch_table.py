@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.mutants import Mutant, make_mutants
 
 REPO = Path(__file__).resolve().parents[1]
+STEP_GATES = ("step_error", "step_cosine", "max_ratio")
 SOURCE_POLICY = "fp8-e4m3-rowwise"
 
 
@@ -52,6 +53,15 @@ class Row:
     caught: bool
     """A blocking gate that measured something failed."""
     mutant: Mutant | None = None
+    step_error: float = math.nan
+    """Mean step error (teacher-forced) over the samples it finished."""
+    named: str = ""
+    """The part its step error jumps at (locate.json), for a failed candidate."""
+
+    @property
+    def by_step_error(self) -> bool:
+        """Failed by a step-error gate (step_error, step_cosine or the layer profile) that measured something."""
+        return any(label.split()[0] in STEP_GATES and "(no baseline)" not in label for label in self.failed)
 
     @property
     def ok(self) -> bool:
@@ -130,8 +140,11 @@ def _baseline_gate(result: dict[str, Any]) -> bool:
 
 
 def measured(result: dict[str, Any]) -> bool:
-    """False for a baseline gate that failed only because there is no baseline to compare with."""
-    return not (_baseline_gate(result) and result.get("baseline") is None)
+    """False for a baseline gate that failed only because there is no baseline (or no baseline layer
+    profile) to compare with."""
+    from evals.gates import NO_PROFILE
+
+    return not (_baseline_gate(result) and result.get("baseline") is None) and result.get("reason") != NO_PROFILE
 
 
 def _label(result: dict[str, Any]) -> str:
@@ -148,6 +161,7 @@ def blocking(verdict: dict[str, Any], candidate: str) -> list[dict[str, Any]]:
 def read_rows(run_dir: Path, mutants: list[Mutant], sound: tuple[str, ...]) -> list[Row]:
     verdict = json.loads((run_dir / "verdict.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())["policies"]
+    located = json.loads((run_dir / "locate.json").read_text()) if (run_dir / "locate.json").is_file() else {}
     gated = {r["policy"] for r in verdict["results"]}
     rows = []
     candidates = [(m.name, "fail" if m.must_fail else "report", m) for m in mutants]
@@ -158,7 +172,10 @@ def read_rows(run_dir: Path, mutants: list[Mutant], sound: tuple[str, ...]) -> l
         if name not in gated:
             failed = ("not in verdict.json",)
         caught = name in gated and any(measured(r) for r in results)
-        rows.append(Row(name, expect, psnr.get("mean", math.nan), psnr.get("min", math.nan), failed, caught, mutant))
+        step = summary.get(name, {}).get("metrics", {}).get("step_error", {}).get("mean", math.nan)
+        named = located.get(name, {}).get("part", "")
+        mean, low = psnr.get("mean", math.nan), psnr.get("min", math.nan)
+        rows.append(Row(name, expect, mean, low, failed, caught, mutant, step, named))
     return rows
 
 
@@ -169,25 +186,30 @@ def _f(value: float) -> str:
 def render(rows: list[Row]) -> str:
     """The Markdown catch table, then the sound policies."""
     lines = [
-        "| mutant | layer | kind | position | must fail | PSNR mean | PSNR min | failed gates | caught |",
-        "| --- | --- | --- | --- | --- | ---: | ---: | --- | --- |",
+        "| mutant | layer | kind | position | must fail | step error | PSNR mean | PSNR min | failed gates "
+        "| caught | named layer |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | --- | --- | --- |",
     ]
     for r in rows:
         if r.mutant is not None:
             m = r.mutant
             lines.append(
                 f"| {m.name} | {m.layer} | {m.kind} | {m.position} | {'yes' if m.must_fail else 'no (report)'} "
-                f"| {_f(r.psnr_mean)} | {_f(r.psnr_min)} | {', '.join(r.failed) or '-'} "
-                f"| {'yes' if r.caught else 'NO' if m.must_fail else 'no'} |"
+                f"| {r.step_error:.4f} | {_f(r.psnr_mean)} | {_f(r.psnr_min)} | {', '.join(r.failed) or '-'} "
+                f"| {'yes' if r.caught else 'NO' if m.must_fail else 'no'} | {r.named or '-'} |"
             )
-    lines += ["", "| sound policy (must pass) | PSNR mean | PSNR min | failed gates | passed |"]
-    lines.append("| --- | ---: | ---: | --- | --- |")
+    lines += ["", "| sound policy (must pass) | step error | PSNR mean | PSNR min | failed gates | passed |"]
+    lines.append("| --- | ---: | ---: | ---: | --- | --- |")
     for r in rows:
         if r.expect == "pass":
             status = "yes" if r.ok else "NO"
             lines.append(
-                f"| {r.name} | {_f(r.psnr_mean)} | {_f(r.psnr_min)} | {', '.join(r.failed) or '-'} | {status} |"
+                f"| {r.name} | {r.step_error:.4f} | {_f(r.psnr_mean)} | {_f(r.psnr_min)} "
+                f"| {', '.join(r.failed) or '-'} | {status} |"
             )
+    single = [r for r in rows if r.mutant is not None and r.mutant.checkpoint is not None and r.expect == "fail"]
+    right = [r for r in single if r.named == r.mutant.layer] if single else []  # type: ignore[union-attr]
+    lines += ["", f"single-layer mutants named at the mutated layer: {len(right)} of {len(single)}"]
     return "\n".join(lines)
 
 

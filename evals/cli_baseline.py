@@ -99,10 +99,12 @@ def _jitter(args: argparse.Namespace, run: dict[str, Any], run_dir: Path, chosen
         print("jitter not measured (--no-jitter): baseline gates will apply the suite's tolerances as written")
         return {}
     given: dict[str, Path] = {}
-    for path in args.jitter_run:
+    for text in args.jitter_run:
+        name, _, folder = text.rpartition("=")
+        path = Path(folder)
         if not (path / "summary.json").is_file():
-            raise InputError(f"--jitter-run {path}: not a finished run directory (no summary.json)")
-        given[str(path)] = path  # two machines' runs may share a folder name
+            raise InputError(f"--jitter-run {text}: not a finished run directory (no summary.json)")
+        given[name or str(path)] = path  # two machines' runs may share a folder name
     if given:
         return jitter.measure(run_dir, given, chosen)
     measured: dict[str, Path] = {}
@@ -132,11 +134,11 @@ def add_baseline_commands(sub: Any) -> None:
     update.add_argument(
         "--jitter-run",
         action="append",
-        type=Path,
         default=[],
-        metavar="RUN_DIR",
-        help="a finished run of the same suite and candidates under other arithmetic (another machine, the GPU): "
-        "measure jitter against it instead of running the variants here (repeatable)",
+        metavar="[NAME=]RUN_DIR",
+        help="a finished run of the same suite and candidates under other arithmetic (another machine, TF32, an "
+        "eager candidate), named NAME in the baseline: measure jitter against it instead of running the variants "
+        "here (repeatable)",
     )
     update.add_argument(
         "--no-jitter",

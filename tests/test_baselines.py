@@ -130,12 +130,12 @@ def test_update_keeps_the_jitter_measured_against_other_runs_and_gates_never_sit
     applies twice the jitter instead, and still fails beyond that."""
     run = fake_run(tmp_path, {"fp8-a": (33.0, True)})
     others = [fake_run(tmp_path / name, {"fp8-a": (value, True)}) for name, value in (("x", 32.0), ("y", 33.25))]
-    args = ["baseline", "update", str(run), *(a for o in others for a in ("--jitter-run", str(o)))]
+    args = ["baseline", "update", str(run), "--jitter-run", f"machine-x={others[0]}", "--jitter-run", str(others[1])]
     assert main(args) == 0
     folder = tmp_path / "suites" / "baselines" / "mini"
     entry = json.loads((folder / "fp8-a.json").read_text())["platforms"]["cpu-float32"]
     assert entry["jitter"]["metrics"]["psnr_mean"] == 1.0 and entry["jitter"]["per_sample"]["psnr"] == 1.0
-    assert entry["jitter"]["variants"] == sorted(str(o) for o in others)  # both runs carry one folder name
+    assert entry["jitter"]["variants"] == sorted(["machine-x", str(others[1])])  # the same folder name twice
     loaded = baselines.load_committed(folder, "fp8-a", "cpu-float32")
     assert loaded is not None and loaded.jitter == {
         "jitter:psnr_mean": 1.0,
