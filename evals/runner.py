@@ -182,11 +182,13 @@ class SuiteRunner:
         batch: list[Sample],
         images_per_call: int | None = None,
         trajectories: list[Trajectory] | None = None,
+        steps: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         """`generate`, halving the number of images per call on CUDA out-of-memory (and keeping the
         smaller size for the rest of the run, reference and candidates alike). With `trajectories`,
-        the trajectory of each pipeline call at the recorded steps is appended to it."""
+        the trajectory of each pipeline call at `steps` (default: the recorded ones) is appended to it."""
         gen = self.suite.generation
+        steps = steps or self.steps
         while True:
             size = min(images_per_call or self.images_per_call or len(batch), len(batch))
             try:
@@ -194,10 +196,10 @@ class SuiteRunner:
                     parts = []
                     for i in range(0, len(batch), size):
                         part = batch[i : i + size]
-                        if trajectories is None or self.steps is None:
+                        if trajectories is None or steps is None:
                             parts.append(generate(pipe, part, gen))
                             continue
-                        with recording(pipe.transformer, self.steps, gen.guidance, len(part)) as recorded:
+                        with recording(pipe.transformer, steps, gen.guidance, len(part)) as recorded:
                             parts.append(generate(pipe, part, gen))
                         trajectories.extend(recorded)
                     return torch.cat(parts)
@@ -336,8 +338,11 @@ class SuiteRunner:
             if cand.activate is not None:
                 cand.activate()
             start = time.perf_counter()
+            # Its first step starts from the reference's very inputs: recorded, it need not be run again.
+            first = (0,) if generated.trajectory is not None and generated.trajectory.steps[0] == 0 else None
+            own: list[Trajectory] | None = [] if first else None
             try:
-                raw = self._generate(cand.pipeline, batch, cand.images_per_call)
+                raw = self._generate(cand.pipeline, batch, cand.images_per_call, own, first)
             except Exception as exc:
                 explained = explain_failure(exc)
                 if explained is not exc:
@@ -355,7 +360,9 @@ class SuiteRunner:
             generated.candidates.append((cand, raw, (time.perf_counter() - start) / len(batch)))
             if generated.trajectory is not None:
                 with self._timed("step_error"):
-                    generated.step_errors[cand.name] = teacher_forced(cand.pipeline.transformer, generated.trajectory)
+                    mine = Trajectory.cat(own) if own else None
+                    errors = teacher_forced(cand.pipeline.transformer, generated.trajectory, mine)
+                    generated.step_errors[cand.name] = errors
                 self._profile(cand, generated.trajectory)
             advance()
         generated.notes = self.notes[noted:]

@@ -209,3 +209,19 @@ def test_step_error_in_a_run_and_from_the_cache(workdir: Path, capsys: pytest.Ca
     gates = json.loads((runs[0] / "verdict.json").read_text())["results"]
     assert {g["subject"] for g in gates} >= {"step_error", "step_cosine"}
     assert (runs[0] / "layers" / "fp8-e4m3-rowwise.json").is_file()
+
+
+def test_the_candidates_own_first_step_is_reused_exactly(recorded, tiny_model) -> None:
+    """A candidate's generation starts from the reference's own inputs: its recorded first step is the
+    teacher-forced one, bit for bit, so a run takes it instead of computing it again. A step whose
+    inputs differ is computed."""
+    traj, _ = recorded
+    cand = build_candidate(tiny_model, load_policy("fp8-e4m3-rowwise"), GEN).pipeline
+    with recording(cand.transformer, (0, 1), GEN.guidance, len(BATCH)) as out:
+        generate(cand, BATCH, GEN)
+    own = out[0]
+    from evals.step_error.trajectory import same_inputs
+
+    assert same_inputs(own, traj, 0) and not same_inputs(own, traj, 1)  # step 1: its own latents by then
+    computed, reused = teacher_forced(cand.transformer, traj), teacher_forced(cand.transformer, traj, own)
+    assert torch.equal(computed.relative, reused.relative) and torch.equal(computed.cosine, reused.cosine)

@@ -94,9 +94,7 @@ def profile(reference: torch.nn.Module, candidate: torch.nn.Module, traj: Trajec
     every block and top-level layer, then every layer inside each block, by name."""
     ref_device = next(reference.parameters()).device
     cand_device = next(candidate.parameters()).device
-    inputs = {
-        k: v if k == "timestep" else v.to(traj.input_dtype) for k, v in step_inputs(traj, step, ref_device).items()
-    }
+    inputs = step_inputs(traj, step, ref_device)
     units = _units(reference)
     with _captured(units) as seen:
         reference(**inputs, return_dict=False)

@@ -137,33 +137,51 @@ class StepErrors:
 
 
 def step_inputs(traj: Trajectory, s: int, device: torch.device | str) -> dict[str, torch.Tensor]:
-    """The transformer's keyword arguments at recorded step `s`, as the pipeline passed them."""
+    """The transformer's keyword arguments at recorded step `s`, as the pipeline passed them (in the
+    dtype it passed them in)."""
     k = traj.prompt_embeds.shape[1]
 
     def stacked(t: torch.Tensor) -> torch.Tensor:  # (B, K, ...) -> (K*B, ...)
         return t.transpose(0, 1).reshape(-1, *t.shape[2:])
 
     latents = traj.latents[:, s]
+    dtype = traj.input_dtype
     return {
-        "hidden_states": torch.cat([latents] * k).to(device),
+        "hidden_states": torch.cat([latents] * k).to(device, dtype),
         "timestep": torch.cat([traj.timesteps[:, s]] * k).to(device),
-        "encoder_hidden_states": stacked(traj.prompt_embeds).to(device),
-        "pooled_projections": stacked(traj.pooled).to(device),
+        "encoder_hidden_states": stacked(traj.prompt_embeds).to(device, dtype),
+        "pooled_projections": stacked(traj.pooled).to(device, dtype),
     }
 
 
+def same_inputs(own: Trajectory, traj: Trajectory, k: int) -> bool:
+    """Whether the candidate's own generation met recorded step `traj.steps[k]` with exactly the
+    reference's inputs (always so at the first step, unless the policy changed a text encoder)."""
+    if traj.steps[k] not in own.steps:
+        return False
+    j = own.steps.index(traj.steps[k])
+    pairs = [(own.latents[:, j], traj.latents[:, k]), (own.timesteps[:, j], traj.timesteps[:, k])]
+    pairs += [(own.prompt_embeds, traj.prompt_embeds), (own.pooled, traj.pooled)]
+    return all(a.shape == b.shape and torch.equal(a, b) for a, b in pairs)
+
+
 @torch.inference_mode()
-def teacher_forced(transformer: Any, traj: Trajectory) -> StepErrors:
+def teacher_forced(transformer: Any, traj: Trajectory, own: Trajectory | None = None) -> StepErrors:
     """The candidate's transformer on the reference's inputs at every recorded step, compared with
     the reference's guided output there. The transformer casts its inputs where its dtype differs
-    (evals.models.precision); the comparison is made in float64 on the CPU."""
+    (evals.models.precision); the comparison is made in float64 on the CPU. `own`: what the
+    candidate's own generation recorded; where it met a step with the reference's very inputs (the
+    first step starts from the same noise), its output there is taken instead of computed again."""
     device = next(transformer.parameters()).device
     batch = len(traj)
     relative, cosine = [], []
     for s in range(len(traj.steps)):
-        inputs = {k: v if k == "timestep" else v.to(traj.input_dtype) for k, v in step_inputs(traj, s, device).items()}
-        output = transformer(**inputs, return_dict=False)[0]
-        cand = _guided(output, traj.guidance, batch).double().cpu().flatten(1)
+        if own is not None and same_inputs(own, traj, s):
+            guided = own.guided[:, own.steps.index(traj.steps[s])]
+        else:
+            output = transformer(**step_inputs(traj, s, device), return_dict=False)[0]
+            guided = _guided(output, traj.guidance, batch)
+        cand = guided.double().cpu().flatten(1)
         ref = traj.guided[:, s].double().flatten(1)
         diff = (cand - ref).norm(dim=1)
         relative.append(diff / ref.norm(dim=1))
