@@ -202,9 +202,16 @@ def evaluate_gate(
         passed = drop <= tolerance
         reason = "" if passed else f"{gate.subject} {gate.stat} = {actual:.4g} vs baseline {base:.4g}: drop {drop:.4g}"
         return GateResult(policy, gate, actual, passed, reason, baseline=base, tolerance=tolerance, jitter=jitter)
-    passed = _OPS[gate.op](actual, gate.value)
-    reason = "" if passed else f"{gate.subject} {gate.stat} = {actual:.4g}, needs {gate.op} {gate.value:g}"
-    return GateResult(policy, gate, actual, passed, reason)
+    threshold, jitter = gate.value, None
+    if gate.layers and gate.op in ("<=", "<"):
+        # A ratio to the baseline's profile: 1 plus its jitter is where a sound build may read.
+        jitter = (baseline or {}).get(f"{JITTER_KEY}layers_{gate.layers}")
+        threshold = max(gate.value, 1.0 + JITTER_MARGIN * jitter) if jitter is not None else gate.value
+    passed = _OPS[gate.op](actual, threshold)
+    reason = "" if passed else f"{gate.subject} {gate.stat} = {actual:.4g}, needs {gate.op} {threshold:g}"
+    if jitter is None:
+        return GateResult(policy, gate, actual, passed, reason)
+    return GateResult(policy, gate, actual, passed, reason, tolerance=threshold, jitter=jitter)
 
 
 def _per_sample_gate(

@@ -116,9 +116,21 @@ def _moved(a: float, b: float) -> float:
     return abs(a - b)
 
 
+def _layers_moved(base_dir: Path, variant_dir: Path, policy: str) -> float | None:
+    """How far the policy's layer profile moved: the largest ratio of a part's error under the variant
+    to the same part's in the accepted run, less 1 (None: a run has no profile)."""
+    from evals.step_error.locate import max_ratio, read_profile
+
+    base, other = read_profile(base_dir, policy), read_profile(variant_dir, policy)
+    if base is None or other is None:
+        return None
+    return max(max_ratio(other, base), max_ratio(base, other)) - 1.0
+
+
 def measure(base_dir: Path, variant_dirs: dict[str, Path], policies: list[str]) -> dict[str, dict[str, Any]]:
     """Per policy: the variants, and for each summary figure and each metric's samples, the largest
-    move from the accepted run under any variant (NaN where one of them is not finite)."""
+    move from the accepted run under any variant (NaN where one of them is not finite); with layer
+    profiles, `layers_max_ratio`: how far any layer's own step error moved, as a ratio less 1."""
     base_flat, base_samples = _figures(base_dir)
     out: dict[str, dict[str, Any]] = {}
     moved = {name: _figures(path) for name, path in variant_dirs.items()}
@@ -133,6 +145,9 @@ def measure(base_dir: Path, variant_dirs: dict[str, Path], policies: list[str]) 
                 theirs = samples.get(policy, {}).get(metric, {})
                 worst = max((_moved(v, theirs.get(sid, math.nan)) for sid, v in values.items()), default=0.0)
                 per_sample[metric] = max(per_sample.get(metric, 0.0), worst)
+        layers = [_layers_moved(base_dir, path, policy) for path in variant_dirs.values()]
+        if layers and all(m is not None for m in layers):
+            metrics["layers_max_ratio"] = max(m for m in layers if m is not None)
         finite = lambda d: {k: v for k, v in d.items() if math.isfinite(v)}  # noqa: E731
         out[policy] = {"variants": sorted(variant_dirs), "metrics": finite(metrics), "per_sample": finite(per_sample)}
     return out

@@ -230,3 +230,20 @@ def test_per_sample_is_only_a_baseline_statistic(tmp_path: Path) -> None:
         load_suite(bad)
     good = write(tmp_path / "g.yaml", SUITE.replace("stat: mean", "stat: per_sample"))
     assert load_suite(good).gates[0].stat == "per_sample"
+
+
+def test_a_layers_gate_reads_the_profile_ratio_and_widens_only_to_its_jitter() -> None:
+    """{layers: max_ratio}: no profile to compare with fails (saying why); a sound build's ratio of
+    1.27 under eager bf16 kernels passes a 1.5 bound only widened where the jitter says so; past it fails."""
+    from evals.gates import NO_PROFILE
+
+    gate = GateSpec(stat="value", op="<=", value=1.2, layers="max_ratio")
+    bare = {"c": PolicySummary(n=1)}
+    (missing,) = evaluate_gates(bare, (gate,), ["c"]).results
+    assert not missing.passed and missing.reason == NO_PROFILE
+    for ratio, jitter, passes in ((1.15, None, True), (1.3, None, False), (1.3, 0.27, True), (1.6, 0.27, False)):
+        summary = {"c": PolicySummary(n=1, layers={"max_ratio": ratio})}
+        base = {} if jitter is None else {"jitter:layers_max_ratio": jitter}
+        (result,) = evaluate_gates(summary, (gate,), ["c"], baselines={"c": base}).results
+        assert result.passed is passes, (ratio, jitter)
+        assert result.tolerance == (None if jitter is None else pytest.approx(1.54))

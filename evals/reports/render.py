@@ -29,9 +29,9 @@ def threshold_text(r: dict[str, Any]) -> str:
         text = f"{limit.replace('_', ' ')} {r['threshold']:g} vs baseline"
         if r.get("baseline") is not None:
             text += f" {_fmt(r['baseline'])}"
-        suite = r.get("suite_threshold")
-        if r.get("jitter") is not None and suite is not None and suite != r["threshold"]:
-            text += f" (measured jitter {_fmt(r['jitter'])}; the suite's {suite:g} sat inside it)"
+    suite = r.get("suite_threshold")
+    if r.get("jitter") is not None and suite is not None and suite != r["threshold"]:
+        text += f" (measured jitter {_fmt(r['jitter'])}; the suite's {suite:g} sat inside it)"
     if r.get("tags"):
         text += f" [tags {','.join(r['tags'])}]"
     if r.get("severity") == "warn":
