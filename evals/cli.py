@@ -185,6 +185,9 @@ def _parser() -> argparse.ArgumentParser:
 
     add_review_commands(sub)
     from evals.cli_baseline import add_baseline_commands
+    from evals.cli_locate import add_locate_command
+
+    add_locate_command(sub)
 
     add_baseline_commands(sub)
     from evals.cli_gates import add_gates_commands

@@ -4,6 +4,7 @@ teacher-forced error against a hand-built transformer call, the cache, and the b
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -225,3 +226,27 @@ def test_the_candidates_own_first_step_is_reused_exactly(recorded, tiny_model) -
     assert same_inputs(own, traj, 0) and not same_inputs(own, traj, 1)  # step 1: its own latents by then
     computed, reused = teacher_forced(cand.transformer, traj), teacher_forced(cand.transformer, traj, own)
     assert torch.equal(computed.relative, reused.relative) and torch.equal(computed.cosine, reused.cosine)
+
+
+def test_locate_on_demand_on_a_finished_run(finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`evals locate` on a run made without step error rebuilds the models, profiles the candidate and
+    names a part (no baseline profile here: the largest own error); a second call reads the stored
+    profile; bad input is exit 2 with nothing written."""
+    import shutil
+
+    from evals.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    assert main(["locate", str(run), "--candidate", "nope"]) == 2
+    assert "not a candidate" in capsys.readouterr().err and not (run / "locate.json").exists()
+    assert main(["locate", str(tmp_path / "nowhere")]) == 2
+    assert main(["locate", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "rebuilding the models" in out and "fp8-e4m3-rowwise: largest own error at transformer_blocks." in out
+    assert (run / "layers" / "fp8-e4m3-rowwise.json").is_file()
+    named = json.loads((run / "locate.json").read_text())["fp8-e4m3-rowwise"]
+    assert named["baseline"] is None and named["part"].startswith("transformer_blocks.")
+    assert named["text"] in (run / "report.html").read_text() and named["text"] in (run / "summary.md").read_text()
+    assert main(["locate", str(run)]) == 0
+    assert "rebuilding" not in capsys.readouterr().out

@@ -217,7 +217,7 @@ def write_summary_markdown(run_dir: Path, comparison: str = "") -> Path:
             lines += [f"## {title}", "", *(f"- **{r['policy']}** {result_text(r)}" for r in chosen), ""]
     located = read_located(run_dir)
     if located:
-        lines += ["## Where the failed candidates depart", ""]
+        lines += ["## Where step error departs from the baseline", ""]
         lines += [f"- **{name}**: {found['text']}" for name, found in located.items()]
         lines.append("")
     skipped = not_evaluated(verdict)
