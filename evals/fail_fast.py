@@ -2,7 +2,8 @@
 
 A gate has failed for good when no later sample can make it pass: a count of flagged images above
 its limit (counts only grow), a minimum below its floor or a maximum above its ceiling (they only
-move further), one sample's drop against its baseline beyond the allowed drop. Means, medians and
+move further), one sample's drop against its baseline beyond the allowed drop, a layer profile's
+ratio past its bound (the profile is made once, on the candidate's first batch). Means, medians and
 percentiles can still move either way and never stop a candidate; nor does a regression gate with no
 baseline (it fails, but the measured gates should say what is wrong). The verdict is the one the
 whole run would give; the stopped candidate's statistics cover the samples it finished.
@@ -11,6 +12,7 @@ whole run would give; the stopped candidate's statistics cover the samples it fi
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +31,8 @@ def failed_for_good(result: GateResult) -> bool:
     gate: GateSpec = result.gate
     if result.passed or not result.evaluated or gate.severity != "fail" or gate.bench is not None:
         return False
+    if gate.layers is not None:
+        return not math.isnan(result.actual)  # the layer profile is made once: its ratio is final
     if gate.baseline is not None:
         # A missing baseline fails the run too, but is known before it starts: the candidate goes on,
         # so that its measured gates, not a missing file, say what is wrong with it.
@@ -50,7 +54,9 @@ class FailFast:
         baselines: Callable[[], tuple[dict[str, Any], dict[str, Any]]],
         samples: int,
     ):
-        self.gates = tuple(g for g in gates if g.bench is None and g.layers is None)  # known at the end
+        self.gates = tuple(g for g in gates if g.bench is None)
+        self.layers: dict[str, dict[str, float]] = {}
+        """Candidate -> its layer-profile figures, once its profile is made (the runner adds them)."""
         self.candidates = candidates
         self._baselines = baselines
         self._loaded: tuple[dict[str, Any], dict[str, Any]] | None = None
@@ -72,7 +78,11 @@ class FailFast:
             if self._loaded is None and any(g.baseline is not None for g in self.gates):
                 self._loaded = self._baselines()
             base, per_sample = self._loaded or (None, None)
-            verdict = evaluate_gates(summarize(mine), self.gates, live, None, mine, base, per_sample)
+            summaries = summarize(mine)
+            for name, figures in self.layers.items():
+                if name in summaries:
+                    summaries[name].layers = figures
+            verdict = evaluate_gates(summaries, self.gates, live, None, mine, base, per_sample)
             for result in verdict.results:
                 if result.policy not in self.stopped and failed_for_good(result):
                     done = sum(r.policy == result.policy for r in mine)

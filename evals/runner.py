@@ -383,6 +383,9 @@ class SuiteRunner:
             errors = profile(self.model.pipeline.transformer, cand.pipeline.transformer, traj, step)
         path.parent.mkdir(exist_ok=True)
         write_json(path, {"step": traj.steps[step], "samples": len(traj), "errors": errors})
+        if self.fail_fast is not None:  # a layers gate failed now fails for good
+            figures = layer_figures(self.run_dir, self.suite, [cand], self.device, self.reference_dtype)
+            self.fail_fast.layers.update(figures)
 
     def _store(self, result: BatchResult, writer: RecordsWriter) -> None:
         """Images, then records (a record never points at a missing image), then MLflow."""

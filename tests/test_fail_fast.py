@@ -58,6 +58,15 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "records.jsonl").read_text().splitlines()]
 
 
+def test_a_layers_gate_settles_once_the_profile_is_made() -> None:
+    """The layer profile is made once, on a candidate's first batch: a ratio past the bound then is the
+    ratio at the end; no profile yet (NaN) settles nothing."""
+    layers = GateSpec(stat="value", op="<=", value=1.5, layers="max_ratio")
+    assert failed_for_good(GateResult("c", layers, 3.2, False, "ratio"))
+    assert not failed_for_good(GateResult("c", layers, math.nan, False, "no profile"))
+    assert not failed_for_good(GateResult("c", layers, 1.1, True, ""))
+
+
 def test_a_candidate_stops_after_the_batch_that_settles_it(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # psnr min >= 40: the light suite's rowwise build has samples near 23 dB, in its first batch.
     suite = write(
