@@ -32,9 +32,9 @@ TAIL_MIN_SAMPLES = 40
 rather than the single worst image, and one outlier no longer sets the gate. Below, `min`/`max`."""
 SIGNIFICANT_DIGITS = 4
 """Thresholds are rounded to this many significant digits, always in the lenient direction."""
-ORDER = ("psnr", "ssim", "lpips", "clip_score_delta")
+ORDER = ("step_error", "step_cosine", "psnr", "ssim", "lpips", "clip_score_delta")
 """Metric outputs in the order their gates are printed; any other output follows, by name."""
-BASELINE_METRICS = ("psnr", "ssim")
+BASELINE_METRICS = ("step_error", "psnr", "ssim")
 """Metrics that get a regression gate against the committed/accepted baseline (their mean)."""
 
 
@@ -60,6 +60,10 @@ DEFAULT_MARGINS: dict[str, Margin] = {
     "ssim": Margin(0.01, why="default: 1% of SSIM's 0..1 scale"),
     "lpips": Margin(0.01, why="default: 1% of LPIPS's practical 0..1 scale"),
     "clip_score_delta": Margin(0.5, why="default: half a point of 100*cos, under 2% of a matching pair's 25-35"),
+    "step_error": Margin(
+        0.02, relative=True, why="default: 2%, 7x the 0.3% that other machines' arithmetic moves it (gate-evidence.md)"
+    ),
+    "step_cosine": Margin(0.002, why="default: 0.002, 20x the 0.0001 that other machines' arithmetic moves it"),
 }
 FALLBACK_MARGIN = Margin(0.05, relative=True, why="default for a metric without a margin of its own")
 NOT_GATED = {

@@ -367,3 +367,24 @@ def test_noise_floor_name_matches_the_candidates_module() -> None:
 def test_importing_the_modules_imports_no_torch() -> None:
     code = "import sys, evals.gate_suggest, evals.cli_gates; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_step_error_gets_gates_of_its_own_direction_and_a_baseline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Lower step error is better, higher cosine is: each gets the direction of its own; the mean of
+    step error gets a 2% relative regression gate against the baseline."""
+    records = []
+    for r in trusted_records(n=20, noise_floor=False):
+        i = int(r.sample_id.split("-")[1]) * 2 + r.seed
+        error, cosine = 0.16 + 0.001 * (i % 10), 0.99 - 0.0001 * (i % 10)
+        records.append(replace(r, metrics={**r.metrics, "step_error": error, "step_cosine": cosine}))
+    run_dir = write_run(tmp_path / "run", records)
+    code, out, _ = run_cli(run_dir, capsys=capsys)
+    assert code == 0
+    gates = gates_of(out)
+    mean = statistics.fmean(0.16 + 0.001 * (i % 10) for i in range(20))
+    assert_lenient(gates[("step_error", "mean", False)]["value"], mean * 1.02, False)
+    assert gates[("step_error", "mean", False)]["op"] == "<="
+    assert gates[("step_cosine", "mean", False)]["op"] == ">="
+    assert gates[("step_error", "mean", True)]["baseline"] == {"max_rel_drop": 0.02}
