@@ -42,9 +42,9 @@ from evals.records import (
 from evals.run_json import write_run_json
 from evals.rundir import copy_png, save_png, write_atomic, write_json
 from evals.scoring import BatchScorer
-from evals.step_error.locate import LAYERS_FOLDER, layer_figures, locate_failures
-from evals.step_error.steps import recorded_steps
-from evals.step_error.trajectory import Trajectory, recording, teacher_forced
+from evals.step_error.in_run import StepErrorRun
+from evals.step_error.locate import locate_failures
+from evals.step_error.trajectory import Trajectory, recording
 from evals.suite_guard import guard_batch, guarded_names, suite_guard
 from evals.suite_types import Sample, Suite
 from evals.tracker_protocol import Tracker
@@ -129,10 +129,8 @@ class SuiteRunner:
         self._baselines_found: tuple[dict[str, Any], dict[str, Any]] | None = None
         self.scorer = BatchScorer(suite, self.metrics, device, cache, self._timed)
         self.guard = suite_guard(suite, model.pipeline)
-        self.steps: tuple[int, ...] | None = None  # recorded steps, when the suite scores step error
-        self.profiled: set[str] = set()  # candidates whose layer profile this run has (evals.step_error.locate)
-        if "step_error" in suite.metrics:
-            self.steps = recorded_steps(suite.metric_options.get("step_error", {}).get("steps"), suite.generation.steps)
+        self.step_error = StepErrorRun(suite, run_dir, device, reference_dtype, self._timed)
+        self.steps = self.step_error.steps  # recorded steps, when the suite scores step error
         self.guarded = guarded_names(suite, [c.name for c in candidates])
         self.fail_fast: FailFast | None = None
         if fail_fast:
@@ -155,8 +153,9 @@ class SuiteRunner:
             for s in batch
         ]
         hits = [self.cache.get(k) for k in keys] if self.cache else [None] * len(batch)
-        steps = self._cached_trajectory(keys) if self.steps and all(h is not None for h in hits) else None
-        if all(h is not None for h in hits) and (steps is not None or not self.steps):
+        hit = all(h is not None for h in hits)
+        steps = self.step_error.cached(self.cache, keys) if self.steps and self.cache and hit else None
+        if hit and (steps is not None or not self.steps):
             generated.cached = np.stack([h[0] for h in hits if h]), [h[1]["detectors"] for h in hits if h]
             generated.cached_files = [self.cache.png_path(k) for k in keys] if self.cache else []
             generated.trajectory = steps
@@ -166,15 +165,6 @@ class SuiteRunner:
         generated.reference_raw = self._generate(self.model.pipeline, batch, trajectories=trajectories)
         if trajectories:
             generated.trajectory, generated.trajectory_generated = Trajectory.cat(trajectories), True
-
-    def _cached_trajectory(self, keys: list[str]) -> Trajectory | None:
-        """The batch's trajectory from the reference cache, or None unless every sample's is there."""
-        assert self.cache is not None and self.steps is not None
-        found = [self.cache.get_steps(k, self.steps) for k in keys]
-        if any(f is None for f in found):
-            return None
-        dtype = getattr(torch, found[0][1]) if found[0] else torch.float32
-        return Trajectory.from_samples([f[0] for f in found if f], self.steps, self.suite.generation.guidance, dtype)
 
     def _generate(
         self,
@@ -339,7 +329,7 @@ class SuiteRunner:
                 cand.activate()
             start = time.perf_counter()
             # Its first step starts from the reference's very inputs: recorded, it need not be run again.
-            first = (0,) if generated.trajectory is not None and generated.trajectory.steps[0] == 0 else None
+            first = self.step_error.own_steps(generated.trajectory)
             own: list[Trajectory] | None = [] if first else None
             try:
                 raw = self._generate(cand.pipeline, batch, cand.images_per_call, own, first)
@@ -359,33 +349,14 @@ class SuiteRunner:
                 )
             generated.candidates.append((cand, raw, (time.perf_counter() - start) / len(batch)))
             if generated.trajectory is not None:
-                with self._timed("step_error"):
-                    mine = Trajectory.cat(own) if own else None
-                    errors = teacher_forced(cand.pipeline.transformer, generated.trajectory, mine)
-                    generated.step_errors[cand.name] = errors
-                self._profile(cand, generated.trajectory)
+                generated.step_errors[cand.name] = self.step_error.score(cand, generated.trajectory, own)
+                if self.shard.main:  # a failed layers gate fails for good once the profile is made
+                    figures = self.step_error.profile(self.model.pipeline, cand, generated.trajectory)
+                    if self.fail_fast is not None:
+                        self.fail_fast.layers.update(figures)
             advance()
         generated.notes = self.notes[noted:]
         return generated
-
-    def _profile(self, cand: Candidate, traj: Trajectory) -> None:
-        """The candidate's layer profile (each part's own error, evals.step_error.locate) at the middle
-        recorded step of the first batch it generates, kept in layers/<name>.json for naming a broken
-        layer and for its baseline."""
-        from evals.step_error.profile import profile
-
-        path = self.run_dir / LAYERS_FOLDER / f"{cand.name}.json"
-        if not self.shard.main or cand.name in self.profiled or path.is_file():
-            return
-        self.profiled.add(cand.name)
-        step = len(traj.steps) // 2
-        with self._timed("locate"):
-            errors = profile(self.model.pipeline.transformer, cand.pipeline.transformer, traj, step)
-        path.parent.mkdir(exist_ok=True)
-        write_json(path, {"step": traj.steps[step], "samples": len(traj), "errors": errors})
-        if self.fail_fast is not None:  # a layers gate failed now fails for good
-            figures = layer_figures(self.run_dir, self.suite, [cand], self.device, self.reference_dtype)
-            self.fail_fast.layers.update(figures)
 
     def _store(self, result: BatchResult, writer: RecordsWriter) -> None:
         """Images, then records (a record never points at a missing image), then MLflow."""
@@ -453,8 +424,7 @@ class SuiteRunner:
         with self._timed("finishing.summary"):
             names = [c.name for c in self.candidates if c.noise_floor is None]  # the noise floor is never gated
             if self.steps is not None:
-                figures = layer_figures(self.run_dir, self.suite, self.candidates, self.device, self.reference_dtype)
-                for name, values in figures.items():
+                for name, values in self.step_error.figures(self.candidates).items():
                     if name in summaries:
                         summaries[name].layers = values
             baselines, samples = self._baselines() if self._has_baseline_gates else (None, None)
