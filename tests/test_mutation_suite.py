@@ -147,6 +147,7 @@ TOUCHES = {
     "sign-flip": ("weight_fp8",),
     "sign-flip-half-rows": ("weight_fp8", "weight"),
     "rows-zeroed": ("weight_fp8",),
+    "16-rows-zeroed": ("weight_fp8",),
     "bytes-permuted-in-rows": ("weight_fp8",),
     "columns-shuffled": ("weight_fp8",),
     "e5m2-read-as-e4m3": ("weight_fp8", "weight_scale"),
