@@ -91,15 +91,13 @@ class ReferenceCache:
     def get_steps(self, key: str, steps: tuple[int, ...]) -> tuple[dict[str, Any], str] | None:
         """A sample's trajectory tensors at `steps` (evals.step_error) and the dtype its inputs were
         passed in, or None when the entry has none (or a damaged one)."""
-        from safetensors import SafetensorError
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
         path = self._steps_path(key, steps)
         if not path.is_file():
             return None
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), "pt") as f:
                 dtype = (f.metadata() or {}).get("input_dtype", "float32")
             return load_file(str(path)), dtype

@@ -9,5 +9,7 @@ their means (`step_error`, `step_cosine`).
 
 - `steps`: which steps are recorded (no torch);
 - `trajectory`: recording the reference's trajectory, and the teacher-forced candidate evaluation;
-- `locate`: naming the layer where a candidate departs from the reference beyond its baseline.
+- `profile`: each block's and layer's own error, both models in one process (the layer profile);
+- `locate`: the profile against the baseline's: layers gates and the broken layer named (no torch);
+- `in_run`: what a suite run asks of all this, batch by batch.
 """
