@@ -53,10 +53,9 @@ def _profiles_from_models(run_dir: Path, names: list[str], device: str) -> None:
 
 
 def cmd_locate(args: argparse.Namespace) -> int:
-    from evals.baselines import baselines_folder, load_profile, platform_key
     from evals.reports.html import write_reports
     from evals.rundir import check_no_links, write_json
-    from evals.step_error.locate import LOCATE_FILE, departure, read_profile
+    from evals.step_error.locate import LOCATE_FILE, departures, read_profile
     from evals.suite import load_suite
 
     run_dir: Path = args.run_dir
@@ -74,19 +73,16 @@ def cmd_locate(args: argparse.Namespace) -> int:
         print(f"profiling {', '.join(missing)} (no layer profile in the run): rebuilding the models...", flush=True)
         _profiles_from_models(run_dir, missing, args.device or run["environment"]["device"])
     suite = load_suite(Path(run["suite"]["path"]))
-    folder = baselines_folder(suite.path, suite.name, suite.baselines)
-    platform = platform_key(run["environment"]["device"], run["reference_dtype"])
-    baseline_of = {p["name"]: p.get("baseline_of") or p["name"] for p in run["policies"]}
+    baseline_of = {p["name"]: p.get("baseline_of") or p["name"] for p in run["policies"] if p["name"] in chosen}
+    named = departures(run_dir, suite, run["environment"]["device"], run["reference_dtype"], baseline_of)
     path = run_dir / LOCATE_FILE
     found: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     for name in chosen:
-        errors = read_profile(run_dir, name)
-        named = departure(errors or {}, load_profile(folder, baseline_of[name], platform))
-        if named is None:
+        if name not in named:
             print(f"{name}: nothing to compare (no profile, or none shares a part with its baseline's)")
             continue
-        found[name] = named.to_dict()
-        print(f"{name}: {named.describe()}")
+        found[name] = named[name].to_dict()
+        print(f"{name}: {named[name].describe()}")
     write_json(path, found)
     write_reports(run_dir)
     return 0

@@ -80,22 +80,40 @@ def max_ratio(errors: dict[str, float], baseline: dict[str, float]) -> float:
     return max(ratios) if ratios else math.nan
 
 
+def _profiles(
+    run_dir: Path, suite: Suite, device: str, reference_dtype: str, baseline_of: dict[str, str]
+) -> dict[str, tuple[dict[str, float], dict[str, float] | None]]:
+    """Candidate -> (its layer profile in the run, its baseline policy's committed profile for this
+    platform or None), for the candidates of `baseline_of` (name -> baseline policy) that have one."""
+    from evals.baselines import baselines_folder, load_profile, platform_key
+
+    folder = baselines_folder(suite.path, suite.name, suite.baselines)
+    platform = platform_key(device, reference_dtype)
+    found = {}
+    for name, policy in baseline_of.items():
+        errors = read_profile(run_dir, name)
+        if errors is not None:
+            found[name] = (errors, load_profile(folder, policy, platform))
+    return found
+
+
 def layer_figures(
     run_dir: Path, suite: Suite, candidates: list[Candidate], device: str, reference_dtype: str
 ) -> dict[str, dict[str, float]]:
     """Candidate -> {max_ratio} of its layer profile against its baseline policy's committed profile
     for this platform; candidates without either are left out (a layers gate then fails, saying why)."""
-    from evals.baselines import baselines_folder, load_profile, platform_key
+    pairs = _profiles(run_dir, suite, device, reference_dtype, {c.name: c.baseline_policy for c in candidates})
+    return {name: {"max_ratio": max_ratio(errors, base)} for name, (errors, base) in pairs.items() if base is not None}
 
-    folder = baselines_folder(suite.path, suite.name, suite.baselines)
-    platform = platform_key(device, reference_dtype)
-    figures = {}
-    for cand in candidates:
-        errors = read_profile(run_dir, cand.name)
-        base = load_profile(folder, cand.baseline_policy, platform) if errors is not None else None
-        if errors is not None and base is not None:
-            figures[cand.name] = {"max_ratio": max_ratio(errors, base)}
-    return figures
+
+def departures(
+    run_dir: Path, suite: Suite, device: str, reference_dtype: str, baseline_of: dict[str, str]
+) -> dict[str, Departure]:
+    """Candidate (of `baseline_of`: name -> baseline policy) -> where its layer profile departs most
+    from its baseline's; candidates with no profile, or none to compare, are left out."""
+    pairs = _profiles(run_dir, suite, device, reference_dtype, baseline_of)
+    named = {name: departure(errors, base) for name, (errors, base) in pairs.items()}
+    return {name: d for name, d in named.items() if d is not None}
 
 
 def departure(errors: dict[str, float], baseline: dict[str, float] | None) -> Departure | None:
@@ -136,20 +154,12 @@ def locate_failures(
 ) -> dict[str, dict[str, Any]]:
     """Name the broken part of every failed candidate that has a layer profile, against its baseline
     policy's committed profile for this platform; written to locate.json (removed when none failed)."""
-    from evals.baselines import baselines_folder, load_profile, platform_key
-
     failed = {r.policy for r in verdict.failed}
-    folder = baselines_folder(suite.path, suite.name, suite.baselines)
-    platform = platform_key(device, reference_dtype)
+    chosen = {c.name: c.baseline_policy for c in candidates if c.name in failed}
     found: dict[str, dict[str, Any]] = {}
-    for cand in candidates:
-        errors = read_profile(run_dir, cand.name) if cand.name in failed else None
-        if errors is None:
-            continue
-        named = departure(errors, load_profile(folder, cand.baseline_policy, platform))
-        if named is not None:
-            found[cand.name] = named.to_dict()
-            log.info(f"{cand.name}: {named.describe()}")
+    for name, named in departures(run_dir, suite, device, reference_dtype, chosen).items():
+        found[name] = named.to_dict()
+        log.info(f"{name}: {named.describe()}")
     path = run_dir / LOCATE_FILE
     if found:
         write_json(path, found)
