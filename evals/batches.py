@@ -12,7 +12,7 @@ import torch
 
 from evals.candidates import Candidate
 from evals.records import SampleRecord
-from evals.step_error.trajectory import StepErrors, Trajectory
+from evals.step_error.trajectory import Trajectory
 from evals.suite_types import Sample
 
 
@@ -57,6 +57,4 @@ class GeneratedBatch:
     """The reference's trajectory at the recorded steps, when the suite scores step error."""
     trajectory_generated: bool = False
     """Whether the trajectory was recorded now (then the scoring worker caches it) or came from the cache."""
-    step_errors: dict[str, StepErrors] = field(default_factory=dict)
-    """Candidate name -> its teacher-forced step errors on the batch."""
     notes: list[str] = field(default_factory=list)

@@ -7,6 +7,10 @@ ratio past its bound (the profile is made once, on the candidate's first batch).
 percentiles can still move either way and never stop a candidate; nor does a regression gate with no
 baseline (it fails, but the measured gates should say what is wrong). The verdict is the one the
 whole run would give; the stopped candidate's statistics cover the samples it finished.
+
+Screening (evals.step_error.screening) scores every sample's step error before any image: once it is
+complete, every step-error gate is settled, a mean as much as a maximum, and a candidate that failed
+one stops before its first image.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 
 from evals.gates import GateResult, GateSpec, evaluate_gates
 from evals.records import SampleRecord, summarize
+from evals.step_error.screening import STEP_METRICS, Screened
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,17 @@ def failed_for_good(result: GateResult) -> bool:
     return gate.op in MONOTONE_FAIL.get(gate.stat, ())
 
 
+def settled_by_screening(result: GateResult) -> bool:
+    """Whether a blocking step-error gate's failure is final once every sample is screened: any
+    statistic is, unless what failed it is a missing baseline or profile, known before the run."""
+    gate: GateSpec = result.gate
+    if result.passed or not result.evaluated or gate.severity != "fail":
+        return False
+    if gate.layers is not None:
+        return not math.isnan(result.actual)
+    return gate.baseline is None or result.baseline is not None
+
+
 class FailFast:
     """Watches each candidate's records as they are written; `stopped` names those whose verdict is
     settled (fail), with the gate that settled it. Thread-safe: the scoring worker adds, the
@@ -63,7 +79,48 @@ class FailFast:
         self.samples = samples
         self.records: list[SampleRecord] = []
         self.stopped: dict[str, str] = {}
+        self.screened: list[Screened] = []
+        """Every screening line (the runner's list), which step-error gates read."""
         self._lock = threading.Lock()
+
+    def _loaded_baselines(self) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        if self._loaded is None and any(g.baseline is not None for g in self.gates):
+            self._loaded = self._baselines()
+        return self._loaded or (None, None)
+
+    def adopt(self, stopped: dict[str, str]) -> None:
+        """Another process's decisions (torchrun: rank 0 decides, every rank stops generating)."""
+        with self._lock:
+            self.stopped.update(stopped)
+
+    def screen(self, screened: Sequence[Screened], samples: int, complete: bool) -> list[str]:
+        """Judge the step-error and layers gates on the screening so far; `complete`: every sample is
+        screened, so every such gate is settled. Returns a note for each candidate this stops."""
+        notes = []
+        gates = tuple(g for g in self.gates if g.layers is not None or g.metric in STEP_METRICS)
+        with self._lock:
+            done = {s.policy for s in screened}
+            live = [c for c in self.candidates if c not in self.stopped and c in done]
+            if not live or not gates:
+                return []
+            base, per_sample = self._loaded_baselines()
+            summaries = summarize([], [s for s in screened if s.policy in live])
+            for name, figures in self.layers.items():
+                if name in summaries:
+                    summaries[name].layers = figures
+            verdict = evaluate_gates(summaries, gates, live, None, (), base, per_sample, screened)
+            for result in verdict.results:
+                settled = failed_for_good(result) or (complete and settled_by_screening(result))
+                if result.policy not in self.stopped and settled:
+                    count = summaries[result.policy].screened
+                    self.stopped[result.policy] = result.gate.describe()
+                    notes.append(
+                        f"{result.policy}: stopped after screening {count} of {samples} samples, before any "
+                        f"image (--fail-fast): {result.gate.describe()} failed ({result.reason})"
+                    )
+        for note in notes:
+            log.info(f"fail-fast: {note}")
+        return notes
 
     def add(self, records: Sequence[SampleRecord]) -> list[str]:
         """Take a batch's records; returns a note for each candidate this stops."""
@@ -75,14 +132,12 @@ class FailFast:
             mine = [r for r in self.records if r.policy in live]
             if not mine:
                 return []
-            if self._loaded is None and any(g.baseline is not None for g in self.gates):
-                self._loaded = self._baselines()
-            base, per_sample = self._loaded or (None, None)
-            summaries = summarize(mine)
+            base, per_sample = self._loaded_baselines()
+            summaries = summarize(mine, [s for s in self.screened if s.policy in live])
             for name, figures in self.layers.items():
                 if name in summaries:
                     summaries[name].layers = figures
-            verdict = evaluate_gates(summaries, self.gates, live, None, mine, base, per_sample)
+            verdict = evaluate_gates(summaries, self.gates, live, None, mine, base, per_sample, self.screened)
             for result in verdict.results:
                 if result.policy not in self.stopped and failed_for_good(result):
                     done = sum(r.policy == result.policy for r in mine)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from evals.metrics import OUTPUTS, higher_is_better
 from evals.records import PolicySummary, SampleRecord, summarize
+from evals.step_error.screening import STEP_METRICS, Screened
 from evals.suite_types import PER_SAMPLE, GateSpec
 
 EXIT_PASS = 0
@@ -160,7 +161,7 @@ def evaluate_gate(
     gate: GateSpec,
     unavailable: Mapping[str, str] | None = None,
     baseline: Mapping[str, float] | None = None,
-    records: Sequence[SampleRecord] = (),
+    records: Sequence[SampleRecord | Screened] = (),
     baseline_samples: Mapping[str, Mapping[str, float]] | None = None,
 ) -> GateResult:
     """One gate on one candidate. `baseline`: the flat metrics of the policy's accepted baseline run
@@ -217,7 +218,7 @@ def evaluate_gate(
 def _per_sample_gate(
     policy: str,
     gate: GateSpec,
-    records: Sequence[SampleRecord],
+    records: Sequence[SampleRecord | Screened],
     baseline_samples: Mapping[str, Mapping[str, float]] | None,
     jitter: float | None = None,
 ) -> GateResult:
@@ -256,20 +257,27 @@ def evaluate_gates(
     records: Sequence[SampleRecord] = (),
     baselines: Mapping[str, Mapping[str, float]] | None = None,
     baseline_samples: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+    screened: Sequence[Screened] = (),
 ) -> Verdict:
     """Apply every gate to every candidate policy. A policy with no summary fails every gate; a gate
     on a metric listed in `unavailable` (name -> why) fails, or is not evaluated when optional.
     Gates with tags are applied to a summary of the `records` of those cases; regression gates
     compare with `baselines` (policy -> flat metrics of its accepted baseline run) and `per_sample`
-    gates with `baseline_samples` (policy -> metric -> sample id -> value)."""
+    gates with `baseline_samples` (policy -> metric -> sample id -> value). `screened`: every
+    sample's step error (evals.step_error.screening), which step-error gates read instead of the
+    records (those cover only the samples with images)."""
     results = []
     for policy in policies:
         for gate in gates:
             summary = summaries.get(policy)
             if gate.tags:
                 chosen = [r for r in records if r.policy == policy and set(r.tags) & set(gate.tags)]
-                summary = summarize(chosen).get(policy)
+                tagged = [s for s in screened if s.policy == policy and set(s.tags) & set(gate.tags)]
+                summary = summarize(chosen, tagged).get(policy)
             base = (baselines or {}).get(policy)
             samples = (baseline_samples or {}).get(policy)
-            results.append(evaluate_gate(policy, summary, gate, unavailable, base, records, samples))
+            scored: Sequence[SampleRecord | Screened] = records
+            if gate.metric in STEP_METRICS and screened:
+                scored = screened
+            results.append(evaluate_gate(policy, summary, gate, unavailable, base, scored, samples))
     return Verdict(tuple(results))

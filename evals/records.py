@@ -16,6 +16,8 @@ from typing import Any
 
 from evals.models.names import check_name
 from evals.models.yamlspec import InputError
+from evals.step_error.screening import STEP_METRICS, Screened, check_steps
+from evals.step_error.screening import by_policy as screened_by_policy
 from evals.suite_types import METRIC_STATS
 
 SCHEMA_VERSION = 1
@@ -83,9 +85,7 @@ class SampleRecord:
             if type(tries) is not int or tries < 0 or outcome not in GUARD_OUTCOMES:
                 raise ValueError(f"guard {record.guard!r}: expected tries >= 0 and outcome one of {GUARD_OUTCOMES}")
         if record.steps is not None:
-            lengths = {k: len(v) if isinstance(v, list) else -1 for k, v in record.steps.items()}
-            if set(lengths) != {"step", "error", "cosine"} or len(set(lengths.values())) != 1 or -1 in lengths.values():
-                raise ValueError(f"steps {record.steps!r}: expected lists step, error and cosine of one length")
+            check_steps(record.steps)
         for key, expected in (
             ("image", image_path(record.policy, record.sample_id)),
             ("reference_image", image_path(REFERENCE_FOLDER, record.sample_id)),
@@ -207,6 +207,9 @@ class PolicySummary:
     layers: dict[str, float] = field(default_factory=dict)
     """The candidate's layer profile against its baseline's (max_ratio), when the suite scores step
     error and the baseline has a profile; empty otherwise."""
+    screened: int = 0
+    """Samples whose step error was screened (evals.step_error.screening): step_error and
+    step_cosine cover these, the other metrics the `n` samples with images."""
 
     def value(self, kind: str, subject: str, stat: str) -> float:
         if kind == "bench":
@@ -228,11 +231,15 @@ class PolicySummary:
         out.update({f"layers_{k}": v for k, v in self.layers.items()})
         out["seconds_per_image"] = self.seconds_per_image
         out["samples"] = float(self.n)
+        if self.screened:
+            out["screened_samples"] = float(self.screened)
         return out
 
 
-def summarize(records: Iterable[SampleRecord]) -> dict[str, PolicySummary]:
-    """Aggregate records per policy (pure: the same records always give the same summary)."""
+def summarize(records: Iterable[SampleRecord], screened: Iterable[Screened] = ()) -> dict[str, PolicySummary]:
+    """Aggregate records per policy (pure: the same records always give the same summary). With
+    `screened`, step_error and step_cosine come from the screening, which covers every sample of the
+    suite; a candidate stopped after screening has a summary of those alone (n = 0)."""
     by_policy: dict[str, list[SampleRecord]] = {}
     for record in records:
         by_policy.setdefault(record.policy, []).append(record)
@@ -255,6 +262,11 @@ def summarize(records: Iterable[SampleRecord]) -> dict[str, PolicySummary]:
             seconds_per_image=sum(r.seconds_per_image for r in recs) / len(recs),
             guard=guard_stats(recs),
         )
+    for policy, items in screened_by_policy(screened).items():
+        summary = summaries.setdefault(policy, PolicySummary(n=0))
+        summary.screened = len(items)
+        summary.metrics.update({m: metric_stats([i.metrics[m] for i in items]) for m in STEP_METRICS})
+        summary.metrics = dict(sorted(summary.metrics.items()))
     return summaries
 
 

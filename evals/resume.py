@@ -29,6 +29,7 @@ from evals.api import (
 )
 from evals.models.names import SAFE_NAME
 from evals.models.yamlspec import InputError, format_key_path
+from evals.step_error.screening import keep_usable_screening
 from evals.suite_types import REFERENCE_DTYPES
 
 if TYPE_CHECKING:
@@ -195,7 +196,9 @@ def resume_run(run_dir: Path, request: RunRequest) -> tuple[RunOutcome, Suite, s
             candidates = build_candidates(prepared, policies, request.candidate_checkpoints, request.baseline)
             _check_same_candidates(run, candidates, run_dir, request.baseline)
             names = {c.name for c in candidates}
-            done = keep_usable_records(run_dir, names, {s.id for s in suite.samples()})
+            ids = {s.id for s in suite.samples()}
+            done = keep_usable_records(run_dir, names, ids)
+            keep_usable_screening(run_dir, names, ids)  # the runner reads what is kept
         outcome, tracker = execute(prepared, candidates, request, resume=(run_dir, done), tracker=early)
     return outcome, suite, tracking_uri_of(tracker)
 

@@ -52,6 +52,12 @@ def write_run_json(
             "environment": env,
             "git_commit": git_commit(),
             "samples": len(suite.samples()),
+            # Which samples get candidate images: all, or the subset `images: {sample: N}` chose.
+            "images": {
+                "requested": suite.images,
+                "samples": [s.id for b in suite.image_batches() for s in b],
+            },
+            "screened": "step_error" in suite.metrics,  # every sample's step error scored before images
             "unavailable_metrics": unavailable,
             "tracking": tracking,  # what MLflow was given, so that `evals log` can give it again
         },

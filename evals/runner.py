@@ -10,8 +10,9 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from evals.rundir import copy_png, save_png, write_atomic, write_json
 from evals.scoring import BatchScorer
 from evals.step_error.in_run import StepErrorRun
 from evals.step_error.locate import locate_failures
+from evals.step_error.screening import SCREENING_FILE, Screened, ScreeningWriter, read_screening, screened_batch
 from evals.step_error.trajectory import Trajectory, recording
 from evals.suite_guard import guard_batch, guarded_names, suite_guard
 from evals.suite_types import Sample, Suite
@@ -131,16 +133,44 @@ class SuiteRunner:
         self.guard = suite_guard(suite, model.pipeline)
         self.step_error = StepErrorRun(suite, run_dir, device, reference_dtype, self._timed)
         self.steps = self.step_error.steps  # recorded steps, when the suite scores step error
+        self.screening: list[Screened] = []  # rank 0: every screening line of the run, earlier ones too
+        self._screened: dict[tuple[str, str], Screened] = {}  # the same by (candidate, sample id)
+        # Reference images made while screening, kept for the image phase: batch ids -> future of
+        # (8-bit images, findings); the scoring worker encodes and caches them meanwhile.
+        self._screened_references: dict[tuple[str, ...], Future[tuple[np.ndarray, list[dict[str, Any]]]]] = {}
         self.guarded = guarded_names(suite, [c.name for c in candidates])
         self.fail_fast: FailFast | None = None
         if fail_fast:
             gated = [c.name for c in candidates if c.noise_floor is None]
-            samples = len(suite.samples())
-            self.fail_fast = FailFast(suite.gates, gated, self._baselines, samples)
+            images = sum(map(len, suite.image_batches()))  # the samples a candidate may make images of
+            self.fail_fast = FailFast(suite.gates, gated, self._baselines, images)
+            self.fail_fast.screened = self.screening  # the same list: it grows as screening goes
 
-    def _reference_batch(self, batch: list[Sample], generated: GeneratedBatch) -> None:
-        """The batch's reference images: from the cache when every one is there, else generated."""
-        keys = [
+    def _reference_batch(self, batch: list[Sample], generated: GeneratedBatch, trajectory: bool = False) -> None:
+        """The batch's reference images: kept from screening, from the cache when every one is there
+        (and, with `trajectory`, its trajectory too), else generated (recording the trajectory)."""
+        kept = self._screened_references.pop(tuple(s.id for s in batch), None)
+        if kept is not None:
+            generated.cached = kept.result()
+            generated.cached_files = [self.cache.png_path(k) for k in self._keys(batch)] if self.cache else []
+            return
+        keys = self._keys(batch)
+        hits = [self.cache.get(k) for k in keys] if self.cache else [None] * len(batch)
+        hit = all(h is not None for h in hits)
+        steps = self.step_error.cached(self.cache, keys) if trajectory and self.cache and hit else None
+        if hit and (steps is not None or not trajectory):
+            generated.cached = np.stack([h[0] for h in hits if h]), [h[1]["detectors"] for h in hits if h]
+            generated.cached_files = [self.cache.png_path(k) for k in keys] if self.cache else []
+            generated.trajectory = steps
+            return
+        generated.reference_keys = keys if self.cache else []
+        trajectories: list[Trajectory] | None = [] if trajectory else None
+        generated.reference_raw = self._generate(self.model.pipeline, batch, trajectories=trajectories)
+        if trajectories:
+            generated.trajectory, generated.trajectory_generated = Trajectory.cat(trajectories), True
+
+    def _keys(self, batch: list[Sample]) -> list[str]:
+        return [
             reference_key(
                 fingerprint=self.model.fingerprint,
                 dtype=self.reference_dtype,
@@ -152,19 +182,6 @@ class SuiteRunner:
             )
             for s in batch
         ]
-        hits = [self.cache.get(k) for k in keys] if self.cache else [None] * len(batch)
-        hit = all(h is not None for h in hits)
-        steps = self.step_error.cached(self.cache, keys) if self.steps and self.cache and hit else None
-        if hit and (steps is not None or not self.steps):
-            generated.cached = np.stack([h[0] for h in hits if h]), [h[1]["detectors"] for h in hits if h]
-            generated.cached_files = [self.cache.png_path(k) for k in keys] if self.cache else []
-            generated.trajectory = steps
-            return
-        generated.reference_keys = keys if self.cache else []
-        trajectories: list[Trajectory] | None = [] if self.steps else None
-        generated.reference_raw = self._generate(self.model.pipeline, batch, trajectories=trajectories)
-        if trajectories:
-            generated.trajectory, generated.trajectory_generated = Trajectory.cat(trajectories), True
 
     def _generate(
         self,
@@ -209,13 +226,10 @@ class SuiteRunner:
         """Run every unfinished sample; on a torchrun shard other than rank 0, compute only and
         return None (rank 0 writes everything).
 
+        A suite that scores step error screens every sample first (`_screen`), then generates images.
         The GPU generates batch k+1 while one worker thread scores, checks and writes batch k (in
         order: a record never points at a missing image); at most one batch waits for it.
         """
-        from concurrent.futures import Future, ThreadPoolExecutor
-
-        from tqdm import tqdm
-
         self.seconds["startup"] = time.perf_counter() - self.started  # imports, models, candidates
         shard = self.shard
         records_path = self.run_dir / "records.jsonl"
@@ -241,7 +255,27 @@ class SuiteRunner:
                 )
             if self.done:
                 self.tracker.log_earlier_images(self._earlier_images(records_path))
-        batches = self.suite.batches()
+        # A new thread's current CUDA device is cuda:0; NCCL's object collectives (the shard's
+        # gather) stage through the current device, which must be the one this rank's group uses.
+        cuda_index = _cuda_index(self.device)
+        on_device = None if cuda_index is None else partial(torch.cuda.set_device, cuda_index)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring", initializer=on_device) as worker:
+            if self.steps is not None:
+                self._screen(worker)
+            self._images(worker, records_path)
+        if not shard.main:
+            return None
+        with self._timed("finishing"):
+            outcome = self._finish(records_path)
+        self._write_timings()  # again, with `finishing` (MLflow's copy was logged before it ended)
+        return outcome
+
+    def _images(self, worker: ThreadPoolExecutor, records_path: Path) -> None:
+        """Candidate images of the suite's image batches, scored and written batch by batch."""
+        from tqdm import tqdm
+
+        shard = self.shard
+        batches = self.suite.image_batches()
         bar = tqdm(
             total=len(batches) * (1 + len(self.candidates)),
             unit="image set",
@@ -249,13 +283,8 @@ class SuiteRunner:
             desc=f"{self.suite.name}" + (f" ({shard.world} processes)" if shard.active else ""),
         )
         with RecordsWriter(records_path) if shard.main else nullcontext() as writer:
-            # Leaving this block (also on an error or Ctrl-C) waits for the batch being written.
-            # A new thread's current CUDA device is cuda:0; NCCL's object collectives (the shard's
-            # gather) stage through the current device, which must be the one this rank's group uses.
-            cuda_index = _cuda_index(self.device)
-            on_device = None if cuda_index is None else partial(torch.cuda.set_device, cuda_index)
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring", initializer=on_device) as worker:
-                pending: Future[None] | None = None
+            pending: Future[None] | None = None
+            try:
                 for first in range(0, len(batches), shard.world):
                     index = first + shard.rank
                     generated = self._generate_batch(batches[index], bar) if index < len(batches) else None
@@ -263,16 +292,102 @@ class SuiteRunner:
                         with self._timed("waiting"):
                             pending.result()  # the worker's errors surface here
                     pending = worker.submit(self._score_and_store, generated, writer, bar)
+            except BaseException:  # an error or Ctrl-C: the batch being written is finished first
                 if pending is not None:
-                    with self._timed("waiting"):
-                        pending.result()
+                    wait([pending])
+                raise
+            if pending is not None:
+                with self._timed("waiting"):
+                    pending.result()
         bar.close()
-        if not shard.main:
-            return None
-        with self._timed("finishing"):
-            outcome = self._finish(records_path)
-        self._write_timings()  # again, with `finishing` (MLflow's copy was logged before it ended)
-        return outcome
+
+    def _screen(self, worker: ThreadPoolExecutor) -> None:
+        """Every sample's step error, before any candidate image: each batch's reference trajectory
+        (cache, or recorded while the reference generates; those images are kept for the image
+        phase), each candidate's transformer teacher-forced on it, and on its first batch its layer
+        profile. With --fail-fast, a candidate stops once a step-error or layers gate has failed."""
+        from tqdm import tqdm
+
+        shard = self.shard
+        if shard.main and self.done is not None:
+            self.screening.extend(read_screening(self.run_dir))  # resuming: the lines evals.resume kept
+        finished = shard.broadcast({(s.policy, s.sample_id) for s in self.screening} if shard.main else None)
+        batches = self.suite.batches()
+        images = {tuple(s.id for s in b) for b in self.suite.image_batches()}
+        samples = sum(map(len, batches))
+        bar = tqdm(
+            total=len(batches),
+            unit="batch",
+            disable=not (self.progress and shard.main),
+            desc=f"{self.suite.name}: screening step error",
+        )
+        with ScreeningWriter(self.run_dir / SCREENING_FILE) if shard.main else nullcontext() as writer:
+            for first in range(0, len(batches), shard.world):
+                index = first + shard.rank
+                stopped = self.fail_fast.stopped if self.fail_fast else {}
+                mine: list[Screened] = []
+                if index < len(batches):
+                    batch = batches[index]
+                    todo = [
+                        c
+                        for c in self.candidates
+                        if c.name not in stopped and any((c.name, s.id) not in finished for s in batch)
+                    ]
+                    if todo:
+                        keep = tuple(s.id for s in batch) in images
+                        mine = self._screen_batch(batch, todo, worker, keep, finished)
+                for lines in shard.gather(mine):
+                    if writer is not None:
+                        with self._timed("writing"):
+                            writer.write(lines)
+                        self.screening.extend(lines)
+                bar.update(min(shard.world, len(batches) - first))
+                if self.fail_fast is not None:
+                    if shard.main:
+                        self.run_notes.extend(self.fail_fast.screen(self.screening, samples, complete=False))
+                    self.fail_fast.adopt(shard.broadcast(self.fail_fast.stopped if shard.main else None))
+        bar.close()
+        self._screened = {(s.policy, s.sample_id): s for s in self.screening}
+        if self.fail_fast is not None:
+            if shard.main:
+                self.fail_fast.layers.update(self.step_error.figures(self.candidates))
+                self.run_notes.extend(self.fail_fast.screen(self.screening, samples, complete=True))
+            self.fail_fast.adopt(shard.broadcast(self.fail_fast.stopped if shard.main else None))
+
+    def _screen_batch(
+        self,
+        batch: list[Sample],
+        todo: list[Candidate],
+        worker: ThreadPoolExecutor,
+        keep: bool,
+        finished: set[tuple[str, str]],
+    ) -> list[Screened]:
+        """One batch's screening lines for the candidates in `todo`; the reference images made for
+        its trajectory go to the cache (by the worker) and, when `keep`, to the image phase."""
+        generated = GeneratedBatch(batch, {})
+        self._reference_batch(batch, generated, trajectory=True)
+        traj = generated.trajectory
+        assert traj is not None and self.steps is not None
+        if generated.reference_raw is not None:
+            self.reference_generated += len(batch)
+            kept = worker.submit(self.scorer.reference, generated)  # encoded and cached meanwhile
+            if keep:
+                self._screened_references[tuple(s.id for s in batch)] = kept
+        lines: list[Screened] = []
+        for cand in todo:
+            if cand.activate is not None:
+                cand.activate()
+            errors = self.step_error.score(cand, traj)
+            lines += [
+                line
+                for line in screened_batch(cand.name, batch, errors, traj.steps)
+                if (cand.name, line.sample_id) not in finished
+            ]
+            if self.shard.main:  # a failed layers gate fails for good once the profile is made
+                figures = self.step_error.profile(self.model.pipeline, cand, traj)
+                if self.fail_fast is not None:
+                    self.fail_fast.layers.update(figures)
+        return lines
 
     def _earlier_images(self, records_path: Path) -> list[tuple[str, str, Path, Path]]:
         """(candidate, sample id, image, reference) of every record finished before a resume."""
@@ -328,11 +443,8 @@ class SuiteRunner:
             if cand.activate is not None:
                 cand.activate()
             start = time.perf_counter()
-            # Its first step starts from the reference's very inputs: recorded, it need not be run again.
-            first = self.step_error.own_steps(generated.trajectory)
-            own: list[Trajectory] | None = [] if first else None
             try:
-                raw = self._generate(cand.pipeline, batch, cand.images_per_call, own, first)
+                raw = self._generate(cand.pipeline, batch, cand.images_per_call)
             except Exception as exc:
                 explained = explain_failure(exc)
                 if explained is not exc:
@@ -348,12 +460,6 @@ class SuiteRunner:
                     self.guard, batch, raw, self.device, self._generate, cand.pipeline
                 )
             generated.candidates.append((cand, raw, (time.perf_counter() - start) / len(batch)))
-            if generated.trajectory is not None:
-                generated.step_errors[cand.name] = self.step_error.score(cand, generated.trajectory, own)
-                if self.shard.main:  # a failed layers gate fails for good once the profile is made
-                    figures = self.step_error.profile(self.model.pipeline, cand, generated.trajectory)
-                    if self.fail_fast is not None:
-                        self.fail_fast.layers.update(figures)
             advance()
         generated.notes = self.notes[noted:]
         return generated
@@ -375,6 +481,9 @@ class SuiteRunner:
                     save_png(path, image)
             self.tracker.log_reference_image(sample_id, path)
         for image, record in result.samples:
+            line = self._screened.get((record.policy, record.sample_id))
+            if line is not None:  # the sample's step error, from screening
+                record = replace(record, metrics=record.metrics | line.metrics, steps=line.steps)
             path = self.run_dir / record.image
             save_png(path, image)
             writer.write(record)
@@ -418,7 +527,7 @@ class SuiteRunner:
     def _finish(self, records_path: Path) -> RunOutcome:
         with self._timed("finishing.summary"):
             records = list(read_records(records_path))
-            summaries = summarize(records)
+            summaries = summarize(records, self.screening)
         if self.suite.bench is not None:
             self._bench(summaries)
         with self._timed("finishing.summary"):
@@ -428,7 +537,9 @@ class SuiteRunner:
                     if name in summaries:
                         summaries[name].layers = values
             baselines, samples = self._baselines() if self._has_baseline_gates else (None, None)
-            verdict = evaluate_gates(summaries, self.suite.gates, names, self.unavailable, records, baselines, samples)
+            verdict = evaluate_gates(
+                summaries, self.suite.gates, names, self.unavailable, records, baselines, samples, self.screening
+            )
             write_atomic(self.run_dir / "summary.json", summary_to_json(summaries) + "\n")
             write_json(self.run_dir / "verdict.json", verdict.to_dict())
         with self._timed("finishing.locate"):

@@ -16,7 +16,6 @@ from evals.cache import ReferenceCache
 from evals.detectors import detect_batch
 from evals.generation import from_uint8, to_uint8
 from evals.records import REFERENCE_FOLDER, SampleRecord, image_path
-from evals.step_error.trajectory import StepErrors
 from evals.suite_types import Suite
 
 log = logging.getLogger(__name__)
@@ -86,8 +85,6 @@ class BatchScorer:
                 scores = self._score(from_uint8(cand_u8), ref, [s.case.prompt for s in batch])
             with self._timed("detectors"):
                 findings = findings_of(raw, self.suite, self.device)
-            errors = generated.step_errors.get(cand.name)
-            steps = generated.trajectory.steps if generated.trajectory is not None else ()
             for i, sample in enumerate(batch):
                 if sample.id not in todo[cand.name]:
                     continue  # finished before an interruption; regenerated only to keep the batch
@@ -98,28 +95,16 @@ class BatchScorer:
                     prompt=sample.case.prompt,
                     seed=sample.seed,
                     tags=sample.case.tags,
-                    metrics={m: v[i] for m, v in scores.items()} | step_metrics(errors, i),
+                    metrics={m: v[i] for m, v in scores.items()},
                     detectors=findings[i],
                     reference_detectors=ref_findings[i],
                     image=image_path(cand.name, sample.id),
                     reference_image=ref_paths[i],
                     seconds_per_image=seconds,
                     guard=guarded[i] if guarded is not None else None,
-                    steps=None if errors is None else step_details(errors, i, steps),
                 )
                 result.samples.append((cand_u8[i], record))
         return result
-
-
-def step_metrics(errors: StepErrors | None, i: int) -> dict[str, float]:
-    """Sample `i`'s step error and cosine, means over the recorded steps (none without step error)."""
-    if errors is None:
-        return {}
-    return {"step_error": float(errors.relative[i].mean()), "step_cosine": float(errors.cosine[i].mean())}
-
-
-def step_details(errors: StepErrors, i: int, steps: tuple[int, ...]) -> dict[str, list[float]]:
-    return {"step": list(steps), "error": errors.relative[i].tolist(), "cosine": errors.cosine[i].tolist()}
 
 
 def load_metrics(suite: Suite, device: str, weights: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:

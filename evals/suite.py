@@ -182,6 +182,14 @@ def _metric_options(
     return options
 
 
+def _images(doc: YamlDoc, given: schema.Images | None, samples: int) -> int | None:
+    if given is None:
+        return None
+    if given.sample > samples:
+        raise doc.error(("images", "sample"), f"{given.sample}: the suite has {samples} samples; expected at most that")
+    return given.sample
+
+
 SHIPPED_SUITES = Path(__file__).resolve().parent / "suites"
 """The suites installed with the package (`suites/` in the repository links here)."""
 
@@ -229,6 +237,8 @@ def load_suite(path: str | Path) -> Suite:
     weights = errors.attempt(partial(_weights, doc, given.weights, metrics), None)
     metric_options = errors.attempt(partial(_metric_options, doc, given.metric_options, metrics, g.steps), None)
     guard = errors.attempt(partial(_guard, doc, given.guard, detectors), None)
+    samples = sum(len(c.seeds) for c in cases if c is not None)
+    images = errors.attempt(partial(_images, doc, given.images, samples), None)
     errors.raise_any()
     canonical = json.dumps(doc.data, sort_keys=True, default=str).encode()
     return Suite(
@@ -253,4 +263,5 @@ def load_suite(path: str | Path) -> Suite:
         baselines=given.baselines or None,
         tags=tuple(sorted(tags)),
         guard=guard,
+        images=images,
     )

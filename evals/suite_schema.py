@@ -60,6 +60,7 @@ MAX_BATCH = 1024  # images per pipeline call, and the bench's transformer batch
 MAX_SEQUENCE_LENGTH = 512  # T5 tokens: the SD3 pipelines refuse more
 MAX_BENCH_WARMUP = 100  # untimed bench calls (default 3)
 MAX_BENCH_ITERS = 1000  # timed bench steps (default 10)
+MAX_IMAGE_SAMPLES = 1_000_000  # `images: {sample: N}`; the suite's own sample count is checked on load
 MAX_GUARD_TRIES = 10  # retries of one flagged image: past a few, the build is broken, not unlucky
 # Each detector threshold's range. Luma, amplitudes and shares are on the 0..1 scale; z is a
 # consistency score (defaults 6.5); a period is in pixels. tests/test_schemas.py checks every
@@ -244,6 +245,18 @@ class MetricOptions(StrictModel):
     step_error: StepErrorOptions | None = None
 
 
+class Images(StrictModel):
+    """Candidate images for part of the suite only (quick pre-merge checks): step error still screens
+    every sample; image metrics, detectors and their gates judge the samples with images."""
+
+    sample: int = Field(
+        ge=1,
+        le=MAX_IMAGE_SAMPLES,
+        description="samples to generate images of: whole batches, spread over the cases' first tags, "
+        "chosen the same way on every run",
+    )
+
+
 class SuiteFile(StrictModel):
     """A suite: fixed prompts and seeds, the metrics and detectors that score them, and the gates."""
 
@@ -265,6 +278,7 @@ class SuiteFile(StrictModel):
     )
     bench: Bench | None = None
     guard: Guard | None = None
+    images: Images | None = None
     compile: CompileChoice = "auto"
     baselines: str | None = Field(None, description="folder of committed baselines (default: beside the suite)")
     gates: list[Gate]

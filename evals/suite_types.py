@@ -3,6 +3,7 @@ choices a suite file may name. Frozen dataclasses; `evals.suite` reads YAML into
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,6 +171,8 @@ class Suite:
     """Union of case tags, for reports."""
     guard: GuardSpec | None = None
     """Guarded candidates (`guard` gates); None: no guard."""
+    images: int | None = None
+    """Candidate images for about this many samples only (`images: {sample: N}`); None: every sample."""
 
     def samples(self) -> list[Sample]:
         return [Sample(case, seed) for case in self.cases for seed in case.seeds]
@@ -179,3 +182,26 @@ class Suite:
         samples = self.samples()
         size = self.generation.batch_size
         return [samples[i : i + size] for i in range(0, len(samples), size)]
+
+    def image_batches(self) -> list[list[Sample]]:
+        """The batches whose candidate images are generated: every batch, or with `images` whole
+        batches until at least that many samples, taken in turn from each first tag of their cases
+        (each tag's batches in the order of a hash of their sample ids: the same on every run and
+        machine, and unrelated to the order cases are written in), returned in suite order."""
+        batches = self.batches()
+        if self.images is None or self.images >= sum(map(len, batches)):
+            return batches
+        groups: dict[str, list[int]] = {}
+        for i, batch in enumerate(batches):
+            tags = batch[0].case.tags
+            groups.setdefault(tags[0] if tags else "", []).append(i)
+        for members in groups.values():
+            members.sort(key=lambda i: hashlib.sha256("|".join(s.id for s in batches[i]).encode()).hexdigest())
+        chosen: list[int] = []
+        count = 0
+        while count < self.images:
+            for members in groups.values():
+                if members and count < self.images:
+                    chosen.append(members.pop(0))
+                    count += len(batches[chosen[-1]])
+        return [batches[i] for i in sorted(chosen)]

@@ -31,6 +31,7 @@ from evals.reports.render import (
     STATUS,
     _fmt,
     candidate_status,
+    coverage_lines,
     explains,
     load_run,
     noise_floor_value,
@@ -211,7 +212,12 @@ def _result_html(r: dict[str, Any]) -> str:
 
 
 def _summary(
-    run: dict[str, Any], verdict: dict[str, Any], candidates: list[str], notes: list[str], comparison: str
+    run: dict[str, Any],
+    verdict: dict[str, Any],
+    candidates: list[str],
+    notes: list[str],
+    comparison: str,
+    coverage: list[str],
 ) -> str:
     """The top of the page: the verdict, what ran, one line per candidate, the comparison table, and
     every gate that did not pass with its numbers and, where they do not say it, why."""
@@ -231,6 +237,7 @@ def _summary(
         [link[c], f'<td class="{outcome[c]}">{OUTCOME[outcome[c]]}</td>', _count_text(counts[c])] for c in candidates
     ]
     parts = ['<section id="summary">', _table(["", ""], facts), _table(["candidate", "result", "gates"], overview)]
+    parts += [f"<p class='coverage'>{html.escape(line)}</p>" for line in coverage]
     parts.append(comparison)
     results = ordered_results(verdict, by_candidate=True)
     for title, wanted in (("Failed gates", "fail"), ("Warnings", "warn")):
@@ -339,7 +346,7 @@ def render_html(run_dir: Path) -> str:
 <style>
 {STYLE_FILE.read_text()}</style></head><body>
 <h1>{html.escape(run["suite"]["name"])}: <span class="{"pass" if verdict["passed"] else "fail"}">{status}</span></h1>
-{_summary(run, verdict, candidates, notes, _comparison(run_dir, run, summary, verdict))}
+{_summary(run, verdict, candidates, notes, _comparison(run_dir, run, summary, verdict), coverage_lines(run, summary))}
 {"".join(sections)}
 </body></html>
 """

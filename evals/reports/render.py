@@ -199,6 +199,36 @@ def read_located(run_dir: Path) -> dict[str, dict[str, Any]]:
     return {str(k): v for k, v in data.items() if isinstance(v, dict) and isinstance(v.get("text"), str)}
 
 
+def coverage_lines(run: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    """What was and was not generated, in words: the image subset a suite asked for, screening, and
+    each candidate that stopped short of its images (--fail-fast). Empty when every candidate has
+    an image of every sample and nothing was screened."""
+    total = run.get("samples", "?")
+    images = run.get("images") or {}
+    with_images = images.get("samples")
+    expected = len(with_images) if isinstance(with_images, list) else total
+    lines = []
+    if images.get("requested") is not None and expected != total:
+        lines.append(
+            f"Candidate images were generated for {expected} of {total} samples only (suite `images: "
+            f"{{sample: {images['requested']}}}`: whole batches, chosen the same way on every run); the other "
+            f"{total - expected if isinstance(total, int) else '?'} samples have no images. Image metrics, "
+            f"detectors and their gates judge those {expected} samples."
+        )
+    if run.get("screened"):
+        lines.append(f"Step error was screened on all {total} samples before any candidate image was generated.")
+    policies = summary.get("policies", {}) if isinstance(summary.get("policies"), dict) else {}
+    for p in run.get("policies", []):
+        s = policies.get(p.get("name"), {})
+        n = s.get("n", 0) if isinstance(s, dict) else 0
+        if isinstance(expected, int) and n < expected:
+            screened = s.get("screened", 0) if isinstance(s, dict) else 0
+            what = "no images" if n == 0 else f"images of {n} of {expected} samples"
+            where = f", step error of {screened}" if run.get("screened") else ""
+            lines.append(f"{p['name']}: {what}{where} (stopped by --fail-fast: see the notes).")
+    return lines
+
+
 def write_summary_markdown(run_dir: Path, comparison: str = "") -> Path:
     """summary.md; `comparison`: the comparison table's section (`evals.reports.comparison`, which
     reads this module), placed before the gate table."""
@@ -211,6 +241,9 @@ def write_summary_markdown(run_dir: Path, comparison: str = "") -> Path:
         f"{run['samples']} samples, device {run['environment']['device']}.",
         "",
     ]
+    coverage = coverage_lines(run, summary)
+    if coverage:
+        lines += ["## What was generated", "", *(f"- {line}" for line in coverage), ""]
     for title, wanted in (("Failed gates", "fail"), ("Warnings", "warn")):
         chosen = [r for r in ordered_results(verdict) if r["status"] == wanted]
         if chosen:

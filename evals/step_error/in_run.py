@@ -1,9 +1,8 @@
 """Step error inside a suite run: what the runner asks of it, batch by batch and at the end.
 
 The reference's trajectory comes from the cache or is recorded while the reference generates; each
-candidate's generation records its own first step (it starts from the reference's very inputs, so
-that call need not be made again); then the candidate is scored teacher-forced and, on its first
-batch, profiled layer by layer; at the end each profile is compared with its baseline's.
+candidate is scored teacher-forced on it (the runner's screening, before any candidate image) and,
+on its first batch, profiled layer by layer; at the end each profile is compared with its baseline's.
 """
 
 from __future__ import annotations
@@ -54,14 +53,9 @@ class StepErrorRun:
         dtype = getattr(torch, found[0][1]) if found[0] else torch.float32
         return Trajectory.from_samples([f[0] for f in found if f], self.steps, self.suite.generation.guidance, dtype)
 
-    @staticmethod
-    def own_steps(traj: Trajectory | None) -> tuple[int, ...] | None:
-        """What a candidate's own generation should record: its first step, when that is recorded."""
-        return (0,) if traj is not None and traj.steps[0] == 0 else None
-
-    def score(self, cand: Candidate, traj: Trajectory, own: list[Trajectory] | None) -> StepErrors:
+    def score(self, cand: Candidate, traj: Trajectory) -> StepErrors:
         with self._timed("step_error"):
-            return teacher_forced(cand.pipeline.transformer, traj, Trajectory.cat(own) if own else None)
+            return teacher_forced(cand.pipeline.transformer, traj)
 
     def profile(self, reference: Any, cand: Candidate, traj: Trajectory) -> dict[str, dict[str, float]]:
         """The candidate's layer profile at the middle recorded step of the first batch it generates,
