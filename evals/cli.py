@@ -319,13 +319,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not from_environment().main:  # rank 0 reports; under torchrun the others only share its exit code
         return int(outcome.verdict.exit_code)
     print(gate_table_text(outcome.run_dir))
-    from evals.records import REFERENCE_FOLDER
-
-    # fewer than the suite's after --fail-fast
-    used = len(list((outcome.run_dir / "images" / REFERENCE_FOLDER).glob("*.png")))
     print(
         f"reference images generated: {outcome.reference_generated} "
-        f"({used - outcome.reference_generated} reused), candidate images: {outcome.candidate_generated}"
+        f"({outcome.reference_cached} reused), candidate images: {outcome.candidate_generated}"
     )
     timings = outcome.run_dir / "timings.json"
     if timings.is_file():

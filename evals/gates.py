@@ -175,6 +175,10 @@ def evaluate_gate(
     if summary is None:
         why = "no samples with these tags" if gate.tags else "no samples were scored"
         return GateResult(policy, gate, math.nan, False, why)
+    if summary.n == 0 and gate.metric not in STEP_METRICS and not (gate.layers or gate.bench):
+        # Not judged, and still blocking: only a failed step-error gate stops a candidate there.
+        why = "not evaluated: no images (the candidate stopped after screening)"
+        return GateResult(policy, gate, math.nan, False, why, evaluated=False)
     if gate.baseline is not None and gate.stat == PER_SAMPLE:
         jitter = (baseline or {}).get(f"{JITTER_KEY}{PER_SAMPLE}:{gate.subject}")
         return _per_sample_gate(policy, gate, records, baseline_samples, jitter)

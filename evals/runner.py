@@ -61,6 +61,8 @@ class RunOutcome:
     verdict: Verdict
     reference_generated: int
     """Reference images generated in this run (0 when all came from the cache)."""
+    reference_cached: int
+    """Reference images (and trajectories) this run read from the cache."""
     candidate_generated: int
 
 
@@ -117,6 +119,9 @@ class SuiteRunner:
         self.metrics = metrics
         self.unavailable = unavailable  # metric -> why (weights absent): gates on it fail unless optional
         self.reference_generated = 0
+        self.reference_cached = 0
+        self._screen_generated = 0  # reference images this process made for screening
+        self._references_seen: set[tuple[str, ...]] = set()  # batches counted in reference_cached
         self.candidate_generated = 0
         # Where this process's time went: the start-up steps measured before, then generation, metrics, ...
         self.seconds: dict[str, float] = dict(startup or {})
@@ -159,6 +164,10 @@ class SuiteRunner:
         hit = all(h is not None for h in hits)
         steps = self.step_error.cached(self.cache, keys) if trajectory and self.cache and hit else None
         if hit and (steps is not None or not trajectory):
+            ids = tuple(s.id for s in batch)
+            if ids not in self._references_seen:  # screening and the image phase may both read it
+                self._references_seen.add(ids)
+                self.reference_cached += len(batch)
             generated.cached = np.stack([h[0] for h in hits if h]), [h[1]["detectors"] for h in hits if h]
             generated.cached_files = [self.cache.png_path(k) for k in keys] if self.cache else []
             generated.trajectory = steps
@@ -263,8 +272,11 @@ class SuiteRunner:
             if self.steps is not None:
                 self._screen(worker)
             self._images(worker, records_path)
+        counted = shard.gather((self._screen_generated, self.reference_cached))  # every process's
         if not shard.main:
             return None
+        self.reference_generated += sum(made for made, _ in counted)
+        self.reference_cached = sum(read for _, read in counted)
         with self._timed("finishing"):
             outcome = self._finish(records_path)
         self._write_timings()  # again, with `finishing` (MLflow's copy was logged before it ended)
@@ -369,7 +381,7 @@ class SuiteRunner:
         traj = generated.trajectory
         assert traj is not None and self.steps is not None
         if generated.reference_raw is not None:
-            self.reference_generated += len(batch)
+            self._screen_generated += len(batch)
             kept = worker.submit(self.scorer.reference, generated)  # encoded and cached meanwhile
             if keep:
                 self._screened_references[tuple(s.id for s in batch)] = kept
@@ -561,4 +573,6 @@ class SuiteRunner:
                 summaries,
                 verdict.to_dict(),
             )
-        return RunOutcome(self.run_dir, summaries, verdict, self.reference_generated, self.candidate_generated)
+        return RunOutcome(
+            self.run_dir, summaries, verdict, self.reference_generated, self.reference_cached, self.candidate_generated
+        )
