@@ -80,6 +80,8 @@ class RunRequest:
     """Compile the candidates' transformer blocks (`blocks`) or not (`none`); None takes the suite's."""
     fail_fast: bool = False
     """Stop generating a candidate once one of its gates has failed for good (evals.fail_fast)."""
+    cuda_graphs: bool = True
+    """On a GPU, replay the transformers' steps from CUDA graphs (evals.graphed); False: launched."""
 
 
 def resolve_device(name: str) -> str:
@@ -334,6 +336,7 @@ def _run_locked(
         started=prepared.started,
         startup=prepared.startup,
         fail_fast=request.fail_fast,
+        cuda_graphs=request.cuda_graphs,
     )
     params = {
         "suite": suite.name,

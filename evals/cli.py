@@ -70,7 +70,13 @@ def _parser() -> argparse.ArgumentParser:
         "--fail-fast",
         action="store_true",
         help="stop generating a candidate once a gate of it has failed for good (a count over its limit, a min "
-        "below its floor, a sample past its baseline drop): the same verdict, sooner",
+        "below its floor, a sample past its baseline drop, a step-error gate after screening): the same verdict, "
+        "sooner",
+    )
+    run.add_argument(
+        "--no-cuda-graph",
+        action="store_true",
+        help="on a GPU, launch the transformers' kernels one by one instead of replaying each step from a CUDA graph",
     )
     run.add_argument(
         "--compile",
@@ -298,6 +304,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         candidate_checkpoints=[CheckpointArg.parse(text) for text in args.candidate_checkpoint],
         baseline=args.baseline,
         fail_fast=args.fail_fast,
+        cuda_graphs=not args.no_cuda_graph,
         device=args.device,
         reference_dtype=args.reference_dtype,
         runs_dir=args.runs_dir,

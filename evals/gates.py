@@ -184,7 +184,7 @@ def evaluate_gate(
         return _per_sample_gate(policy, gate, records, baseline_samples, jitter)
     if gate.guard and not summary.guard:
         return GateResult(policy, gate, math.nan, True, f"not evaluated: {policy} is not guarded", evaluated=False)
-    if gate.layers and not summary.layers:
+    if gate.layers and gate.layers not in summary.layers:
         return GateResult(policy, gate, math.nan, False, NO_PROFILE)
     kind = "metric" if gate.metric else "bench" if gate.bench else "guard" if gate.guard else "detector"
     kind = "layers" if gate.layers else kind
@@ -208,7 +208,7 @@ def evaluate_gate(
         reason = "" if passed else f"{gate.subject} {gate.stat} = {actual:.4g} vs baseline {base:.4g}: drop {drop:.4g}"
         return GateResult(policy, gate, actual, passed, reason, baseline=base, tolerance=tolerance, jitter=jitter)
     threshold, jitter = gate.value, None
-    if gate.layers and gate.op in ("<=", "<"):
+    if gate.layers == "max_ratio" and gate.op in ("<=", "<"):
         # A ratio to the baseline's profile: 1 plus its jitter is where a sound build may read.
         jitter = (baseline or {}).get(f"{JITTER_KEY}layers_{gate.layers}")
         threshold = max(gate.value, 1.0 + JITTER_MARGIN * jitter) if jitter is not None else gate.value

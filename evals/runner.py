@@ -29,6 +29,7 @@ from evals.environment import environment
 from evals.fail_fast import FailFast
 from evals.gates import Verdict, evaluate_gates
 from evals.generation import generate
+from evals.graphed import graph_transformer, ungraph
 from evals.models.sources import LoadedModel
 from evals.publish import LOGGED_FILE, candidate_params, publish_results
 from evals.records import (
@@ -104,8 +105,10 @@ class SuiteRunner:
         started: float | None = None,
         startup: dict[str, float] | None = None,
         fail_fast: bool = False,
+        cuda_graphs: bool = True,
     ):
         self.shard = shard or Shard()
+        self.cuda_graphs = cuda_graphs and device.startswith("cuda")
         self.suite = suite
         self.model = model
         self.candidates = candidates
@@ -268,10 +271,15 @@ class SuiteRunner:
         # gather) stage through the current device, which must be the one this rank's group uses.
         cuda_index = _cuda_index(self.device)
         on_device = None if cuda_index is None else partial(torch.cuda.set_device, cuda_index)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring", initializer=on_device) as worker:
-            if self.steps is not None:
-                self._screen(worker)
-            self._images(worker, records_path)
+        graphed = self._graphed()
+        try:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring", initializer=on_device) as worker:
+                if self.steps is not None:
+                    self._screen(worker)
+                self._images(worker, records_path)
+        finally:
+            for transformer in graphed:  # the bench and any later use launch them as loaded
+                ungraph(transformer)
         counted = shard.gather((self._screen_generated, self.reference_cached))  # every process's
         if not shard.main:
             return None
@@ -281,6 +289,17 @@ class SuiteRunner:
             outcome = self._finish(records_path)
         self._write_timings()  # again, with `finishing` (MLflow's copy was logged before it ended)
         return outcome
+
+    def _graphed(self) -> list[Any]:
+        """Replay the transformers' steps from CUDA graphs (evals.graphed), except a candidate that
+        swaps its layers before each batch (a sensitivity sweep): a graph keeps the layers it saw."""
+        if not self.cuda_graphs:
+            return []
+        chosen = {id(self.model.pipeline.transformer): (self.model.pipeline.transformer, "reference")}
+        for c in self.candidates:
+            if c.activate is None:
+                chosen.setdefault(id(c.pipeline.transformer), (c.pipeline.transformer, c.name))
+        return [t for t, name in chosen.values() if graph_transformer(t, name) is not None]
 
     def _images(self, worker: ThreadPoolExecutor, records_path: Path) -> None:
         """Candidate images of the suite's image batches, scored and written batch by batch."""

@@ -56,7 +56,7 @@ def _gate(doc: YamlDoc, i: int, given: schema.Gate, suite: schema.SuiteFile, tag
             raise doc.error(path + ("layers",), "a layers gate needs step_error in 'metrics' (it profiles its layers)")
         for key in ("tags", "baseline"):
             if getattr(given, key):
-                raise doc.error(path + (key,), f"a layers gate compares with the baseline's profile; no {key!r}")
+                raise doc.error(path + (key,), f"a layers gate judges the layer profile itself; no {key!r}")
         stats: tuple[str, ...] = ("value",)
     elif given.guard is not None:
         if suite.guard is None:

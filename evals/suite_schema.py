@@ -135,8 +135,8 @@ class Gate(StrictModel):
     )
     layers: LayerFigure | None = Field(
         None,
-        description="max_ratio: the largest ratio of a layer's own step error to the baseline profile's "
-        "(needs step_error)",
+        description="max_ratio: the largest ratio of a layer's own step error to the baseline profile's; "
+        "max_error: the largest own step error of any layer or block, no baseline needed (needs step_error)",
     )
     stat: Stat | None = Field(
         None, description="metrics: mean, median, min, max, p05, p95 (per_sample with a baseline); detectors: "

@@ -16,7 +16,7 @@ DETECTOR_STATS = ("count", "rate", "new_count")  # new_count: flagged where the 
 COMPILE_CHOICES = ("auto", "none", "blocks")  # `compile:` of a suite, `evals run --compile`
 BENCH_FIGURES = ("latency_ratio", "weights_ratio")  # candidate / reference, from the suite's `bench`
 GUARD_FIGURES = ("retry_rate", "failed_after_retry")  # of a guarded candidate (the suite's `guard`)
-LAYER_FIGURES = ("max_ratio",)  # of a candidate's layer profile against its baseline's (step error)
+LAYER_FIGURES = ("max_ratio", "max_error")  # of a candidate's layer profile (step error): against its baseline's, own
 GUARD_FALLBACKS = ("reference", "reseed")  # what makes a flagged image again
 OPS = (">=", "<=", ">", "<", "==", "!=")
 REFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")

@@ -97,13 +97,25 @@ def _profiles(
     return found
 
 
+def max_error(errors: dict[str, float]) -> float:
+    """The largest own error of any part of a profile (a part that gives NaN: infinity): a broken
+    layer's own error is large whatever the baseline, and as free of the sampler's chaos."""
+    return max((math.inf if math.isnan(e) else e for e in errors.values()), default=math.nan)
+
+
 def layer_figures(
     run_dir: Path, suite: Suite, candidates: list[Candidate], device: str, reference_dtype: str
 ) -> dict[str, dict[str, float]]:
-    """Candidate -> {max_ratio} of its layer profile against its baseline policy's committed profile
-    for this platform; candidates without either are left out (a layers gate then fails, saying why)."""
+    """Candidate -> {max_error} of its layer profile, and {max_ratio} against its baseline policy's
+    committed profile for this platform when there is one; candidates without a profile are left out
+    (a layers gate then fails, saying why)."""
     pairs = _profiles(run_dir, suite, device, reference_dtype, {c.name: c.baseline_policy for c in candidates})
-    return {name: {"max_ratio": max_ratio(errors, base)} for name, (errors, base) in pairs.items() if base is not None}
+    figures = {}
+    for name, (errors, base) in pairs.items():
+        figures[name] = {"max_error": max_error(errors)}
+        if base is not None:
+            figures[name]["max_ratio"] = max_ratio(errors, base)
+    return figures
 
 
 def departures(
