@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -68,62 +69,69 @@ def floor_step_ms(model: str, work: Path) -> tuple[float, float]:
     return results[0]["step_ms"], results[1]["step_ms"]
 
 
+def steady_projection(wall: float, batch_timings: dict[str, list[float]], batches: int) -> float:
+    """The whole suite's wall time: this run's, plus its median batch (screening and images, the
+    first batch of each left out: it compiles and warms up) for each batch it did not run."""
+    more = 0.0
+    for phase in ("screening", "images"):
+        times = batch_timings.get(phase, [])[1:] or batch_timings.get(phase, [])
+        if times:
+            more += statistics.median(times) * (batches - len(batch_timings[phase]))
+    return wall + more
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=8, help="the first N cases of sd35-core (default 8)")
     parser.add_argument("--metrics", help="comma-separated metrics to keep (default: the suite's)")
     parser.add_argument("--gpus", type=int, default=8, help="project to this many GPUs too (default 8)")
     parser.add_argument("--floor", action="store_true", help="time the compute floor first (`evals bench`, GPU)")
+    parser.add_argument("--floor-ms", help="REF,CAND: the floor's step times, measured before (skips the bench)")
     parser.add_argument("--compare-launched", action="store_true", help="a third run: cached, without CUDA graphs")
     args, extra = parser.parse_known_args()
     if args.cases < 1:
         sys.exit("--cases must be at least 1")
     metrics = args.metrics.split(",") if args.metrics else None
+    core = yaml.safe_load(CORE.read_text())
+    batch, steps = core["generation"]["batch_size"], core["generation"]["steps"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = extra[extra.index("--model") + 1] if "--model" in extra else "random:sd35-large"
-        floor = floor_step_ms(model, work) if args.floor else None
+        floor = tuple(float(v) for v in args.floor_ms.split(",")) if args.floor_ms else None
+        floor = floor_step_ms(model, work) if args.floor else floor
         suite, samples, total = subset_suite(args.cases, metrics, work)
-        names = ["first", "second (reference cache)"]
-        rows = [(name, *timed_run(suite, work, extra)) for name in names]
+        plan = [("first", extra), ("second (reference cache)", extra)]
         if args.compare_launched:  # the same cached run with every kernel launched, no CUDA graph
-            rows.append(("second, launched (--no-cuda-graph)", *timed_run(suite, work, [*extra, "--no-cuda-graph"])))
-        last = max((work / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+            plan.append(("second, launched (--no-cuda-graph)", [*extra, "--no-cuda-graph"]))
+        rows = []
+        for name, arguments in plan:
+            wall, parts = timed_run(suite, work, arguments)
+            last = max((work / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
+            per_batch = json.loads((last / "batch_timings.json").read_text())
+            rows.append((name, wall, parts, steady_projection(wall, per_batch, math.ceil(total / batch))))
         verdict = json.loads((last / "verdict.json").read_text())["results"]
-        figures = [f"{r['gate']}: {r['actual']:.4g} {r['status']}" for r in verdict if r["policy"] != "noise-floor"]
     print(f"sd35-core, first {args.cases} cases ({samples} of {total} samples), evals run {' '.join(extra)}")
-    print(f"| run | measured s | s per sample | projected {total} samples, 1 GPU | {args.gpus} GPUs |")
-    print("|---|---|---|---|---|")
-    for name, wall, parts in rows:
-        fixed = parts.get("startup", 0.0) + parts.get("finishing", 0.0)
-        per_sample = (wall - fixed) / samples
-        one = fixed + per_sample * total
-        several = fixed + per_sample * math.ceil(total / args.gpus)
-        print(f"| {name} | {wall:.1f} | {per_sample:.2f} | {one / 60:.1f} min | {several / 60:.1f} min |")
-    for name, _, parts in rows:
+    for name, _, parts, _ in rows:
         print(f"{name}: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
-    print("gates of the last run: " + "; ".join(figures))
+    print("gates of the last run: " + "; ".join(f"{r['gate']}: {r['actual']:.4g} {r['status']}" for r in verdict))
+    print(f"| run | measured s | whole suite, 1 GPU | {args.gpus} GPUs | floor | ratio | floor + screening | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (name, wall, parts, whole), first in zip(rows, (True, False, False), strict=False):
+        fixed = parts.get("startup", 0.0) + parts.get("finishing", 0.0)
+        several = fixed + (whole - fixed) * math.ceil(total / args.gpus) / total
+        cells = ["", "", "", ""]
+        if floor is not None:  # 28 steps of each image; screening adds 4 teacher-forced candidate steps
+            ref_ms, cand_ms = floor
+            base = total * steps * ((ref_ms if first else 0.0) + cand_ms) / 1000
+            screened = base + total * 4 * cand_ms / 1000
+            cells = [f"{base / 60:.1f} min", f"{whole / base:.2f}x", f"{screened / 60:.1f} min"]
+            cells.append(f"{whole / screened:.2f}x")
+        print(f"| {name} | {wall:.1f} | {whole / 60:.1f} min | {several / 60:.1f} min | {' | '.join(cells)} |")
     if floor is not None:
-        ref_ms, cand_ms = floor
-        steps = yaml.safe_load(CORE.read_text())["generation"]["steps"]
-        screening = 4 * cand_ms / 1000  # the candidate's recorded steps, teacher-forced
         print(
-            f"floor (evals bench --cuda-graph, 1 image per step call): reference {ref_ms:.1f} ms, "
-            f"candidate {cand_ms:.1f} ms"
+            f"floor: evals bench --cuda-graph, one image per step call: reference {floor[0]:.1f} ms, "
+            f"candidate {floor[1]:.1f} ms a step; screening 4 candidate steps a sample"
         )
-        print("| run | s per sample | floor s per sample | ratio | floor + screening | ratio |")
-        print("|---|---|---|---|---|---|")
-        for (name, wall, parts), both in zip(rows, (True, False, False), strict=False):
-            fixed = parts.get("startup", 0.0) + parts.get("finishing", 0.0)
-            per_sample = (wall - fixed) / samples
-            base = steps * ((ref_ms if both else 0.0) + cand_ms) / 1000
-            print(
-                f"| {name} | {per_sample:.2f} | {base:.2f} | {per_sample / base:.2f}x | {base + screening:.2f} | "
-                f"{per_sample / (base + screening):.2f}x |"
-            )
-        for name, wall, parts in rows:
-            fixed = parts.get("startup", 0.0) + parts.get("finishing", 0.0)
-            print(f"{name}: whole suite projected {(fixed + (wall - fixed) / samples * total) / 60:.1f} min")
 
 
 if __name__ == "__main__":

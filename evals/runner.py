@@ -47,7 +47,7 @@ from evals.scoring import BatchScorer
 from evals.step_error.in_run import StepErrorRun
 from evals.step_error.locate import locate_failures
 from evals.step_error.screening import SCREENING_FILE, Screened, ScreeningWriter, read_screening, screened_batch
-from evals.step_error.trajectory import Trajectory, recording
+from evals.step_error.trajectory import Trajectory, answered_first, recording, step_inputs
 from evals.suite_guard import guard_batch, guarded_names, suite_guard
 from evals.suite_types import Sample, Suite
 from evals.tracker_protocol import Tracker
@@ -143,6 +143,10 @@ class SuiteRunner:
         self.steps = self.step_error.steps  # recorded steps, when the suite scores step error
         self.screening: list[Screened] = []  # rank 0: every screening line of the run, earlier ones too
         self._screened: dict[tuple[str, str], Screened] = {}  # the same by (candidate, sample id)
+        # (candidate, batch ids) -> (inputs, output) of its first step, computed by screening
+        self._first_steps: dict[tuple[str, tuple[str, ...]], tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
+        self.batch_seconds: dict[str, list[float]] = {"screening": [], "images": []}
+        """Each batch's wall time in each phase (batch_timings.json): the steady state, for projections."""
         # Reference images made while screening, kept for the image phase: batch ids -> future of
         # (8-bit images, findings); the scoring worker encodes and caches them meanwhile.
         self._screened_references: dict[tuple[str, ...], Future[tuple[np.ndarray, list[dict[str, Any]]]]] = {}
@@ -318,7 +322,9 @@ class SuiteRunner:
             try:
                 for first in range(0, len(batches), shard.world):
                     index = first + shard.rank
+                    start = time.perf_counter()
                     generated = self._generate_batch(batches[index], bar) if index < len(batches) else None
+                    self.batch_seconds["images"].append(time.perf_counter() - start)
                     if pending is not None:
                         with self._timed("waiting"):
                             pending.result()  # the worker's errors surface here
@@ -366,7 +372,9 @@ class SuiteRunner:
                     ]
                     if todo:
                         keep = tuple(s.id for s in batch) in images
+                        start = time.perf_counter()
                         mine = self._screen_batch(batch, todo, worker, keep, finished)
+                        self.batch_seconds["screening"].append(time.perf_counter() - start)
                 for lines in shard.gather(mine):
                     if writer is not None:
                         with self._timed("writing"):
@@ -409,6 +417,8 @@ class SuiteRunner:
             if cand.activate is not None:
                 cand.activate()
             errors = self.step_error.score(cand, traj)
+            if keep and errors.first is not None:  # its generation's first step, computed already
+                self._first_steps[(cand.name, tuple(s.id for s in batch))] = (step_inputs(traj, 0, "cpu"), errors.first)
             lines += [
                 line
                 for line in screened_batch(cand.name, batch, errors, traj.steps)
@@ -429,6 +439,8 @@ class SuiteRunner:
 
     def _write_timings(self) -> None:
         write_json(self.run_dir / "timings.json", {k: round(v, 3) for k, v in self.seconds.items()})
+        rounded = {k: [round(v, 3) for v in values] for k, values in self.batch_seconds.items()}
+        write_json(self.run_dir / "batch_timings.json", rounded)
 
     def _score_and_store(self, generated: GeneratedBatch | None, writer: RecordsWriter | None, bar: Any) -> None:
         """The worker's part of a batch: scores and findings, then (rank 0) files, records, MLflow."""
@@ -474,8 +486,10 @@ class SuiteRunner:
             if cand.activate is not None:
                 cand.activate()
             start = time.perf_counter()
+            first = self._first_steps.pop((cand.name, tuple(s.id for s in batch)), None)
             try:
-                raw = self._generate(cand.pipeline, batch, cand.images_per_call)
+                with answered_first(cand.pipeline.transformer, *first) if first else nullcontext():
+                    raw = self._generate(cand.pipeline, batch, cand.images_per_call)
             except Exception as exc:
                 explained = explain_failure(exc)
                 if explained is not exc:

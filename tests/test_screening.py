@@ -197,3 +197,35 @@ def test_a_resume_after_screening_screens_nothing_again(
     assert main(["run", str(path), *FAST, "--no-cache"]) == 0
     whole = next(p for p in (workdir / "runs").iterdir() if p != run_dir)
     assert resumed == {r["sample_id"]: r["metrics"] for r in lines(whole / "records.jsonl")}
+
+
+def test_screening_answers_the_candidates_first_step_exactly(tiny_model) -> None:  # type: ignore[no-untyped-def]
+    """The candidate's first step in its own generation has the reference's very inputs: screening's
+    output there, given back, makes the same images; wrong inputs are not answered; a wrong answer
+    to the right inputs shows in the images (the answer is really used)."""
+    import torch
+
+    from evals.candidates import build_candidate
+    from evals.generation import generate
+    from evals.models.precision import load_policy
+    from evals.step_error.trajectory import answered_first, recording, step_inputs, teacher_forced
+    from evals.suite_types import Case, Generation, Sample
+
+    gen = Generation(height=64, width=64, steps=4, guidance=4.5, batch_size=2, max_sequence_length=8)
+    batch = [Sample(Case("a", "a red circle", (0,)), 0), Sample(Case("b", "a calm lake", (1,)), 1)]
+    with recording(tiny_model.pipeline.transformer, (0, 2), gen.guidance, len(batch)) as recorded:
+        generate(tiny_model.pipeline, batch, gen)
+    traj = recorded[0]
+    cand = build_candidate(tiny_model, load_policy("fp8-e4m3-rowwise"), gen).pipeline
+    errors = teacher_forced(cand.transformer, traj)
+    assert errors.first is not None
+    plain = generate(cand, batch, gen)
+    inputs = step_inputs(traj, 0, "cpu")
+    with answered_first(cand.transformer, inputs, errors.first):
+        assert torch.equal(generate(cand, batch, gen), plain)
+    assert "forward" not in cand.transformer.__dict__  # put back as it was
+    wrong = dict(inputs, hidden_states=inputs["hidden_states"] + 1)
+    with answered_first(cand.transformer, wrong, torch.zeros_like(errors.first)):
+        assert torch.equal(generate(cand, batch, gen), plain)
+    with answered_first(cand.transformer, inputs, torch.zeros_like(errors.first)):
+        assert not torch.equal(generate(cand, batch, gen), plain)

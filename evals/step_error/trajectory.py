@@ -134,6 +134,9 @@ class StepErrors:
     """||out_cand - out_ref|| / ||out_ref|| of the guided outputs, per sample and recorded step."""
     cosine: torch.Tensor
     """Cosine similarity of the guided outputs, per sample and recorded step."""
+    first: torch.Tensor | None = None
+    """The candidate's own output at step 0, when that step is recorded (its generation starts from
+    these very inputs, so `answered_first` can give it back instead of computing it again)."""
 
 
 def step_inputs(traj: Trajectory, s: int, device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -175,15 +178,46 @@ def teacher_forced(transformer: Any, traj: Trajectory, own: Trajectory | None = 
     device = next(transformer.parameters()).device
     batch = len(traj)
     relative, cosine = [], []
+    first = None
     for s in range(len(traj.steps)):
         if own is not None and same_inputs(own, traj, s):
             guided = own.guided[:, own.steps.index(traj.steps[s])]
         else:
             output = transformer(**step_inputs(traj, s, device), return_dict=False)[0]
+            first = output if traj.steps[s] == 0 else first
             guided = _guided(output, traj.guidance, batch)
         cand = guided.double().cpu().flatten(1)
         ref = traj.guided[:, s].double().flatten(1)
         diff = (cand - ref).norm(dim=1)
         relative.append(diff / ref.norm(dim=1))
         cosine.append(torch.nn.functional.cosine_similarity(cand, ref, dim=1))
-    return StepErrors(torch.stack(relative, dim=1).float(), torch.stack(cosine, dim=1).float())
+    return StepErrors(torch.stack(relative, dim=1).float(), torch.stack(cosine, dim=1).float(), first)
+
+
+@contextmanager
+def answered_first(transformer: Any, inputs: dict[str, torch.Tensor], output: torch.Tensor) -> Iterator[None]:
+    """While the block runs, the transformer's first call, if made with exactly `inputs` (keyword
+    arguments as the pipeline passes them), returns `output` instead of computing it: screening has
+    computed the candidate's first step on the reference's inputs, which are its own first inputs
+    too. Any other first call (another batch size, a changed text encoder) runs as usual."""
+    inner = transformer.__dict__.get("forward")  # a wrapper of the instance's own (evals.graphed), or none
+    launched = inner if inner is not None else transformer.forward
+    asked = [False]
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        first, asked[0] = not asked[0], True
+        given = {k: kwargs.get(k) for k in inputs}
+        same = first and not args and kwargs.get("return_dict") is False
+        same = same and all(torch.is_tensor(v) and v.shape == inputs[k].shape for k, v in given.items())
+        if same and all(torch.equal(v.cpu(), inputs[k]) for k, v in given.items()):  # type: ignore[union-attr]
+            return (output.to(kwargs["hidden_states"].device).clone(),)
+        return launched(*args, **kwargs)
+
+    transformer.forward = forward
+    try:
+        yield
+    finally:
+        if inner is not None:
+            transformer.forward = inner
+        else:
+            del transformer.forward
