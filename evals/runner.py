@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -27,44 +27,29 @@ from evals.compiling import explain_failure
 from evals.distributed import Shard
 from evals.environment import environment
 from evals.fail_fast import FailFast
-from evals.gates import Verdict, evaluate_gates
 from evals.generation import generate
 from evals.graphed import graph_transformer, ungraph
 from evals.models.sources import LoadedModel
-from evals.publish import LOGGED_FILE, candidate_params, publish_results
+from evals.publish import LOGGED_FILE, candidate_params
 from evals.records import (
     REFERENCE_FOLDER,
-    PolicySummary,
     RecordsWriter,
     image_path,
     read_records,
-    summarize,
-    summary_to_json,
 )
+from evals.run_finish import FinishingPhase, RunOutcome
 from evals.run_json import write_run_json
-from evals.rundir import copy_png, save_png, write_atomic, write_json
+from evals.rundir import copy_png, save_png, write_json
 from evals.scoring import BatchScorer
 from evals.step_error.in_run import StepErrorRun
-from evals.step_error.locate import locate_failures
-from evals.step_error.screening import SCREENING_FILE, Screened, ScreeningWriter, read_screening, screened_batch
-from evals.step_error.trajectory import Trajectory, answered_first, recording, step_inputs
+from evals.step_error.screen_phase import ScreeningPhase
+from evals.step_error.screening import Screened
+from evals.step_error.trajectory import Trajectory, answered_first, recording
 from evals.suite_guard import guard_batch, guarded_names, suite_guard
 from evals.suite_types import Sample, Suite
 from evals.tracker_protocol import Tracker
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class RunOutcome:
-    run_dir: Path
-    summaries: dict[str, PolicySummary]
-    verdict: Verdict
-    reference_generated: int
-    """Reference images generated in this run (0 when all came from the cache)."""
-    reference_cached: int
-    """Reference images (and trajectories) this run read from the cache."""
-    candidate_generated: int
 
 
 def _cuda_index(device: str) -> int | None:
@@ -75,7 +60,7 @@ def _cuda_index(device: str) -> int | None:
     return torch.cuda.current_device() if index is None else index
 
 
-class SuiteRunner:
+class SuiteRunner(ScreeningPhase, FinishingPhase):
     @contextmanager
     def _timed(self, part: str) -> Iterator[None]:
         """Add the block's wall time to `self.seconds[part]` (GPU work is synchronous at its end:
@@ -338,98 +323,6 @@ class SuiteRunner:
                     pending.result()
         bar.close()
 
-    def _screen(self, worker: ThreadPoolExecutor) -> None:
-        """Every sample's step error, before any candidate image: each batch's reference trajectory
-        (cache, or recorded while the reference generates; those images are kept for the image
-        phase), each candidate's transformer teacher-forced on it, and on its first batch its layer
-        profile. With --fail-fast, a candidate stops once a step-error or layers gate has failed."""
-        from tqdm import tqdm
-
-        shard = self.shard
-        if shard.main and self.done is not None:
-            self.screening.extend(read_screening(self.run_dir))  # resuming: the lines evals.resume kept
-        finished = shard.broadcast({(s.policy, s.sample_id) for s in self.screening} if shard.main else None)
-        batches = self.suite.batches()
-        images = {tuple(s.id for s in b) for b in self.suite.image_batches()}
-        samples = sum(map(len, batches))
-        bar = tqdm(
-            total=len(batches),
-            unit="batch",
-            disable=not (self.progress and shard.main),
-            desc=f"{self.suite.name}: screening step error",
-        )
-        with ScreeningWriter(self.run_dir / SCREENING_FILE) if shard.main else nullcontext() as writer:
-            for first in range(0, len(batches), shard.world):
-                index = first + shard.rank
-                stopped = self.fail_fast.stopped if self.fail_fast else {}
-                mine: list[Screened] = []
-                if index < len(batches):
-                    batch = batches[index]
-                    todo = [
-                        c
-                        for c in self.candidates
-                        if c.name not in stopped and any((c.name, s.id) not in finished for s in batch)
-                    ]
-                    if todo:
-                        keep = tuple(s.id for s in batch) in images
-                        start = time.perf_counter()
-                        mine = self._screen_batch(batch, todo, worker, keep, finished)
-                        self.batch_seconds["screening"].append(time.perf_counter() - start)
-                for lines in shard.gather(mine):
-                    if writer is not None:
-                        with self._timed("writing"):
-                            writer.write(lines)
-                        self.screening.extend(lines)
-                bar.update(min(shard.world, len(batches) - first))
-                if self.fail_fast is not None:
-                    if shard.main:
-                        self.run_notes.extend(self.fail_fast.screen(self.screening, samples, complete=False))
-                    self.fail_fast.adopt(shard.broadcast(self.fail_fast.stopped if shard.main else None))
-        bar.close()
-        self._screened = {(s.policy, s.sample_id): s for s in self.screening}
-        if self.fail_fast is not None:
-            if shard.main:
-                self.fail_fast.layers.update(self.step_error.figures(self.candidates))
-                self.run_notes.extend(self.fail_fast.screen(self.screening, samples, complete=True))
-            self.fail_fast.adopt(shard.broadcast(self.fail_fast.stopped if shard.main else None))
-
-    def _screen_batch(
-        self,
-        batch: list[Sample],
-        todo: list[Candidate],
-        worker: ThreadPoolExecutor,
-        keep: bool,
-        finished: set[tuple[str, str]],
-    ) -> list[Screened]:
-        """One batch's screening lines for the candidates in `todo`; the reference images made for
-        its trajectory go to the cache (by the worker) and, when `keep`, to the image phase."""
-        generated = GeneratedBatch(batch, {})
-        self._reference_batch(batch, generated, trajectory=True)
-        traj = generated.trajectory
-        assert traj is not None and self.steps is not None
-        if generated.reference_raw is not None:
-            self._screen_generated += len(batch)
-            kept = worker.submit(self.scorer.reference, generated)  # encoded and cached meanwhile
-            if keep:
-                self._screened_references[tuple(s.id for s in batch)] = kept
-        lines: list[Screened] = []
-        for cand in todo:
-            if cand.activate is not None:
-                cand.activate()
-            errors = self.step_error.score(cand, traj)
-            if keep and errors.first is not None:  # its generation's first step, computed already
-                self._first_steps[(cand.name, tuple(s.id for s in batch))] = (step_inputs(traj, 0, "cpu"), errors.first)
-            lines += [
-                line
-                for line in screened_batch(cand.name, batch, errors, traj.steps)
-                if (cand.name, line.sample_id) not in finished
-            ]
-            if self.shard.main:  # a failed layers gate fails for good once the profile is made
-                figures = self.step_error.profile(self.model.pipeline, cand, traj)
-                if self.fail_fast is not None:
-                    self.fail_fast.layers.update(figures)
-        return lines
-
     def _earlier_images(self, records_path: Path) -> list[tuple[str, str, Path, Path]]:
         """(candidate, sample id, image, reference) of every record finished before a resume."""
         return [
@@ -537,75 +430,3 @@ class SuiteRunner:
             )
         if self.fail_fast is not None:
             self.run_notes.extend(self.fail_fast.add([record for _, record in result.samples]))
-
-    def _bench(self, summaries: dict[str, PolicySummary]) -> None:
-        """The suite's bench: step latency and weights of each candidate's transformer against the
-        reference's, into its summary (for bench gates) and bench.json."""
-        from evals.bench import bench_suite_candidates
-
-        assert self.suite.bench is not None
-        log.info("bench: timing the transformers (suite `bench`)...")
-        candidates = {c.name: c.pipeline for c in self.candidates if c.noise_floor is None}
-        gen = self.suite.generation  # whole images at the suite's steps and prompt length
-        settings = {"steps": gen.steps, "max_sequence_length": gen.max_sequence_length, **self.suite.bench}
-        with self._timed("bench"):
-            figures, results = bench_suite_candidates(self.model.pipeline, candidates, settings, self.device)
-        for name, values in figures.items():
-            if name in summaries:
-                summaries[name].bench = values
-        write_json(self.run_dir / "bench.json", {"settings": settings, "results": [asdict(r) for r in results]})
-
-    @property
-    def _has_baseline_gates(self) -> bool:
-        return any(g.baseline is not None for g in self.suite.gates)
-
-    def _baselines(self) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
-        """`baselines.find_baselines` for the gated candidates, looked up once (fail-fast asks
-        before the end)."""
-        if self._baselines_found is None:
-            from evals.baselines import find_baselines
-
-            gated = [c for c in self.candidates if c.noise_floor is None]
-            self._baselines_found = find_baselines(self.suite, gated, self.device, self.reference_dtype, self.tracker)
-        return self._baselines_found
-
-    def _finish(self, records_path: Path) -> RunOutcome:
-        with self._timed("finishing.summary"):
-            records = list(read_records(records_path))
-            summaries = summarize(records, self.screening)
-        if self.suite.bench is not None:
-            self._bench(summaries)
-        with self._timed("finishing.summary"):
-            names = [c.name for c in self.candidates if c.noise_floor is None]  # the noise floor is never gated
-            if self.steps is not None:
-                for name, values in self.step_error.figures(self.candidates).items():
-                    if name in summaries:
-                        summaries[name].layers = values
-            baselines, samples = self._baselines() if self._has_baseline_gates else (None, None)
-            verdict = evaluate_gates(
-                summaries, self.suite.gates, names, self.unavailable, records, baselines, samples, self.screening
-            )
-            write_atomic(self.run_dir / "summary.json", summary_to_json(summaries) + "\n")
-            write_json(self.run_dir / "verdict.json", verdict.to_dict())
-        with self._timed("finishing.locate"):
-            locate_failures(self.run_dir, self.suite, self.candidates, verdict, self.device, self.reference_dtype)
-            if self.run_notes:
-                write_json(self.run_dir / "notes.json", self.run_notes)
-        with self._timed("finishing.reports"):
-            from evals.reports.html import write_reports
-
-            write_reports(self.run_dir)
-        self._write_timings()
-        with self._timed("finishing.mlflow"):
-            publish_results(
-                self.tracker,
-                self.run_dir,
-                [c.name for c in self.candidates],
-                self.suite.detectors,
-                records,
-                summaries,
-                verdict.to_dict(),
-            )
-        return RunOutcome(
-            self.run_dir, summaries, verdict, self.reference_generated, self.reference_cached, self.candidate_generated
-        )
