@@ -129,9 +129,10 @@ class ScreeningPhase:
         assert traj is not None and self.steps is not None
         if generated.reference_raw is not None:
             self._screen_generated += len(batch)
-            kept = worker.submit(self.scorer.reference, generated)  # encoded and cached meanwhile
-            if keep:
-                self._screened_references[tuple(s.id for s in batch)] = kept
+            if keep or generated.reference_keys:  # wanted by the image phase, or by the cache
+                kept = worker.submit(self.scorer.reference, generated)  # encoded and cached meanwhile
+                if keep:
+                    self._screened_references[tuple(s.id for s in batch)] = kept
         lines: list[Screened] = []
         for cand in todo:
             if cand.activate is not None:
