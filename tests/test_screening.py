@@ -229,3 +229,21 @@ def test_screening_answers_the_candidates_first_step_exactly(tiny_model) -> None
         assert torch.equal(generate(cand, batch, gen), plain)
     with answered_first(cand.transformer, inputs, torch.zeros_like(errors.first)):
         assert not torch.equal(generate(cand, batch, gen), plain)
+
+
+def test_a_broken_layer_stops_a_candidate_after_its_first_screened_batch(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layers gate is settled once the profile is made, on the candidate's first batch: no further
+    batch is screened and no image made. (A bound of 0.001 reads every FP8 layer as broken.)"""
+    gate = '  - {layers: max_error, op: "<=", value: 0.001}\n'
+    events = Events(monkeypatch)
+    assert main(["run", str(screened_suite(workdir, STEP_GATE + gate)), *FAST, "--fail-fast"]) == 1
+    assert events.seen.count("screen") == 1 and "candidate" not in events.seen
+    run_dir = only_run(workdir)
+    notes = json.loads((run_dir / "notes.json").read_text())
+    assert any("stopped after screening 2 of 16 samples" in n and "max_error value <= 0.001" in n for n in notes)
+    layers = json.loads((run_dir / "summary.json").read_text())["policies"]["fp8-e4m3-rowwise"]["layers"]
+    profile = json.loads((run_dir / "layers" / "fp8-e4m3-rowwise.json").read_text())["errors"]
+    assert layers == {"max_error": max(profile.values())}  # no baseline profile: no max_ratio
+    assert json.loads((run_dir / "locate.json").read_text())["fp8-e4m3-rowwise"]["error"] == layers["max_error"]
