@@ -39,10 +39,10 @@ from evals.records import (
 )
 from evals.run_finish import FinishingPhase, RunOutcome
 from evals.run_json import write_run_json
+from evals.run_screening import ScreeningPhase
 from evals.rundir import copy_png, save_png, write_json
 from evals.scoring import BatchScorer
 from evals.step_error.in_run import StepErrorRun
-from evals.step_error.screen_phase import ScreeningPhase
 from evals.step_error.screening import Screened
 from evals.step_error.trajectory import Trajectory, answered_first, recording
 from evals.suite_guard import guard_batch, guarded_names, suite_guard

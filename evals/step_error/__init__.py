@@ -11,5 +11,7 @@ their means (`step_error`, `step_cosine`).
 - `trajectory`: recording the reference's trajectory, and the teacher-forced candidate evaluation;
 - `profile`: each block's and layer's own error, both models in one process (the layer profile);
 - `locate`: the profile against the baseline's: layers gates and the broken layer named (no torch);
-- `in_run`: what a suite run asks of all this, batch by batch.
+- `screening`: screening.jsonl, every sample's step error scored before any candidate image (no torch);
+- `in_run`: what a suite run asks of all this, batch by batch (the run's screening phase itself is
+  `evals.run_screening`).
 """
