@@ -21,8 +21,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from evals.gates import GateResult, GateSpec, evaluate_gates
-from evals.records import SampleRecord, summarize
+from evals.gates import GateResult, GateSpec, Verdict, evaluate_gates
+from evals.records import PolicySummary, SampleRecord, summarize
 from evals.step_error.screening import STEP_METRICS, Screened
 
 log = logging.getLogger(__name__)
@@ -93,33 +93,41 @@ class FailFast:
         with self._lock:
             self.stopped.update(stopped)
 
-    def screen(self, screened: Sequence[Screened], samples: int, complete: bool) -> list[str]:
-        """Judge the step-error and layers gates on the screening so far; `complete`: every sample is
-        screened, so every such gate is settled. Returns a note for each candidate this stops."""
-        notes = []
+    def _judge(
+        self, gates: tuple[GateSpec, ...], live: list[str], records: list[SampleRecord]
+    ) -> tuple[Verdict, dict[str, PolicySummary]]:
+        """(verdict, summaries) of `gates` on the live candidates' records and screening so far."""
+        base, per_sample = self._loaded_baselines()
+        summaries = summarize(records, [s for s in self.screened if s.policy in live])
+        for name, figures in self.layers.items():
+            if name in summaries:
+                summaries[name].layers = figures
+        return evaluate_gates(summaries, gates, live, None, records, base, per_sample, self.screened), summaries
+
+    def _stop(self, policy: str, gate: GateSpec, note: str) -> str:
+        self.stopped[policy] = gate.describe()
+        log.info(f"fail-fast: {note}")
+        return note
+
+    def screen(self, samples: int, complete: bool) -> list[str]:
+        """Judge the step-error and layers gates on the screening so far (`screened`); `complete`:
+        every sample is screened, so every such gate is settled. Returns a note for each candidate
+        this stops."""
         gates = tuple(g for g in self.gates if g.layers is not None or g.metric in STEP_METRICS)
+        notes = []
         with self._lock:
-            done = {s.policy for s in screened}
+            done = {s.policy for s in self.screened}
             live = [c for c in self.candidates if c not in self.stopped and c in done]
             if not live or not gates:
                 return []
-            base, per_sample = self._loaded_baselines()
-            summaries = summarize([], [s for s in screened if s.policy in live])
-            for name, figures in self.layers.items():
-                if name in summaries:
-                    summaries[name].layers = figures
-            verdict = evaluate_gates(summaries, gates, live, None, (), base, per_sample, screened)
+            verdict, summaries = self._judge(gates, live, [])
             for result in verdict.results:
                 settled = failed_for_good(result) or (complete and settled_by_screening(result))
                 if result.policy not in self.stopped and settled:
                     count = summaries[result.policy].screened
-                    self.stopped[result.policy] = result.gate.describe()
-                    notes.append(
-                        f"{result.policy}: stopped after screening {count} of {samples} samples, before any "
-                        f"image (--fail-fast): {result.gate.describe()} failed ({result.reason})"
-                    )
-        for note in notes:
-            log.info(f"fail-fast: {note}")
+                    why = f"{result.gate.describe()} failed ({result.reason})"
+                    note = f"{result.policy}: stopped after screening {count} of {samples} samples, before any image"
+                    notes.append(self._stop(result.policy, result.gate, f"{note} (--fail-fast): {why}"))
         return notes
 
     def add(self, records: Sequence[SampleRecord]) -> list[str]:
@@ -132,20 +140,11 @@ class FailFast:
             mine = [r for r in self.records if r.policy in live]
             if not mine:
                 return []
-            base, per_sample = self._loaded_baselines()
-            summaries = summarize(mine, [s for s in self.screened if s.policy in live])
-            for name, figures in self.layers.items():
-                if name in summaries:
-                    summaries[name].layers = figures
-            verdict = evaluate_gates(summaries, self.gates, live, None, mine, base, per_sample, self.screened)
+            verdict, _ = self._judge(self.gates, live, mine)
             for result in verdict.results:
                 if result.policy not in self.stopped and failed_for_good(result):
                     done = sum(r.policy == result.policy for r in mine)
-                    self.stopped[result.policy] = result.gate.describe()
-                    notes.append(
-                        f"{result.policy}: stopped after {done} of {self.samples} samples (--fail-fast): "
-                        f"{result.gate.describe()} failed for good ({result.reason})"
-                    )
-        for note in notes:
-            log.info(f"fail-fast: {note}")
+                    why = f"{result.gate.describe()} failed for good ({result.reason})"
+                    note = f"{result.policy}: stopped after {done} of {self.samples} samples (--fail-fast): {why}"
+                    notes.append(self._stop(result.policy, result.gate, note))
         return notes

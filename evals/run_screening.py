@@ -103,14 +103,14 @@ class ScreeningPhase:
                 bar.update(min(shard.world, len(batches) - first))
                 if self.fail_fast is not None:
                     if shard.main:
-                        self.run_notes.extend(self.fail_fast.screen(self.screening, samples, complete=False))
+                        self.run_notes.extend(self.fail_fast.screen(samples, complete=False))
                     self.fail_fast.adopt(shard.broadcast(self.fail_fast.stopped if shard.main else None))
         bar.close()
         self._screened = {(s.policy, s.sample_id): s for s in self.screening}
         if self.fail_fast is not None:
             if shard.main:
                 self.fail_fast.layers.update(self.step_error.figures(self.candidates))
-                self.run_notes.extend(self.fail_fast.screen(self.screening, samples, complete=True))
+                self.run_notes.extend(self.fail_fast.screen(samples, complete=True))
             self.fail_fast.adopt(shard.broadcast(self.fail_fast.stopped if shard.main else None))
 
     def _screen_batch(
