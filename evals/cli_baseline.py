@@ -25,8 +25,9 @@ def _fmt(value: float | None) -> str:
 def cmd_baseline_update(args: argparse.Namespace) -> int:
     from evals import baselines
     from evals.gates import NO_PROFILE
-    from evals.records import PolicySummary, read_records
+    from evals.records import PolicySummary
     from evals.step_error.locate import read_profile
+    from evals.step_error.screening import sample_values
     from evals.suite import load_suite
 
     run_dir: Path = args.run_dir
@@ -59,12 +60,11 @@ def cmd_baseline_update(args: argparse.Namespace) -> int:
     flat = {name: PolicySummary(**summary["policies"][name]).flat() for name in chosen}
     samples: dict[str, dict[str, dict[str, float]]] = {name: {} for name in chosen}
     try:
-        for record in read_records(run_dir / "records.jsonl"):
-            if record.policy in samples:
-                for metric, value in record.metrics.items():
-                    samples[record.policy].setdefault(metric, {})[record.sample_id] = value
+        for policy, metric, sample_id, value in sample_values(run_dir):
+            if policy in samples:
+                samples[policy].setdefault(metric, {})[sample_id] = value
     except (OSError, ValueError, KeyError, InputError) as exc:
-        raise InputError(f"{run_dir / 'records.jsonl'}: cannot read its records ({exc})") from exc
+        raise InputError(f"{run_dir}: cannot read its records or screening ({exc})") from exc
     provenance = {
         "run": run_dir.name,
         "git_commit": str(run.get("git_commit") or ""),

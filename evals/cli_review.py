@@ -46,11 +46,12 @@ def _policy_metrics(run: str) -> dict[str, dict[str, float]]:
     path = Path(run)
     if path.is_dir():
         from evals.records import read_records, summarize
+        from evals.step_error.screening import read_screening
 
         records_file = path / "records.jsonl"
         if not records_file.is_file():
             raise InputError(f"{run}: no records.jsonl; not a run directory")
-        return {p: s.flat() for p, s in summarize(read_records(records_file)).items()}
+        return {p: s.flat() for p, s in summarize(read_records(records_file), read_screening(path)).items()}
     from evals.tracking import MlflowTracker
 
     client = MlflowTracker().client

@@ -96,7 +96,7 @@ def run_variant(run: dict[str, Any], run_dir: Path, variant: Variant, out_dir: P
 
 def _figures(run_dir: Path) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
     """(policy -> metric summary stats flattened, policy -> metric -> sample id -> value) of a run."""
-    from evals.records import read_records
+    from evals.step_error.screening import sample_values
 
     summary = json.loads((run_dir / "summary.json").read_text())["policies"]
     flat = {
@@ -104,9 +104,8 @@ def _figures(run_dir: Path) -> tuple[dict[str, dict[str, float]], dict[str, dict
         for policy, s in summary.items()
     }
     samples: dict[str, dict[str, dict[str, float]]] = {}
-    for r in read_records(run_dir / "records.jsonl"):
-        for metric, value in r.metrics.items():
-            samples.setdefault(r.policy, {}).setdefault(metric, {})[r.sample_id] = value
+    for policy, metric, sample_id, value in sample_values(run_dir):
+        samples.setdefault(policy, {}).setdefault(metric, {})[sample_id] = value
     return flat, samples
 
 

@@ -15,6 +15,7 @@ from evals.mlflow_review import headline_metrics, run_name
 from evals.models.yamlspec import InputError
 from evals.records import PolicySummary, SampleRecord, read_records, summarize
 from evals.step_error.locate import LAYERS_FOLDER, LOCATE_FILE
+from evals.step_error.screening import read_screening
 from evals.tracker_protocol import Tracker
 
 RUN_FILES = ("run.json", "records.jsonl", "summary.json", "verdict.json", "summary.md", "report.html", "junit.xml")
@@ -132,7 +133,7 @@ def log_run_dir(run_dir: Path, force: bool = False) -> tuple[str, str]:
         tracker.log_candidate_image(
             record.policy, record.sample_id, run_dir / record.image, run_dir / record.reference_image
         )
-    summaries = summarize(records)
+    summaries = summarize(records, read_screening(run_dir))
     stored = json.loads((run_dir / "summary.json").read_text()).get("policies", {})
     for name, summary in summaries.items():  # bench figures are not in the records
         summary.bench = stored.get(name, {}).get("bench", {})
