@@ -15,7 +15,7 @@ weights, stays with its gates.
 With `--floor`, `evals bench --cuda-graph` first times one transformer step of the reference and of
 the candidate (blocks compiled, one image per step call: batch 2 with guidance), and each run is set
 beside its compute floor: 28 steps of each per sample for a first run, of the candidate alone with
-the reference cached; `+ screening` adds the candidate's teacher-forced steps (4 per sample).
+the reference cached; `+ screening` adds the candidate's teacher-forced steps (3 more per sample).
 
     python benchmarks/time_to_verdict.py --cases 8 --metrics psnr,ssim --model random:sd35-large --floor
 """
@@ -35,6 +35,9 @@ import yaml
 
 from benchmarks.suite_runs import timed_run
 
+SCREENING_STEPS = 3
+"""sd35-core records 4 steps; the first is also the candidate's own first step, which its generation
+takes from screening, so screening adds 3 candidate steps a sample to the images' 28."""
 CORE = Path(__file__).resolve().parents[1] / "suites" / "sd35-core.yaml"
 
 
@@ -120,17 +123,17 @@ def main() -> None:
         fixed = parts.get("startup", 0.0) + parts.get("finishing", 0.0)
         several = fixed + (whole - fixed) * math.ceil(total / args.gpus) / total
         cells = ["", "", "", ""]
-        if floor is not None:  # 28 steps of each image; screening adds 4 teacher-forced candidate steps
+        if floor is not None:  # 28 steps of each image; screening adds SCREENING_STEPS candidate steps
             ref_ms, cand_ms = floor
             base = total * steps * ((ref_ms if first else 0.0) + cand_ms) / 1000
-            screened = base + total * 4 * cand_ms / 1000
+            screened = base + total * SCREENING_STEPS * cand_ms / 1000
             cells = [f"{base / 60:.1f} min", f"{whole / base:.2f}x", f"{screened / 60:.1f} min"]
             cells.append(f"{whole / screened:.2f}x")
         print(f"| {name} | {wall:.1f} | {whole / 60:.1f} min | {several / 60:.1f} min | {' | '.join(cells)} |")
     if floor is not None:
         print(
             f"floor: evals bench --cuda-graph, one image per step call: reference {floor[0]:.1f} ms, "
-            f"candidate {floor[1]:.1f} ms a step; screening 4 candidate steps a sample"
+            f"candidate {floor[1]:.1f} ms a step; screening {SCREENING_STEPS} more candidate steps a sample"
         )
 
 
