@@ -190,6 +190,9 @@ def _parser() -> argparse.ArgumentParser:
     from evals.cli_review import add_review_commands
 
     add_review_commands(sub)
+    from evals.review.cli import add_review_command
+
+    add_review_command(sub)
     from evals.cli_baseline import add_baseline_commands
     from evals.cli_locate import add_locate_command
 

@@ -118,6 +118,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from evals.rundir import check_no_links
 
     check_no_links(run_dir)  # the report is written into it
+    from evals.review.outcome import has_review, judge
+
+    if has_review(run_dir):  # the votes so far: review.json, the human gates, MLflow (reports too)
+        judge(run_dir)
     for path in write_reports(run_dir):
         print(f"written: {path}")
     return 0

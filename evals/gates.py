@@ -82,6 +82,7 @@ class GateResult:
             "baseline": self.baseline,
             "baseline_gate": self.gate.baseline is not None,
             "baseline_limit": self.gate.baseline[0] if self.gate.baseline else None,
+            "human_gate": self.gate.human is not None,
             "reason": self.reason,
         }
 
@@ -163,6 +164,7 @@ def evaluate_gate(
     baseline: Mapping[str, float] | None = None,
     records: Sequence[SampleRecord | Screened] = (),
     baseline_samples: Mapping[str, Mapping[str, float]] | None = None,
+    human: Mapping[str, float] | None = None,
 ) -> GateResult:
     """One gate on one candidate. `baseline`: the flat metrics of the policy's accepted baseline run
     (None: there is none), for regression gates; `baseline_samples`: its per-sample values (metric ->
@@ -172,6 +174,8 @@ def evaluate_gate(
         if gate.optional:
             return GateResult(policy, gate, math.nan, True, f"not evaluated: {missing}", evaluated=False)
         return GateResult(policy, gate, math.nan, False, f"unavailable: {missing}")
+    if gate.human is not None:  # judged from votes, not from the run's summary
+        return _human_gate(policy, gate, human)
     if summary is None:
         why = "no samples with these tags" if gate.tags else "no samples were scored"
         return GateResult(policy, gate, math.nan, False, why)
@@ -219,6 +223,28 @@ def evaluate_gate(
     return GateResult(policy, gate, actual, passed, reason, tolerance=threshold, jitter=jitter)
 
 
+NO_REVIEW = "not evaluated: a human gate is judged by `evals review --gate RUN_DIR` once people have voted"
+
+
+def _human_gate(policy: str, gate: GateSpec, figures: Mapping[str, float] | None) -> GateResult:
+    """A blind A/B review figure (evals.review.rates.flat) against its threshold; too few votes fail.
+    Without `figures` (an `evals run`, before anyone voted) the gate is shown as not evaluated."""
+    if figures is None:
+        return GateResult(policy, gate, math.nan, True, NO_REVIEW, evaluated=False)
+    votes = int(figures.get("human_votes", 0))
+    actual = figures.get(f"human_{gate.human}", math.nan)
+    if votes < gate.min_votes:
+        why = f"{votes} votes for {policy}, {gate.min_votes} needed: {gate.min_votes - votes} more (`evals review`)"
+        return GateResult(policy, gate, actual, False, why)
+    if math.isnan(actual):
+        return GateResult(
+            policy, gate, actual, False, f"{gate.human} is undefined (no left/right picks among the votes)"
+        )
+    passed = _OPS[gate.op](actual, gate.value)
+    reason = "" if passed else f"{gate.human} = {actual:.3g} over {votes} votes, needs {gate.op} {gate.value:g}"
+    return GateResult(policy, gate, actual, passed, reason)
+
+
 def _per_sample_gate(
     policy: str,
     gate: GateSpec,
@@ -262,6 +288,7 @@ def evaluate_gates(
     baselines: Mapping[str, Mapping[str, float]] | None = None,
     baseline_samples: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
     screened: Sequence[Screened] = (),
+    human: Mapping[str, Mapping[str, float]] | None = None,
 ) -> Verdict:
     """Apply every gate to every candidate policy. A policy with no summary fails every gate; a gate
     on a metric listed in `unavailable` (name -> why) fails, or is not evaluated when optional.
@@ -269,7 +296,8 @@ def evaluate_gates(
     compare with `baselines` (policy -> flat metrics of its accepted baseline run) and `per_sample`
     gates with `baseline_samples` (policy -> metric -> sample id -> value). `screened`: every
     sample's step error (evals.step_error.screening), which step-error gates read instead of the
-    records (those cover only the samples with images)."""
+    records (those cover only the samples with images). `human`: policy -> its blind A/B review
+    figures (evals.review.rates.flat), for human gates; None: not judged here (`evals run`)."""
     results = []
     for policy in policies:
         for gate in gates:
@@ -283,5 +311,6 @@ def evaluate_gates(
             scored: Sequence[SampleRecord | Screened] = records
             if gate.metric in STEP_METRICS and screened:
                 scored = screened
-            results.append(evaluate_gate(policy, summary, gate, unavailable, base, scored, samples))
+            figures = None if human is None else human.get(policy, {})
+            results.append(evaluate_gate(policy, summary, gate, unavailable, base, scored, samples, figures))
     return Verdict(tuple(results))

@@ -16,6 +16,7 @@ from evals.metrics import OUTPUTS
 from evals.models.yamlspec import Errors, InputError, StrictModel, YamlDoc, did_you_mean, load_yaml, validate
 from evals.step_error.steps import recorded_steps
 from evals.suite_types import (
+    DEFAULT_MIN_VOTES,
     DETECTOR_STATS,
     METRIC_STATS,
     PER_SAMPLE,
@@ -49,15 +50,22 @@ def _case(doc: YamlDoc, i: int, given: schema.Case, default_seeds: list[int] | N
 def _gate(doc: YamlDoc, i: int, given: schema.Gate, suite: schema.SuiteFile, tags: set[str]) -> GateSpec:
     path = ("gates", i)
     keys = given.model_fields_set
-    if sum(k in keys for k in ("metric", "detector", "bench", "guard", "layers")) != 1:
-        raise doc.error(path, "a gate names exactly one of 'metric', 'detector', 'bench', 'guard' or 'layers'")
-    if given.layers is not None:
+    if sum(k in keys for k in ("metric", "detector", "bench", "guard", "layers", "human")) != 1:
+        raise doc.error(path, "a gate names exactly one of 'metric', 'detector', 'bench', 'guard', 'layers' or 'human'")
+    if given.min_votes is not None and given.human is None:
+        raise doc.error(path + ("min_votes",), "min_votes belongs to a human gate ('human: ...')")
+    if given.human is not None:
+        for key in ("tags", "baseline"):
+            if getattr(given, key):
+                raise doc.error(path + (key,), f"a human gate judges every vote of the candidate; no {key!r}")
+        stats: tuple[str, ...] = ("value",)
+    elif given.layers is not None:
         if "step_error" not in suite.metrics:
             raise doc.error(path + ("layers",), "a layers gate needs step_error in 'metrics' (it profiles its layers)")
         for key in ("tags", "baseline"):
             if getattr(given, key):
                 raise doc.error(path + (key,), f"a layers gate judges the layer profile itself; no {key!r}")
-        stats: tuple[str, ...] = ("value",)
+        stats = ("value",)
     elif given.guard is not None:
         if suite.guard is None:
             raise doc.error(path + ("guard",), "a guard gate needs the suite's 'guard' section")
@@ -78,7 +86,7 @@ def _gate(doc: YamlDoc, i: int, given: schema.Gate, suite: schema.SuiteFile, tag
         if given.detector not in suite.detectors:
             raise doc.error(path + ("detector",), f"detector {given.detector!r} is gated but not listed in 'detectors'")
         stats = DETECTOR_STATS
-    if given.stat is None and given.bench is None and given.guard is None and given.layers is None:
+    if given.stat is None and given.bench is None and given.guard is None and given.layers is None and not given.human:
         raise doc.error(path, "missing required key 'stat'")
     stat = given.stat or "value"
     if stat not in stats:
@@ -111,6 +119,8 @@ def _gate(doc: YamlDoc, i: int, given: schema.Gate, suite: schema.SuiteFile, tag
         bench=given.bench,
         guard=given.guard,
         layers=given.layers,
+        human=given.human,
+        min_votes=given.min_votes or DEFAULT_MIN_VOTES,
         optional=given.optional,
         severity=given.severity,
         tags=tuple(given.tags),

@@ -16,9 +16,11 @@ from evals.suite_types import (
     BENCH_FIGURES,
     CASE_ID,
     COMPILE_CHOICES,
+    DEFAULT_MIN_VOTES,
     DETECTOR_STATS,
     GUARD_FALLBACKS,
     GUARD_FIGURES,
+    HUMAN_FIGURES,
     LAYER_FIGURES,
     METRIC_STATS,
     OPS,
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     GuardFigure: TypeAlias = str
     GuardFallback: TypeAlias = str
     LayerFigure: TypeAlias = str
+    HumanFigure: TypeAlias = str
 else:  # the registries decide the names a suite may use
     MetricName = Literal[tuple(METRICS)]
     DetectorName = Literal[tuple(DETECTORS)]
@@ -51,6 +54,7 @@ else:  # the registries decide the names a suite may use
     GuardFigure = Literal[GUARD_FIGURES]
     GuardFallback = Literal[GUARD_FALLBACKS]
     LayerFigure = Literal[LAYER_FIGURES]
+    HumanFigure = Literal[HUMAN_FIGURES]
 
 # Upper bounds no real suite comes near; past them a value is a typo that would crash or hang a run.
 MAX_SIDE = 8192  # pixels a side (SD3.5 is trained at about 1 megapixel, 1024 a side)
@@ -61,6 +65,7 @@ MAX_SEQUENCE_LENGTH = 512  # T5 tokens: the SD3 pipelines refuse more
 MAX_BENCH_WARMUP = 100  # untimed bench calls (default 3)
 MAX_BENCH_ITERS = 1000  # timed bench steps (default 10)
 MAX_IMAGE_SAMPLES = 1_000_000  # `images: {sample: N}`; the suite's own sample count is checked on load
+MAX_VOTES = 1_000_000  # a human gate's min_votes
 MAX_GUARD_TRIES = 10  # retries of one flagged image: past a few, the build is broken, not unlucky
 # Each detector threshold's range. Luma, amplitudes and shares are on the 0..1 scale; z is a
 # consistency score (defaults 6.5); a period is in pixels. tests/test_schemas.py checks every
@@ -125,7 +130,7 @@ class BaselineLimit(StrictModel):
 
 
 class Gate(StrictModel):
-    """One of metric, detector, bench, guard or layers; a threshold (`op`, `value`) or a `baseline` limit."""
+    """One of metric, detector, bench, guard, layers or human; a threshold (`op`, `value`) or a `baseline` limit."""
 
     metric: GatedMetric | None = Field(None, description="a metric output, e.g. psnr, ssim, lpips, clip_score_delta")
     detector: DetectorName | None = Field(None, description="a detector listed in `detectors`")
@@ -137,6 +142,14 @@ class Gate(StrictModel):
         None,
         description="max_ratio: the largest ratio of a layer's own step error to the baseline profile's; "
         "max_error: the largest own step error of any layer or block, no baseline needed (needs step_error)",
+    )
+    human: HumanFigure | None = Field(
+        None,
+        description="a blind A/B review figure (evals review): indistinguishable_rate (can't tell, or a wrong "
+        "pick), cant_tell_rate, pick_accuracy; judged by `evals review --gate`",
+    )
+    min_votes: int | None = Field(
+        None, ge=1, le=MAX_VOTES, description=f"human gates: fewer votes fail the gate (default {DEFAULT_MIN_VOTES})"
     )
     stat: Stat | None = Field(
         None, description="metrics: mean, median, min, max, p05, p95 (per_sample with a baseline); detectors: "

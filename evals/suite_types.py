@@ -16,6 +16,8 @@ DETECTOR_STATS = ("count", "rate", "new_count")  # new_count: flagged where the 
 COMPILE_CHOICES = ("auto", "none", "blocks")  # `compile:` of a suite, `evals run --compile`
 BENCH_FIGURES = ("latency_ratio", "weights_ratio")  # candidate / reference, from the suite's `bench`
 GUARD_FIGURES = ("retry_rate", "failed_after_retry")  # of a guarded candidate (the suite's `guard`)
+HUMAN_FIGURES = ("indistinguishable_rate", "cant_tell_rate", "pick_accuracy")  # blind A/B review (evals.review)
+DEFAULT_MIN_VOTES = 30  # a human gate with fewer votes fails, saying how many are missing
 LAYER_FIGURES = ("max_ratio", "max_error")  # of a candidate's layer profile (step error): against its baseline's, own
 GUARD_FALLBACKS = ("reference", "reseed")  # what makes a flagged image again
 OPS = (">=", "<=", ">", "<", "==", "!=")
@@ -95,10 +97,15 @@ class GateSpec:
     baseline: tuple[str, float] | None = None
     """Regression gate: ("max_drop", x) or ("max_rel_drop", x) against the committed (or accepted) baseline of
     the same suite and policy, instead of op/value; a drop is a change for the worse."""
+    human: str | None = None
+    """Blind A/B review figure gated on (indistinguishable_rate, cant_tell_rate, pick_accuracy; stat
+    `value`): judged by `evals review --gate RUN_DIR` once people have voted, never by `evals run`."""
+    min_votes: int = DEFAULT_MIN_VOTES
+    """A human gate with fewer votes for the candidate fails."""
 
     @property
     def subject(self) -> str:
-        return self.metric or self.detector or self.bench or self.guard or self.layers or "?"
+        return self.metric or self.detector or self.bench or self.guard or self.layers or self.human or "?"
 
     def describe(self) -> str:
         where = f" [tags {','.join(self.tags)}]" if self.tags else ""

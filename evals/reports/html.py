@@ -28,6 +28,7 @@ from evals.reports.comparison import (
 from evals.reports.images import comparison_grid, png_data_uri
 from evals.reports.render import (
     NOISE_FLOOR,
+    REVIEW_RATES,
     STATUS,
     _fmt,
     candidate_status,
@@ -38,7 +39,9 @@ from evals.reports.render import (
     not_evaluated,
     ordered_candidates,
     ordered_results,
+    rate_text,
     read_located,
+    read_review,
     status_counts,
     threshold_text,
     write_summary_markdown,
@@ -347,9 +350,43 @@ def render_html(run_dir: Path) -> str:
 {STYLE_FILE.read_text()}</style></head><body>
 <h1>{html.escape(run["suite"]["name"])}: <span class="{"pass" if verdict["passed"] else "fail"}">{status}</span></h1>
 {_summary(run, verdict, candidates, notes, _comparison(run_dir, run, summary, verdict), coverage_lines(run, summary))}
+{_review_section(run_dir)}
 {"".join(sections)}
 </body></html>
 """
+
+
+def _review_section(run_dir: Path) -> str:
+    """The blind A/B review (`evals review`): each candidate's rates with their 95% intervals, per
+    reviewer, and the samples people told apart most with both images; empty before any vote."""
+    review = read_review(run_dir)
+    if not review.get("candidates"):
+        return ""
+    parts = ['<section id="review"><h2>Blind A/B review</h2>']
+    for name, figures in review["candidates"].items():
+        rows = [
+            [
+                "all reviewers",
+                str(figures["overall"]["votes"]),
+                *(html.escape(rate_text(figures["overall"][k])) for k, _ in REVIEW_RATES),
+            ]
+        ]
+        for reviewer, mine in figures.get("by_reviewer", {}).items():
+            rows.append(
+                [html.escape(reviewer), str(mine["votes"]), *(html.escape(rate_text(mine[k])) for k, _ in REVIEW_RATES)]
+            )
+        parts += [f"<h3>{html.escape(name)}</h3>", _table(["", "votes", *(label for _, label in REVIEW_RATES)], rows)]
+        told = figures.get("told_apart", [])
+        if told:
+            cells = [
+                f'<figure><img src="images/ref/{html.escape(t["sample_id"])}.png" alt="reference" width="128">'
+                f'<img src="images/{html.escape(name)}/{html.escape(t["sample_id"])}.png" alt="{html.escape(name)}" '
+                f'width="128"><figcaption>{html.escape(t["sample_id"])}: told apart {t["correct"]} of {t["votes"]}'
+                "</figcaption></figure>"
+                for t in told
+            ]
+            parts.append(f"<p>Told apart most (reference left, {html.escape(name)} right):</p>{''.join(cells)}")
+    return "\n".join([*parts, "</section>"])
 
 
 def junit_xml(run_dir: Path) -> str:

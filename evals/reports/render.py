@@ -229,6 +229,47 @@ def coverage_lines(run: dict[str, Any], summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+REVIEW_RATES = (
+    ("indistinguishable_rate", "indistinguishable"),
+    ("cant_tell_rate", "can't tell"),
+    ("pick_accuracy", "pick accuracy"),
+)
+
+
+def read_review(run_dir: Path) -> dict[str, Any]:
+    """review.json (`evals review --summary`): votes and rates per candidate; {} before any review."""
+    try:
+        data = json.loads((run_dir / "review.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and isinstance(data.get("candidates"), dict) else {}
+
+
+def rate_text(rate: dict[str, Any]) -> str:
+    """`0.93 [0.88, 0.96] (93 of 100)`: a rate, its 95% Wilson interval and its counts."""
+    if rate.get("value") is None:
+        return f"undefined (0 of {rate.get('total', 0)})"
+    return f"{rate['value']:.3f} [{rate['low']:.3f}, {rate['high']:.3f}] ({rate['successes']} of {rate['total']})"
+
+
+def review_lines(run_dir: Path) -> list[str]:
+    """The blind A/B review in words, one line per candidate and reviewer; empty before any vote."""
+    review = read_review(run_dir)
+    lines = []
+    for name, figures in review.get("candidates", {}).items():
+        overall = figures["overall"]
+        rates = "; ".join(f"{label} {rate_text(overall[key])}" for key, label in REVIEW_RATES)
+        lines.append(f"**{name}**, {overall['votes']} votes: {rates}")
+        for reviewer, mine in figures.get("by_reviewer", {}).items():
+            lines.append(
+                f"  - {reviewer}, {mine['votes']} votes: indistinguishable {rate_text(mine['indistinguishable_rate'])}"
+            )
+        told = [f"{t['sample_id']} ({t['correct']} of {t['votes']})" for t in figures.get("told_apart", [])]
+        if told:
+            lines.append(f"  - told apart most: {', '.join(told)}")
+    return lines
+
+
 def write_summary_markdown(run_dir: Path, comparison: str = "") -> Path:
     """summary.md; `comparison`: the comparison table's section (`evals.reports.comparison`, which
     reads this module), placed before the gate table."""
@@ -248,6 +289,14 @@ def write_summary_markdown(run_dir: Path, comparison: str = "") -> Path:
         chosen = [r for r in ordered_results(verdict) if r["status"] == wanted]
         if chosen:
             lines += [f"## {title}", "", *(f"- **{r['policy']}** {result_text(r)}" for r in chosen), ""]
+    reviewed = review_lines(run_dir)
+    if reviewed:
+        lines += [
+            "## Blind A/B review (95% Wilson intervals)",
+            "",
+            *(f"- {line}" if not line.startswith("  ") else line for line in reviewed),
+            "",
+        ]
     located = read_located(run_dir)
     if located:
         lines += ["## Where step error departs from the baseline", ""]
