@@ -142,3 +142,27 @@ def test_bad_human_gates_are_input_errors(
     assert main(["run", str(suite), "--no-mlflow", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml" in err and key in err
+
+
+def test_stopping_the_page_brings_the_votes_into_the_report_and_mlflow(
+    reviewed_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`evals run`, `evals review`, vote, Ctrl-C: the report and MLflow show the rate (the votes here
+    come from a scripted reviewer while the real server runs)."""
+    from evals.review.server import ReviewServer
+
+    run_dir = copy_of(reviewed_run, tmp_path)
+    state = json.loads((run_dir / "mlflow.json").read_text())
+
+    def review_then_ctrl_c(server: ReviewServer) -> None:
+        add_votes(run_dir, vote("ann", "cant_tell", 12))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ReviewServer, "wait", review_then_ctrl_c)
+    assert main(["review", str(run_dir)]) == 0
+    assert "fp8-e4m3-rowwise, 12 votes: indistinguishable 1.000 [" in capsys.readouterr().out
+    assert "12 votes" in (run_dir / "summary.md").read_text() and 'id="review"' in (run_dir / "report.html").read_text()
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=state["tracking_uri"]).get_run(state["candidates"][CANDIDATE])
+    assert run.data.metrics["human_indistinguishable_rate"] == 1.0

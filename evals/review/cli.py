@@ -4,10 +4,12 @@ now) and `--gate` (the suite's human gates judged, exit 0/1 like `evals run`).""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 from evals.models.yamlspec import InputError
+from evals.review.outcome import has_review, judge
 
 
 def add_review_command(sub: Any) -> None:
@@ -45,8 +47,16 @@ def cmd_review(args: argparse.Namespace) -> int:
 
         if not 0 <= args.port <= 65535:
             raise InputError(f"--port {args.port}: expected 0 (a free port) to 65535")
-        return serve(run_dir, args.candidate, args.port)
-    from evals.review.outcome import judge
+        code = serve(run_dir, args.candidate, args.port)
+        if code == 0 and has_review(run_dir):  # the votes so far, into review.json, the reports and MLflow
+            try:
+                judge(run_dir)
+            except InputError as exc:
+                print(f"the votes are kept in {run_dir}; the reports were not updated: {exc}", file=sys.stderr)
+                return code
+            for line in review_lines(run_dir):
+                print(line.replace("**", ""))
+        return code
 
     content, passed = judge(run_dir)
     if not content["votes"]:
