@@ -212,22 +212,6 @@ def test_step_error_in_a_run_and_from_the_cache(workdir: Path, capsys: pytest.Ca
     assert (runs[0] / "layers" / "fp8-e4m3-rowwise.json").is_file()
 
 
-def test_the_candidates_own_first_step_is_reused_exactly(recorded, tiny_model) -> None:
-    """A candidate's generation starts from the reference's own inputs: its recorded first step is the
-    teacher-forced one, bit for bit, so a run takes it instead of computing it again. A step whose
-    inputs differ is computed."""
-    traj, _ = recorded
-    cand = build_candidate(tiny_model, load_policy("fp8-e4m3-rowwise"), GEN).pipeline
-    with recording(cand.transformer, (0, 1), GEN.guidance, len(BATCH)) as out:
-        generate(cand, BATCH, GEN)
-    own = out[0]
-    from evals.step_error.trajectory import same_inputs
-
-    assert same_inputs(own, traj, 0) and not same_inputs(own, traj, 1)  # step 1: its own latents by then
-    computed, reused = teacher_forced(cand.transformer, traj), teacher_forced(cand.transformer, traj, own)
-    assert torch.equal(computed.relative, reused.relative) and torch.equal(computed.cosine, reused.cosine)
-
-
 def test_locate_on_demand_on_a_finished_run(finished: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`evals locate` on a run made without step error rebuilds the models, profiles the candidate and
     names a part (no baseline profile here: the largest own error); a second call reads the stored

@@ -157,35 +157,20 @@ def step_inputs(traj: Trajectory, s: int, device: torch.device | str) -> dict[st
     }
 
 
-def same_inputs(own: Trajectory, traj: Trajectory, k: int) -> bool:
-    """Whether the candidate's own generation met recorded step `traj.steps[k]` with exactly the
-    reference's inputs (always so at the first step, unless the policy changed a text encoder)."""
-    if traj.steps[k] not in own.steps:
-        return False
-    j = own.steps.index(traj.steps[k])
-    pairs = [(own.latents[:, j], traj.latents[:, k]), (own.timesteps[:, j], traj.timesteps[:, k])]
-    pairs += [(own.prompt_embeds, traj.prompt_embeds), (own.pooled, traj.pooled)]
-    return all(a.shape == b.shape and torch.equal(a, b) for a, b in pairs)
-
-
 @torch.inference_mode()
-def teacher_forced(transformer: Any, traj: Trajectory, own: Trajectory | None = None) -> StepErrors:
+def teacher_forced(transformer: Any, traj: Trajectory) -> StepErrors:
     """The candidate's transformer on the reference's inputs at every recorded step, compared with
     the reference's guided output there. The transformer casts its inputs where its dtype differs
-    (evals.models.precision); the comparison is made in float64 on the CPU. `own`: what the
-    candidate's own generation recorded; where it met a step with the reference's very inputs (the
-    first step starts from the same noise), its output there is taken instead of computed again."""
+    (evals.models.precision); the comparison is made in float64 on the CPU. The output at step 0,
+    when recorded, is kept (`StepErrors.first`) for `answered_first`."""
     device = next(transformer.parameters()).device
     batch = len(traj)
     relative, cosine = [], []
     first = None
     for s in range(len(traj.steps)):
-        if own is not None and same_inputs(own, traj, s):
-            guided = own.guided[:, own.steps.index(traj.steps[s])]
-        else:
-            output = transformer(**step_inputs(traj, s, device), return_dict=False)[0]
-            first = output if traj.steps[s] == 0 else first
-            guided = _guided(output, traj.guidance, batch)
+        output = transformer(**step_inputs(traj, s, device), return_dict=False)[0]
+        first = output if traj.steps[s] == 0 else first
+        guided = _guided(output, traj.guidance, batch)
         cand = guided.double().cpu().flatten(1)
         ref = traj.guided[:, s].double().flatten(1)
         diff = (cand - ref).norm(dim=1)
