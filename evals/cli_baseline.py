@@ -25,9 +25,8 @@ def _fmt(value: float | None) -> str:
 def cmd_baseline_update(args: argparse.Namespace) -> int:
     from evals import baselines
     from evals.gates import NO_PROFILE
-    from evals.records import PolicySummary
+    from evals.records import PolicySummary, sample_values
     from evals.step_error.locate import read_profile
-    from evals.step_error.screening import sample_values
     from evals.suite import load_suite
 
     run_dir: Path = args.run_dir

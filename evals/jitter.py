@@ -96,7 +96,7 @@ def run_variant(run: dict[str, Any], run_dir: Path, variant: Variant, out_dir: P
 
 def _figures(run_dir: Path) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, dict[str, float]]]]:
     """(policy -> metric summary stats flattened, policy -> metric -> sample id -> value) of a run."""
-    from evals.step_error.screening import sample_values
+    from evals.records import sample_values
 
     summary = json.loads((run_dir / "summary.json").read_text())["policies"]
     flat = {

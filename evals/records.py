@@ -16,7 +16,7 @@ from typing import Any
 
 from evals.models.names import check_name
 from evals.models.yamlspec import InputError
-from evals.step_error.screening import STEP_METRICS, Screened, check_steps
+from evals.step_error.screening import STEP_METRICS, Screened, check_steps, read_screening
 from evals.step_error.screening import by_policy as screened_by_policy
 from evals.suite_types import METRIC_STATS
 
@@ -276,3 +276,15 @@ def summary_to_json(summaries: dict[str, PolicySummary]) -> str:
         indent=2,
         sort_keys=True,
     )
+
+
+def sample_values(run_dir: Path) -> Iterator[tuple[str, str, str, float]]:
+    """(policy, metric, sample id, value) of every sample a run's records or screening scored, the
+    screening's step error last (it covers every sample; records only those with images)."""
+    path = run_dir / "records.jsonl"
+    for record in read_records(path) if path.is_file() else ():
+        for metric, value in record.metrics.items():
+            yield record.policy, metric, record.sample_id, value
+    for line in read_screening(run_dir):
+        for metric, value in line.metrics.items():
+            yield line.policy, metric, line.sample_id, value

@@ -164,20 +164,6 @@ def keep_usable_screening(run_dir: Path, names: set[str], sample_ids: set[str]) 
     return done
 
 
-def sample_values(run_dir: Path) -> Iterator[tuple[str, str, str, float]]:
-    """(policy, metric, sample id, value) of every sample a run's records or screening scored, the
-    screening's step error last (it covers every sample; records only those with images)."""
-    from evals.records import read_records
-
-    path = run_dir / "records.jsonl"
-    for record in read_records(path) if path.is_file() else ():
-        for metric, value in record.metrics.items():
-            yield record.policy, metric, record.sample_id, value
-    for line in read_screening(run_dir):
-        for metric, value in line.metrics.items():
-            yield line.policy, metric, line.sample_id, value
-
-
 def by_policy(screened: Iterable[Screened]) -> dict[str, list[Screened]]:
     out: dict[str, list[Screened]] = {}
     for item in screened:
