@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from evals.models.names import check_name
 from evals.models.yamlspec import InputError
+from evals.rundir import SyncedLines
 from evals.step_error.screening import STEP_METRICS, Screened, check_steps, read_screening
 from evals.step_error.screening import by_policy as screened_by_policy
 from evals.suite_types import METRIC_STATS
@@ -95,29 +95,12 @@ class SampleRecord:
         return record
 
 
-class RecordsWriter:
-    """Append-only records.jsonl: each record is flushed and synced as soon as it is written, so a
-    crash keeps every finished sample."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        # Never through a link planted at its name (O_NOFOLLOW): records are appended to this run's file only.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-        self._file = os.fdopen(fd, "a", encoding="utf-8")
+class RecordsWriter(SyncedLines):
+    """Append-only records.jsonl: each record is synced as soon as it is written, so a crash keeps
+    every finished sample."""
 
     def write(self, record: SampleRecord) -> None:
-        self._file.write(record.to_json() + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> RecordsWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.write_lines([record.to_json()])
 
 
 def read_records(path: Path) -> Iterator[SampleRecord]:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -111,3 +112,30 @@ def check_writable_dir(path: Path, what: str) -> None:
         raise InputError(f"{what}: expected a directory{where}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{what}: {existing} is not writable")
+
+
+class SyncedLines:
+    """An append-only file of JSON lines (records, screening, votes): each write is flushed and
+    synced before it returns, so a crash keeps every line written; never through a link planted at
+    its name (O_NOFOLLOW): lines go to this run's file only. Thread-safe."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        self._file = os.fdopen(fd, "a", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def write_lines(self, lines: Iterable[str]) -> None:
+        with self._lock:
+            self._file.write("".join(line + "\n" for line in lines))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

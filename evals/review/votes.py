@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from typing import Any
 
 from evals.models.names import check_name
 from evals.models.yamlspec import InputError
+from evals.rundir import SyncedLines
 
 REVIEWS_FILE = "reviews.jsonl"
 SCHEMA_VERSION = 1
@@ -77,30 +76,12 @@ class Vote:
         return cls(**{**data, "seconds": float(seconds)})
 
 
-class VotesWriter:
-    """Appends votes to reviews.jsonl, each synced before `write` returns; thread-safe (the page's
-    server answers several requests at once)."""
-
-    def __init__(self, path: Path):
-        # Never through a link planted at its name: votes go to this run's file only.
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-        self._file = os.fdopen(fd, "a", encoding="utf-8")
-        self._lock = threading.Lock()
+class VotesWriter(SyncedLines):
+    """Appends votes to reviews.jsonl, each synced before `write` returns (the page's server answers
+    several requests at once: SyncedLines is thread-safe)."""
 
     def write(self, vote: Vote) -> None:
-        with self._lock:
-            self._file.write(vote.to_json() + "\n")
-            self._file.flush()
-            os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> VotesWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.write_lines([vote.to_json()])
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:

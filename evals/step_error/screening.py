@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from evals.models.names import check_name
 from evals.models.yamlspec import InputError
+from evals.rundir import SyncedLines
 
 if TYPE_CHECKING:
     from evals.step_error.trajectory import StepErrors
@@ -92,26 +92,11 @@ def screened_batch(policy: str, batch: list[Sample], errors: StepErrors, steps: 
     ]
 
 
-class ScreeningWriter:
-    """Append-only screening.jsonl, each batch flushed and synced as it is written."""
-
-    def __init__(self, path: Path):
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-        self._file = os.fdopen(fd, "a", encoding="utf-8")
+class ScreeningWriter(SyncedLines):
+    """Append-only screening.jsonl, each batch synced as it is written."""
 
     def write(self, lines: Iterable[Screened]) -> None:
-        self._file.write("".join(line.to_json() + "\n" for line in lines))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        self._file.close()
-
-    def __enter__(self) -> ScreeningWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        self.write_lines(line.to_json() for line in lines)
 
 
 def _lines(path: Path) -> Iterator[tuple[int, Screened | Exception]]:
