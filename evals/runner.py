@@ -281,13 +281,16 @@ class SuiteRunner(ScreeningPhase, FinishingPhase):
 
     def _graphed(self) -> list[Any]:
         """Replay the transformers' steps from CUDA graphs (evals.graphed), except a candidate that
-        swaps its layers before each batch (a sensitivity sweep): a graph keeps the layers it saw."""
+        swaps its layers before each batch (a sensitivity sweep), and any other that shares its
+        transformer: a graph keeps the layers it saw."""
         if not self.cuda_graphs:
             return []
-        chosen = {id(self.model.pipeline.transformer): (self.model.pipeline.transformer, "reference")}
-        for c in self.candidates:
-            if c.activate is None:
-                chosen.setdefault(id(c.pipeline.transformer), (c.pipeline.transformer, c.name))
+        swapping = {id(c.pipeline.transformer) for c in self.candidates if c.activate is not None}
+        named = [
+            (self.model.pipeline.transformer, "reference"),
+            *((c.pipeline.transformer, c.name) for c in self.candidates),
+        ]
+        chosen = {id(t): (t, name) for t, name in reversed(named) if id(t) not in swapping}  # first name wins
         return [t for t, name in chosen.values() if graph_transformer(t, name) is not None]
 
     def _images(self, worker: ThreadPoolExecutor, records_path: Path) -> None:
